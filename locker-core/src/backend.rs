@@ -1,0 +1,202 @@
+//! The contract between the [`Locker`](crate::Locker) and a store: [`LockBackend`], its typed
+//! outcomes, its [`Capabilities`], and the [`BackendFactory`] that opens connections.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::record::{LockData, ProcessData};
+
+/// What [`LockBackend::acquire`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum AcquireOutcome {
+    /// The key was free; this is the record now stored (with its fencing token, if any).
+    Acquired(LockData),
+    /// Someone holds the key; this is their record.
+    Held(LockData),
+}
+
+/// What [`LockBackend::extend`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum ExtendOutcome {
+    /// The caller still owned the key; this is the record now stored.
+    Extended(LockData),
+    /// There is no lock under the key any more (it expired or was released).
+    NoKey,
+    /// Someone else owns the key now; this is their record.
+    Held(LockData),
+}
+
+/// What [`LockBackend::release`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum ReleaseOutcome {
+    /// The caller owned the key, and the lock is gone now.
+    Released,
+    /// There was no lock under the key.
+    NoKey,
+    /// Someone else owns the key; nothing was deleted. This is their record.
+    Held(LockData),
+}
+
+/// What a backend supports, read by the locker and by the shared conformance suite to choose
+/// its cases.
+///
+/// The struct is `#[non_exhaustive]`: start from [`Capabilities::default`] and set fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Acquire assigns [`LockData::fencing_token`], strictly greater than every token given for
+    /// that key before (across releases and expiries).
+    pub fencing: bool,
+    /// The smallest TTL step the store honours; TTLs are rounded up to it (1 ms for Redis,
+    /// 1 s for etcd leases).
+    pub ttl_granularity: Duration,
+    /// Locks are visible to other OS processes (false for the in-memory backend).
+    pub shared_across_processes: bool,
+    /// [`LockBackend::take_over`] is one atomic call rather than the default release + acquire.
+    pub atomic_take_over: bool,
+    /// The longest key, in bytes, the store accepts, when it is smaller than
+    /// [`MAX_KEY_LEN`](crate::MAX_KEY_LEN).
+    pub max_key_len: Option<usize>,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            fencing: false,
+            ttl_granularity: Duration::from_millis(1),
+            shared_across_processes: true,
+            atomic_take_over: false,
+            max_key_len: None,
+        }
+    }
+}
+
+/// A store for lock and liveness records.
+///
+/// Every method is one round trip to the store where the store allows it, and each
+/// compare-and-set method (`acquire`, `extend`, `release`, `take_over`) must be atomic: two
+/// concurrent callers never both succeed. TTLs are decided by the store's clock, never by the
+/// caller's. Records are the JSON of [`LockData`] and [`ProcessData`]; a stored value that is
+/// not one is an [`ErrorKind::Corrupt`](crate::ErrorKind::Corrupt) error, never a panic.
+/// Errors that a retry may cure (connection loss, timeouts, failovers) are
+/// [retryable](crate::Error::is_retryable).
+///
+/// [`MemoryBackend`](crate::MemoryBackend) is the model implementation; the
+/// `locker-conformance` crate checks any implementation against the same suite.
+#[async_trait]
+pub trait LockBackend: Send + Sync + fmt::Debug + 'static {
+    /// What this backend supports.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Stores `data` under `key` for `ttl`, only if no lock is stored there.
+    ///
+    /// With fencing, the stored record gets a token strictly greater than any given for `key`
+    /// before, and the returned [`AcquireOutcome::Acquired`] carries it.
+    async fn acquire(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome>;
+
+    /// Rewrites the lock under `key` with `data` and re-arms its TTL, only if the stored
+    /// `ownerHash` equals `owner_hash`. The stored fencing token is kept.
+    async fn extend(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        owner_hash: &str,
+    ) -> Result<ExtendOutcome>;
+
+    /// Deletes the lock under `key`, only if the stored `ownerHash` equals `owner_hash`.
+    async fn release(&self, key: &str, owner_hash: &str) -> Result<ReleaseOutcome>;
+
+    /// Replaces the lock of a dead owner: if the stored `ownerHash` equals `dead_owner_hash`, or
+    /// no lock is stored, stores `data` as [`acquire`](LockBackend::acquire) would.
+    ///
+    /// The default is [`release`](LockBackend::release) then `acquire`: two round trips, and
+    /// correct because each step is atomic. Backends that can do it in one call should, and say
+    /// so with [`Capabilities::atomic_take_over`].
+    async fn take_over(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        dead_owner_hash: &str,
+    ) -> Result<AcquireOutcome> {
+        match self.release(key, dead_owner_hash).await? {
+            ReleaseOutcome::Held(holder) => Ok(AcquireOutcome::Held(holder)),
+            ReleaseOutcome::Released | ReleaseOutcome::NoKey => self.acquire(key, data, ttl).await,
+        }
+    }
+
+    /// Writes this process's liveness record for `ttl` (one write, unconditional).
+    async fn ping(&self, process_hash: &str, data: &ProcessData, ttl: Duration) -> Result<()>;
+
+    /// Reads the lock under `key`, `None` when there is none.
+    async fn read(&self, key: &str) -> Result<Option<LockData>>;
+
+    /// Reads a process's liveness record, `None` when the process is not known to be alive.
+    async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>>;
+
+    /// Deletes a process's liveness record, so that its locks can be taken over at once.
+    async fn forget_process(&self, process_hash: &str) -> Result<()>;
+}
+
+/// Opens backend connections.
+///
+/// The locker opens two: one for jobs on the caller's runtime, and one for the liveness
+/// reporter on its own thread and runtime, so that a starved caller runtime cannot stop liveness
+/// reports. `connect` is therefore called on different tokio runtimes, and a connection must not
+/// depend on the runtime that made another one.
+#[async_trait]
+pub trait BackendFactory: Send + Sync + 'static {
+    /// Opens a new connection (or a new handle to a shared in-process store).
+    async fn connect(&self) -> Result<Arc<dyn LockBackend>>;
+}
+
+/// A [`BackendFactory`] made of an async closure; see [`factory_fn`].
+pub struct FnFactory<F>(F);
+
+/// Makes a [`BackendFactory`] from a closure that returns a future of a backend.
+///
+/// ```
+/// use std::sync::Arc;
+/// use locker_core::{factory_fn, LockBackend, MemoryBackend};
+///
+/// let store = MemoryBackend::new();
+/// let factory = factory_fn(move || {
+///     let store = store.clone();
+///     async move { Ok(Arc::new(store) as Arc<dyn LockBackend>) }
+/// });
+/// # let _ = factory;
+/// ```
+pub fn factory_fn<F, Fut>(f: F) -> FnFactory<F>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Arc<dyn LockBackend>>> + Send + 'static,
+{
+    FnFactory(f)
+}
+
+#[async_trait]
+impl<F, Fut> BackendFactory for FnFactory<F>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Arc<dyn LockBackend>>> + Send + 'static,
+{
+    async fn connect(&self) -> Result<Arc<dyn LockBackend>> {
+        (self.0)().await
+    }
+}
+
+#[async_trait]
+impl<T: BackendFactory + ?Sized> BackendFactory for Arc<T> {
+    async fn connect(&self) -> Result<Arc<dyn LockBackend>> {
+        (**self).connect().await
+    }
+}

@@ -1,0 +1,59 @@
+//! Recoverable errors that happen in the background, for callers that want to see them.
+
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+use crate::error::Error;
+
+/// Where a [`BackgroundError`] happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BackgroundSource {
+    /// The reporter thread failed to connect or to write the liveness record; it keeps trying.
+    Reporter,
+    /// A heartbeat's recheck or extension failed with a retryable error; it is tried again.
+    Heartbeat,
+    /// Releasing a lock failed; retryable failures are retried until the lock would have
+    /// expired anyway.
+    Release,
+}
+
+/// A recoverable error that no caller was waiting for, sent to
+/// [`Locker::subscribe_errors`](crate::Locker::subscribe_errors) and logged with `tracing`.
+#[derive(Debug, Clone)]
+pub struct BackgroundError {
+    /// Where it happened.
+    pub source: BackgroundSource,
+    /// What happened.
+    pub error: Arc<Error>,
+}
+
+/// How many background errors a slow subscriber may fall behind before it misses some.
+const CAPACITY: usize = 256;
+
+#[derive(Debug, Clone)]
+pub(crate) struct Events {
+    tx: broadcast::Sender<BackgroundError>,
+}
+
+impl Events {
+    pub(crate) fn new() -> Self {
+        Events {
+            tx: broadcast::channel(CAPACITY).0,
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<BackgroundError> {
+        self.tx.subscribe()
+    }
+
+    pub(crate) fn emit(&self, source: BackgroundSource, error: Error) {
+        tracing::warn!(?source, error = %error, "distributed-locker background error");
+        // No subscriber is fine: the error was logged.
+        let _ = self.tx.send(BackgroundError {
+            source,
+            error: Arc::new(error),
+        });
+    }
+}

@@ -1,0 +1,37 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod backend;
+mod clock;
+mod error;
+mod events;
+mod hash;
+mod heartbeat;
+mod locker;
+mod memory;
+mod options;
+mod record;
+mod reporter;
+
+pub use backend::{
+    factory_fn, AcquireOutcome, BackendFactory, Capabilities, ExtendOutcome, FnFactory,
+    LockBackend, ReleaseOutcome,
+};
+pub use error::{BoxError, Error, ErrorKind, Result};
+pub use events::{BackgroundError, BackgroundSource};
+pub use hash::{
+    new_owner_hash, new_process_hash, parse_owner_hash, validate_key, ParsedOwnerHash, MAX_KEY_LEN,
+    MAX_TRACE_LEN,
+};
+pub use heartbeat::Heartbeat;
+pub use locker::{LockAttempt, LockGuard, LockRequest, Locker, OwnerStatus, RunOutcome};
+pub use memory::{CallCounts, MemoryBackend};
+pub use options::{
+    LockerBuilder, LockerOptions, DEFAULT_EXTEND_EVERY, DEFAULT_LIVENESS_TTL, DEFAULT_LOCK_TTL,
+    DEFAULT_RECHECK_EVERY, DEFAULT_REPORTER_START_TIMEOUT, DEFAULT_REPORT_EVERY,
+};
+pub use record::{LockData, ProcessData};
+
+/// Re-exported so that backend crates implement [`LockBackend`] with the same macro version.
+pub use async_trait::async_trait;

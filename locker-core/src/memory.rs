@@ -1,0 +1,348 @@
+//! [`MemoryBackend`]: an in-process store, always compiled, and the model for custom backends.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use crate::backend::{
+    AcquireOutcome, BackendFactory, Capabilities, ExtendOutcome, LockBackend, ReleaseOutcome,
+};
+use crate::error::{Error, Result};
+use crate::record::{LockData, ProcessData};
+
+/// An in-process lock store with TTLs and fencing tokens.
+///
+/// Clones share one store, and the backend is its own [`BackendFactory`] (each `connect`
+/// returns another handle to the same store), so several [`Locker`](crate::Locker)s in one
+/// process can contend on it: this is what the unit tests and examples use.
+///
+/// It is written the way a real backend should be, and is the model for custom ones:
+/// records are kept as the JSON a server would store and parsed on every read (so a corrupt
+/// value gives [`ErrorKind::Corrupt`](crate::ErrorKind::Corrupt)), each compare-and-set runs
+/// under one lock (the equivalent of a server-side script or a transaction), expiry is decided
+/// by the store's clock, and fencing counters outlive the locks they number.
+///
+/// For tests it can also pretend to be unreachable ([`set_unavailable`](Self::set_unavailable)),
+/// hold a raw value ([`put_raw`](Self::put_raw)) and count calls ([`calls`](Self::calls)).
+#[derive(Clone, Default)]
+pub struct MemoryBackend {
+    inner: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    unavailable: AtomicBool,
+    calls: Calls,
+}
+
+#[derive(Default)]
+struct State {
+    locks: HashMap<String, Entry>,
+    processes: HashMap<String, Entry>,
+    /// The last fencing token given per key; never reset, so tokens only grow.
+    fencing: HashMap<String, u64>,
+}
+
+struct Entry {
+    json: String,
+    expires: Instant,
+}
+
+#[derive(Default)]
+struct Calls {
+    acquire: AtomicU64,
+    extend: AtomicU64,
+    release: AtomicU64,
+    take_over: AtomicU64,
+    ping: AtomicU64,
+    read: AtomicU64,
+    read_process: AtomicU64,
+    forget_process: AtomicU64,
+}
+
+/// How many times each [`MemoryBackend`] operation was called, over all handles.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CallCounts {
+    /// [`LockBackend::acquire`] calls.
+    pub acquire: u64,
+    /// [`LockBackend::extend`] calls.
+    pub extend: u64,
+    /// [`LockBackend::release`] calls.
+    pub release: u64,
+    /// [`LockBackend::take_over`] calls.
+    pub take_over: u64,
+    /// [`LockBackend::ping`] calls.
+    pub ping: u64,
+    /// [`LockBackend::read`] calls.
+    pub read: u64,
+    /// [`LockBackend::read_process`] calls.
+    pub read_process: u64,
+    /// [`LockBackend::forget_process`] calls.
+    pub forget_process: u64,
+}
+
+impl CallCounts {
+    /// Calls that touch lock records (everything but liveness pings and process reads).
+    pub fn lock_calls(&self) -> u64 {
+        self.acquire + self.extend + self.release + self.take_over + self.read
+    }
+}
+
+impl MemoryBackend {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// While `true`, every call fails with a retryable
+    /// [`ErrorKind::Unavailable`](crate::ErrorKind::Unavailable) error, as a backend whose server
+    /// is down would.
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.inner.unavailable.store(unavailable, Ordering::SeqCst);
+    }
+
+    /// Stores a raw value under a lock key, as a foreign writer could (for corruption tests).
+    pub fn put_raw(&self, key: &str, raw: &str, ttl: Duration) {
+        let mut state = self.state();
+        state.locks.insert(
+            key.to_owned(),
+            Entry {
+                json: raw.to_owned(),
+                expires: Instant::now() + ttl,
+            },
+        );
+    }
+
+    /// Stores a raw value as a process's liveness record (for corruption tests).
+    pub fn put_raw_process(&self, process_hash: &str, raw: &str, ttl: Duration) {
+        let mut state = self.state();
+        state.processes.insert(
+            process_hash.to_owned(),
+            Entry {
+                json: raw.to_owned(),
+                expires: Instant::now() + ttl,
+            },
+        );
+    }
+
+    /// How many times each operation was called so far.
+    pub fn calls(&self) -> CallCounts {
+        let c = &self.inner.calls;
+        let get = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        CallCounts {
+            acquire: get(&c.acquire),
+            extend: get(&c.extend),
+            release: get(&c.release),
+            take_over: get(&c.take_over),
+            ping: get(&c.ping),
+            read: get(&c.read),
+            read_process: get(&c.read_process),
+            forget_process: get(&c.forget_process),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-written map entry (every update is
+        // a single insert or remove), so a poisoned lock is safe to keep using.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn enter(&self, counter: fn(&Calls) -> &AtomicU64) -> Result<MutexGuard<'_, State>> {
+        counter(&self.inner.calls).fetch_add(1, Ordering::SeqCst);
+        if self.inner.unavailable.load(Ordering::SeqCst) {
+            return Err(Error::unavailable("memory backend set unavailable"));
+        }
+        Ok(self.state())
+    }
+}
+
+impl State {
+    /// The live lock under `key`, parsed; expired entries are dropped on the way.
+    fn lock(&mut self, key: &str, now: Instant) -> Result<Option<LockData>> {
+        match live(&mut self.locks, key, now) {
+            Some(json) => LockData::from_json(json)
+                .map(Some)
+                .map_err(|e| e.with_key(key)),
+            None => Ok(None),
+        }
+    }
+
+    fn store_new(&mut self, key: &str, data: &LockData, ttl: Duration, now: Instant) -> LockData {
+        let token = self.fencing.entry(key.to_owned()).or_insert(0);
+        *token += 1;
+        let stored = LockData {
+            fencing_token: Some(*token),
+            ..data.clone()
+        };
+        self.locks.insert(
+            key.to_owned(),
+            Entry {
+                json: stored.to_json(),
+                expires: now + ttl,
+            },
+        );
+        stored
+    }
+}
+
+fn live<'a>(map: &'a mut HashMap<String, Entry>, key: &str, now: Instant) -> Option<&'a str> {
+    if map.get(key).is_some_and(|e| e.expires <= now) {
+        map.remove(key);
+    }
+    map.get(key).map(|e| e.json.as_str())
+}
+
+fn check_ttl(ttl: Duration) -> Result<()> {
+    if ttl.is_zero() {
+        return Err(Error::invalid_input("TTL must be greater than zero"));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl LockBackend for MemoryBackend {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            fencing: true,
+            shared_across_processes: false,
+            atomic_take_over: true,
+            ..Capabilities::default()
+        }
+    }
+
+    async fn acquire(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
+        check_ttl(ttl)?;
+        let mut state = self.enter(|c| &c.acquire)?;
+        let now = Instant::now();
+        if let Some(holder) = state.lock(key, now)? {
+            return Ok(AcquireOutcome::Held(holder));
+        }
+        Ok(AcquireOutcome::Acquired(
+            state.store_new(key, data, ttl, now),
+        ))
+    }
+
+    async fn extend(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        owner_hash: &str,
+    ) -> Result<ExtendOutcome> {
+        check_ttl(ttl)?;
+        let mut state = self.enter(|c| &c.extend)?;
+        let now = Instant::now();
+        let Some(current) = state.lock(key, now)? else {
+            return Ok(ExtendOutcome::NoKey);
+        };
+        if current.owner_hash != owner_hash {
+            return Ok(ExtendOutcome::Held(current));
+        }
+        let stored = LockData {
+            fencing_token: current.fencing_token,
+            ..data.clone()
+        };
+        state.locks.insert(
+            key.to_owned(),
+            Entry {
+                json: stored.to_json(),
+                expires: now + ttl,
+            },
+        );
+        Ok(ExtendOutcome::Extended(stored))
+    }
+
+    async fn release(&self, key: &str, owner_hash: &str) -> Result<ReleaseOutcome> {
+        let mut state = self.enter(|c| &c.release)?;
+        let Some(current) = state.lock(key, Instant::now())? else {
+            return Ok(ReleaseOutcome::NoKey);
+        };
+        if current.owner_hash != owner_hash {
+            return Ok(ReleaseOutcome::Held(current));
+        }
+        state.locks.remove(key);
+        Ok(ReleaseOutcome::Released)
+    }
+
+    async fn take_over(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        dead_owner_hash: &str,
+    ) -> Result<AcquireOutcome> {
+        check_ttl(ttl)?;
+        let mut state = self.enter(|c| &c.take_over)?;
+        let now = Instant::now();
+        if let Some(current) = state.lock(key, now)? {
+            if current.owner_hash != dead_owner_hash {
+                return Ok(AcquireOutcome::Held(current));
+            }
+        }
+        Ok(AcquireOutcome::Acquired(
+            state.store_new(key, data, ttl, now),
+        ))
+    }
+
+    async fn ping(&self, process_hash: &str, data: &ProcessData, ttl: Duration) -> Result<()> {
+        check_ttl(ttl)?;
+        let mut state = self.enter(|c| &c.ping)?;
+        state.processes.insert(
+            process_hash.to_owned(),
+            Entry {
+                json: data.to_json(),
+                expires: Instant::now() + ttl,
+            },
+        );
+        Ok(())
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<LockData>> {
+        let mut state = self.enter(|c| &c.read)?;
+        state.lock(key, Instant::now())
+    }
+
+    async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {
+        let mut state = self.enter(|c| &c.read_process)?;
+        match live(&mut state.processes, process_hash, Instant::now()) {
+            Some(json) => ProcessData::from_json(json).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn forget_process(&self, process_hash: &str) -> Result<()> {
+        let mut state = self.enter(|c| &c.forget_process)?;
+        state.processes.remove(process_hash);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BackendFactory for MemoryBackend {
+    async fn connect(&self) -> Result<Arc<dyn LockBackend>> {
+        Ok(Arc::new(self.clone()))
+    }
+}
+
+impl fmt::Debug for MemoryBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.state();
+        f.debug_struct("MemoryBackend")
+            .field("locks", &state.locks.len())
+            .field("processes", &state.processes.len())
+            .field(
+                "unavailable",
+                &self.inner.unavailable.load(Ordering::SeqCst),
+            )
+            .finish()
+    }
+}

@@ -1,0 +1,207 @@
+//! The locker's timings, their defaults and the builder that checks them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::BackendFactory;
+use crate::error::{Error, Result};
+use crate::locker::Locker;
+
+/// How often the reporter writes this process's liveness record. One record per process (not
+/// per lock) makes frequent writes cheap.
+pub const DEFAULT_REPORT_EVERY: Duration = Duration::from_secs(2);
+
+/// How long a liveness record lives. A process that stops reporting for this long is dead to
+/// the cluster, and its locks are taken over: this bounds how long a crashed job blocks others.
+/// It can be short because the reporter runs on its own thread, which a busy job cannot starve.
+pub const DEFAULT_LIVENESS_TTL: Duration = Duration::from_secs(10);
+
+/// How long the first acquire waits for the reporter's first successful write.
+pub const DEFAULT_REPORTER_START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How often a heartbeat rereads the lock to check nobody took it over (one read).
+pub const DEFAULT_RECHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// How often a heartbeat extends the lock (one write). Rare, since liveness is carried by the
+/// reporter, not by the lock.
+pub const DEFAULT_EXTEND_EVERY: Duration = Duration::from_secs(60);
+
+/// How long a lock lives without an extension. Long, so a job survives pauses (GC, a blocked
+/// runtime, a slow network) without losing its lock.
+pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(5 * 60);
+
+/// The timings of a [`Locker`]; see the `DEFAULT_*` constants for each default and its reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LockerOptions {
+    /// See [`DEFAULT_REPORT_EVERY`].
+    pub report_every: Duration,
+    /// See [`DEFAULT_LIVENESS_TTL`].
+    pub liveness_ttl: Duration,
+    /// See [`DEFAULT_REPORTER_START_TIMEOUT`].
+    pub reporter_start_timeout: Duration,
+    /// See [`DEFAULT_RECHECK_EVERY`].
+    pub recheck_every: Duration,
+    /// See [`DEFAULT_EXTEND_EVERY`].
+    pub extend_every: Duration,
+    /// See [`DEFAULT_LOCK_TTL`].
+    pub lock_ttl: Duration,
+}
+
+impl Default for LockerOptions {
+    fn default() -> Self {
+        LockerOptions {
+            report_every: DEFAULT_REPORT_EVERY,
+            liveness_ttl: DEFAULT_LIVENESS_TTL,
+            reporter_start_timeout: DEFAULT_REPORTER_START_TIMEOUT,
+            recheck_every: DEFAULT_RECHECK_EVERY,
+            extend_every: DEFAULT_EXTEND_EVERY,
+            lock_ttl: DEFAULT_LOCK_TTL,
+        }
+    }
+}
+
+impl LockerOptions {
+    /// Checks that the timings make sense together.
+    ///
+    /// Every duration must be non-zero; the reporter must write more often than its records
+    /// expire, and extensions must come more often than the lock expires, or locks would be lost
+    /// in normal operation.
+    pub fn validate(&self) -> Result<()> {
+        let named = [
+            ("report_every", self.report_every),
+            ("liveness_ttl", self.liveness_ttl),
+            ("reporter_start_timeout", self.reporter_start_timeout),
+            ("recheck_every", self.recheck_every),
+            ("extend_every", self.extend_every),
+            ("lock_ttl", self.lock_ttl),
+        ];
+        for (name, d) in named {
+            if d.is_zero() {
+                return Err(Error::invalid_input(format!(
+                    "{name} must be greater than zero"
+                )));
+            }
+            // Durations are kept as u64 nanoseconds; 100 years is plenty.
+            if d > Duration::from_secs(100 * 365 * 24 * 3600) {
+                return Err(Error::invalid_input(format!("{name} of {d:?} is too long")));
+            }
+        }
+        if self.report_every >= self.liveness_ttl {
+            return Err(Error::invalid_input(format!(
+                "report_every ({:?}) must be shorter than liveness_ttl ({:?})",
+                self.report_every, self.liveness_ttl
+            )));
+        }
+        if self.extend_every >= self.lock_ttl {
+            return Err(Error::invalid_input(format!(
+                "extend_every ({:?}) must be shorter than lock_ttl ({:?})",
+                self.extend_every, self.lock_ttl
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`Locker`]; made by [`Locker::builder`].
+#[must_use]
+pub struct LockerBuilder {
+    factory: Arc<dyn BackendFactory>,
+    options: LockerOptions,
+}
+
+impl LockerBuilder {
+    pub(crate) fn new(factory: Arc<dyn BackendFactory>) -> Self {
+        LockerBuilder {
+            factory,
+            options: LockerOptions::default(),
+        }
+    }
+
+    /// Sets every timing at once.
+    pub fn options(mut self, options: LockerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// How often the reporter writes the liveness record ([`DEFAULT_REPORT_EVERY`]).
+    pub fn report_every(mut self, d: Duration) -> Self {
+        self.options.report_every = d;
+        self
+    }
+
+    /// How long a liveness record lives ([`DEFAULT_LIVENESS_TTL`]).
+    pub fn liveness_ttl(mut self, d: Duration) -> Self {
+        self.options.liveness_ttl = d;
+        self
+    }
+
+    /// How long the first acquire waits for the reporter ([`DEFAULT_REPORTER_START_TIMEOUT`]).
+    pub fn reporter_start_timeout(mut self, d: Duration) -> Self {
+        self.options.reporter_start_timeout = d;
+        self
+    }
+
+    /// How often heartbeats reread the lock ([`DEFAULT_RECHECK_EVERY`]).
+    pub fn recheck_every(mut self, d: Duration) -> Self {
+        self.options.recheck_every = d;
+        self
+    }
+
+    /// How often heartbeats extend the lock ([`DEFAULT_EXTEND_EVERY`]).
+    pub fn extend_every(mut self, d: Duration) -> Self {
+        self.options.extend_every = d;
+        self
+    }
+
+    /// How long a lock lives without an extension ([`DEFAULT_LOCK_TTL`]).
+    pub fn lock_ttl(mut self, d: Duration) -> Self {
+        self.options.lock_ttl = d;
+        self
+    }
+
+    /// Checks the timings and makes the locker. Nothing connects yet: the reporter thread and
+    /// the connections start with the first acquire.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) when the timings are
+    /// inconsistent (see [`LockerOptions::validate`]).
+    pub fn build(self) -> Result<Locker> {
+        self.options.validate()?;
+        Ok(Locker::from_parts(self.factory, self.options))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ErrorKind, MemoryBackend};
+
+    #[test]
+    fn defaults_are_the_node_librarys() {
+        let o = LockerOptions::default();
+        assert_eq!(o.report_every, Duration::from_millis(2000));
+        assert_eq!(o.liveness_ttl, Duration::from_millis(10_000));
+        assert_eq!(o.reporter_start_timeout, Duration::from_millis(15_000));
+        assert_eq!(o.recheck_every, Duration::from_millis(5_000));
+        assert_eq!(o.extend_every, Duration::from_millis(60_000));
+        assert_eq!(o.lock_ttl, Duration::from_millis(300_000));
+        o.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn inconsistent_timings_are_typed_errors() {
+        let cases: Vec<fn(LockerBuilder) -> LockerBuilder> = vec![
+            |b| b.lock_ttl(Duration::ZERO),
+            |b| b.report_every(Duration::ZERO),
+            |b| b.report_every(Duration::from_secs(10)),
+            |b| b.extend_every(Duration::from_secs(300)),
+            |b| b.recheck_every(Duration::MAX),
+        ];
+        for case in cases {
+            let b = case(Locker::builder(MemoryBackend::new()));
+            let e = b.build().expect_err("invalid");
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! The liveness reporter: one OS thread per locker, with its own single-threaded runtime and its
+//! own backend connection, writing this process's liveness record every `report_every`.
+//!
+//! Because nothing else runs on that thread, a job that blocks or starves the caller's runtime
+//! cannot delay the reports, which is what lets the lock TTL be long while a dead process is
+//! still detected within one liveness TTL.
+//!
+//! The thread also performs the releases of dropped [`LockGuard`](crate::LockGuard)s, since a
+//! `Drop` cannot await and may run outside any runtime.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tokio::time::{sleep, timeout, MissedTickBehavior};
+
+use crate::backend::{BackendFactory, LockBackend, ReleaseOutcome};
+use crate::clock::{nanos, Clock};
+use crate::error::{Error, ErrorKind, Result};
+use crate::events::{BackgroundSource, Events};
+use crate::options::LockerOptions;
+use crate::record::ProcessData;
+
+/// What the heartbeats and the acquire path know about this process's liveness record.
+#[derive(Debug)]
+pub(crate) struct Liveness {
+    clock: Clock,
+    ttl: u64,
+    /// When the last successful write was sent (clock nanos; 0 = never). The record lives at
+    /// least `ttl` from then, because the store starts its TTL when it receives the write.
+    last_ok_start: AtomicU64,
+    /// The latest moment at which the record may have expired although the process lived
+    /// (reports failed for a whole TTL); 0 = never. A lock acquired before it may have been
+    /// taken over.
+    lapse_at: AtomicU64,
+    reports: watch::Sender<u64>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Liveness {
+    fn new(clock: Clock, ttl: Duration) -> Self {
+        Liveness {
+            clock,
+            ttl: nanos(ttl),
+            last_ok_start: AtomicU64::new(0),
+            lapse_at: AtomicU64::new(0),
+            reports: watch::channel(0).0,
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// Whether the liveness record is certainly still stored at `now`.
+    pub(crate) fn is_fresh(&self, now: u64) -> bool {
+        let last = self.last_ok_start.load(Ordering::Acquire);
+        last != 0 && now.saturating_sub(last) < self.ttl
+    }
+
+    /// Whether the record may have expired at some moment after `since` (up to `now`).
+    pub(crate) fn lapsed_since(&self, since: u64, now: u64) -> bool {
+        !self.is_fresh(now) || self.lapse_at.load(Ordering::Acquire) > since
+    }
+
+    /// When the record may expire if no further report succeeds.
+    pub(crate) fn fresh_until(&self) -> u64 {
+        self.last_ok_start
+            .load(Ordering::Acquire)
+            .saturating_add(self.ttl)
+    }
+
+    fn record_success(&self, started: u64) {
+        let prev = self.last_ok_start.swap(started, Ordering::AcqRel);
+        if prev != 0 && started.saturating_sub(prev) >= self.ttl {
+            self.lapse_at
+                .fetch_max(prev.saturating_add(self.ttl), Ordering::AcqRel);
+        }
+        self.reports.send_modify(|n| *n += 1);
+    }
+
+    fn record_error(&self, e: &Error) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(e.to_string());
+        }
+    }
+
+    /// Waits until the record is fresh, at most `limit`.
+    pub(crate) async fn wait_fresh(&self, limit: Duration) -> Result<()> {
+        let mut reports = self.reports.subscribe();
+        let waited = timeout(limit, async {
+            loop {
+                if self.is_fresh(self.clock.now()) {
+                    return;
+                }
+                if reports.changed().await.is_err() {
+                    // The sender lives in `self`; this cannot happen, but never spin.
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+        .await;
+        match waited {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                let last = self
+                    .last_error
+                    .lock()
+                    .ok()
+                    .and_then(|e| e.clone())
+                    .unwrap_or_else(|| "no error reported".to_owned());
+                Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "the liveness reporter did not write this process's record within \
+                         {limit:?} (last reporter error: {last})"
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+enum Command {
+    /// Release a lock whose guard was dropped, retrying retryable errors until `deadline`.
+    Release {
+        key: String,
+        owner_hash: String,
+        deadline: u64,
+    },
+    /// Stop the thread; `forget` deletes the liveness record on the way out, `abandon` drops
+    /// pending releases as a crash would.
+    Stop {
+        forget: bool,
+        abandon: bool,
+        ack: Option<oneshot::Sender<()>>,
+    },
+}
+
+/// The handle to the reporter thread.
+pub(crate) struct Reporter {
+    pub(crate) liveness: Arc<Liveness>,
+    commands: mpsc::UnboundedSender<Command>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Reporter {
+    /// Starts the thread. It connects, then writes the first report at once.
+    pub(crate) fn spawn(
+        factory: Arc<dyn BackendFactory>,
+        options: &LockerOptions,
+        clock: Clock,
+        process_hash: Arc<str>,
+        events: Events,
+    ) -> Result<Self> {
+        let liveness = Arc::new(Liveness::new(clock, options.liveness_ttl));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                Error::new(ErrorKind::Other, "cannot build the reporter runtime").with_source(e)
+            })?;
+        let task = Task {
+            factory,
+            liveness: liveness.clone(),
+            process_hash,
+            report_every: options.report_every,
+            liveness_ttl: options.liveness_ttl,
+            retry_every: options.recheck_every.min(options.report_every),
+            start_timeout: options.reporter_start_timeout,
+            clock,
+            events,
+        };
+        let thread = std::thread::Builder::new()
+            .name("locker-reporter".to_owned())
+            .spawn(move || runtime.block_on(task.run(rx)))
+            .map_err(|e| {
+                Error::new(ErrorKind::Other, "cannot start the reporter thread").with_source(e)
+            })?;
+        Ok(Reporter {
+            liveness,
+            commands: tx,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Hands a release to the reporter thread. Returns `false` when the thread is gone.
+    pub(crate) fn release_in_background(
+        &self,
+        key: String,
+        owner_hash: String,
+        deadline: u64,
+    ) -> bool {
+        self.commands
+            .send(Command::Release {
+                key,
+                owner_hash,
+                deadline,
+            })
+            .is_ok()
+    }
+
+    /// Stops the thread and waits for it to finish (its pending releases included, unless
+    /// `abandon`).
+    pub(crate) async fn stop(&self, forget: bool, abandon: bool) {
+        let (ack, done) = oneshot::channel();
+        let sent = self
+            .commands
+            .send(Command::Stop {
+                forget,
+                abandon,
+                ack: Some(ack),
+            })
+            .is_ok();
+        if sent {
+            let _ = done.await;
+        }
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            // The thread has acknowledged and only has to drop its runtime; joining here means
+            // no reporter thread outlives `shutdown`.
+            let _ = thread.join();
+        }
+    }
+
+    /// Asks the thread to stop without waiting (used from `Drop`).
+    pub(crate) fn stop_detached(&self, forget: bool) {
+        let _ = self.commands.send(Command::Stop {
+            forget,
+            abandon: false,
+            ack: None,
+        });
+    }
+}
+
+struct Task {
+    factory: Arc<dyn BackendFactory>,
+    liveness: Arc<Liveness>,
+    process_hash: Arc<str>,
+    report_every: Duration,
+    liveness_ttl: Duration,
+    retry_every: Duration,
+    start_timeout: Duration,
+    clock: Clock,
+    events: Events,
+}
+
+impl Task {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        let mut pending = Vec::new();
+        let backend = loop {
+            let attempt = timeout(self.start_timeout, self.factory.connect());
+            tokio::select! {
+                res = attempt => match res {
+                    Ok(Ok(backend)) => break backend,
+                    Ok(Err(e)) => self.fail(e),
+                    Err(_) => self.fail(Error::new(
+                        ErrorKind::Timeout,
+                        format!("reporter connect took longer than {:?}", self.start_timeout),
+                    )),
+                },
+                cmd = rx.recv() => match cmd {
+                    Some(Command::Release { key, owner_hash, deadline }) => {
+                        pending.push((key, owner_hash, deadline));
+                        continue;
+                    }
+                    Some(Command::Stop { ack, .. }) => {
+                        if let Some(ack) = ack { let _ = ack.send(()); }
+                        return;
+                    }
+                    None => return,
+                },
+            }
+            // Retry the connection at the report pace, still answering commands.
+            tokio::select! {
+                _ = sleep(self.report_every) => {}
+                cmd = rx.recv() => match cmd {
+                    Some(Command::Release { key, owner_hash, deadline }) => {
+                        pending.push((key, owner_hash, deadline));
+                    }
+                    Some(Command::Stop { ack, .. }) => {
+                        if let Some(ack) = ack { let _ = ack.send(()); }
+                        return;
+                    }
+                    None => return,
+                },
+            }
+        };
+
+        let mut releases = JoinSet::new();
+        for (key, owner_hash, deadline) in pending {
+            releases.spawn(self.release(backend.clone(), key, owner_hash, deadline));
+        }
+        let mut ticker = tokio::time::interval(self.report_every);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let (forget, abandon, ack) = loop {
+            tokio::select! {
+                _ = ticker.tick() => self.report(&*backend).await,
+                cmd = rx.recv() => match cmd {
+                    Some(Command::Release { key, owner_hash, deadline }) => {
+                        releases.spawn(self.release(backend.clone(), key, owner_hash, deadline));
+                    }
+                    Some(Command::Stop { forget, abandon, ack }) => break (forget, abandon, ack),
+                    None => break (true, false, None),
+                },
+                Some(_) = releases.join_next(), if !releases.is_empty() => {}
+            }
+        };
+        if abandon {
+            releases.abort_all();
+        } else {
+            // Pending releases retry until their locks would have expired anyway; give them a
+            // bounded time so that shutdown never hangs on an unreachable store.
+            let _ = timeout(self.liveness_ttl, async {
+                while releases.join_next().await.is_some() {}
+            })
+            .await;
+            releases.abort_all();
+        }
+        if forget {
+            match timeout(
+                self.liveness_ttl,
+                backend.forget_process(&self.process_hash),
+            )
+            .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => self.fail(e),
+                Err(_) => self.fail(Error::new(ErrorKind::Timeout, "forget_process timed out")),
+            }
+        }
+        if let Some(ack) = ack {
+            let _ = ack.send(());
+        }
+    }
+
+    async fn report(&self, backend: &dyn LockBackend) {
+        let started = self.clock.now();
+        let data = ProcessData::now();
+        // A write that takes longer than the TTL is useless: the record would be stale on arrival.
+        match timeout(
+            self.liveness_ttl,
+            backend.ping(&self.process_hash, &data, self.liveness_ttl),
+        )
+        .await
+        {
+            Ok(Ok(())) => self.liveness.record_success(started),
+            Ok(Err(e)) => self.fail(e),
+            Err(_) => self.fail(Error::new(
+                ErrorKind::Timeout,
+                format!("liveness write took longer than {:?}", self.liveness_ttl),
+            )),
+        }
+    }
+
+    fn fail(&self, e: Error) {
+        self.liveness.record_error(&e);
+        self.events.emit(BackgroundSource::Reporter, e);
+    }
+
+    fn release(
+        &self,
+        backend: Arc<dyn LockBackend>,
+        key: String,
+        owner_hash: String,
+        deadline: u64,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let clock = self.clock;
+        let events = self.events.clone();
+        let retry_every = self.retry_every;
+        async move {
+            let result = release_with_retry(
+                &*backend,
+                &key,
+                &owner_hash,
+                deadline,
+                clock,
+                retry_every,
+                &events,
+            )
+            .await;
+            if let Err(e) = result {
+                events.emit(BackgroundSource::Release, e.with_key(key));
+            }
+        }
+    }
+}
+
+/// Releases a lock, retrying retryable errors (each one reported to `events`) until `deadline`,
+/// after which the lock expires by itself.
+pub(crate) async fn release_with_retry(
+    backend: &dyn LockBackend,
+    key: &str,
+    owner_hash: &str,
+    deadline: u64,
+    clock: Clock,
+    retry_every: Duration,
+    events: &Events,
+) -> Result<ReleaseOutcome> {
+    loop {
+        match backend.release(key, owner_hash).await {
+            Ok(outcome) => {
+                tracing::debug!(key, owner_hash, ?outcome, "released lock");
+                return Ok(outcome);
+            }
+            Err(e) if e.is_retryable() && clock.now() < deadline => {
+                events.emit(BackgroundSource::Release, e.with_key(key));
+                let left = Duration::from_nanos(deadline.saturating_sub(clock.now()));
+                sleep(retry_every.min(left)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
