@@ -1,0 +1,773 @@
+//! Locker behaviour over `MemoryBackend`, with millisecond timings so the suite stays fast.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use locker_core::{
+    AcquireOutcome, BackgroundSource, ErrorKind, LockAttempt, LockBackend, LockData, LockGuard,
+    LockRequest, Locker, MemoryBackend, OwnerStatus, ReleaseOutcome, RunOutcome,
+};
+
+const REPORT: Duration = Duration::from_millis(40);
+const LIVENESS: Duration = Duration::from_millis(300);
+
+fn fast(store: &MemoryBackend) -> locker_core::LockerBuilder {
+    Locker::builder(store.clone())
+        .report_every(REPORT)
+        .liveness_ttl(LIVENESS)
+        .reporter_start_timeout(Duration::from_secs(5))
+        .recheck_every(Duration::from_millis(50))
+        .extend_every(Duration::from_millis(200))
+        .lock_ttl(Duration::from_secs(2))
+}
+
+fn locker(store: &MemoryBackend) -> Locker {
+    fast(store).build().expect("valid options")
+}
+
+async fn acquired(locker: &Locker, key: &str) -> LockGuard {
+    match locker.acquire(key).await.expect("acquire") {
+        LockAttempt::Acquired(guard) => guard,
+        LockAttempt::Held(holder) => panic!("{key} is held by {}", holder.owner_hash),
+    }
+}
+
+async fn held(locker: &Locker, key: &str) -> locker_core::LockData {
+    match locker.acquire(key).await.expect("acquire") {
+        LockAttempt::Acquired(guard) => panic!("{key} was acquired as {}", guard.owner_hash()),
+        LockAttempt::Held(holder) => holder,
+    }
+}
+
+async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquires_releases_and_reports_owner_status() {
+    let store = MemoryBackend::new();
+    let (a, b) = (locker(&store), locker(&store));
+    let guard = match a
+        .acquire(LockRequest::new("k").trace("my-trace"))
+        .await
+        .expect("acquire")
+    {
+        LockAttempt::Acquired(g) => g,
+        LockAttempt::Held(_) => panic!("free key was held"),
+    };
+    let owner = guard.owner_hash().to_owned();
+    assert!(
+        owner.starts_with(&format!("k@{}.", a.process_hash())),
+        "{owner}"
+    );
+    assert!(owner.ends_with("#my-trace"), "{owner}");
+    assert_eq!(guard.lock_data().trace.as_deref(), Some("my-trace"));
+    assert_eq!(
+        b.owner_status(&owner).await.expect("status"),
+        OwnerStatus::Running {
+            key: "k".into(),
+            lock: guard.lock_data()
+        }
+    );
+    let holder = held(&b, "k").await;
+    assert_eq!(holder.owner_hash, owner);
+    assert_eq!(
+        b.inspect("k").await.expect("inspect"),
+        Some(guard.lock_data())
+    );
+
+    assert_eq!(
+        guard.release().await.expect("release"),
+        ReleaseOutcome::Released
+    );
+    assert_eq!(
+        b.owner_status(&owner).await.expect("status"),
+        OwnerStatus::NoKey { key: "k".into() }
+    );
+    assert_eq!(b.inspect("k").await.expect("inspect"), None);
+    assert_eq!(
+        b.owner_status("not an owner hash").await.expect("status"),
+        OwnerStatus::Malformed
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_report_is_written_before_the_first_acquire_returns() {
+    let store = MemoryBackend::new();
+    let a = locker(&store);
+    assert_eq!(
+        store.calls().ping,
+        0,
+        "nothing starts before the first acquire"
+    );
+    let _guard = acquired(&a, "k").await;
+    assert!(store
+        .read_process(a.process_hash())
+        .await
+        .expect("read")
+        .is_some());
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_acquire_from_the_same_locker_is_held() {
+    let store = MemoryBackend::new();
+    let a = locker(&store);
+    let guard = acquired(&a, "k").await;
+    assert_eq!(held(&a, "k").await.owner_hash, guard.owner_hash());
+    assert_eq!(
+        guard.release().await.expect("release"),
+        ReleaseOutcome::Released
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_releases_someone_elses_lock() {
+    let store = MemoryBackend::new();
+    let (a, b) = (locker(&store), locker(&store));
+    let old = acquired(&a, "k").await;
+    // Make a's lock look abandoned, so b takes it over.
+    assert_eq!(
+        store.release("k", old.owner_hash()).await.expect("release"),
+        ReleaseOutcome::Released
+    );
+    let new = acquired(&b, "k").await;
+    match old.release().await.expect("release") {
+        ReleaseOutcome::Held(holder) => assert_eq!(holder.owner_hash, new.owner_hash()),
+        other => panic!("released someone else's lock: {other:?}"),
+    }
+    assert_eq!(
+        store.read("k").await.expect("read").map(|d| d.owner_hash),
+        Some(new.owner_hash().to_owned())
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_process_lock_is_taken_over_within_one_liveness_ttl() {
+    let store = MemoryBackend::new();
+    let (dying, b) = (locker(&store), locker(&store));
+    let guard = acquired(&dying, "k").await;
+    let owner = guard.owner_hash().to_owned();
+    std::mem::forget(guard); // a crash releases nothing
+    held(&b, "k").await;
+
+    dying.abandon().await;
+    let died = Instant::now();
+    let new = loop {
+        match b.acquire("k").await.expect("acquire") {
+            LockAttempt::Acquired(g) => break g,
+            LockAttempt::Held(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    let took = died.elapsed();
+    // The record was last written at most one report before the death and lives one TTL.
+    assert!(
+        took <= LIVENESS + Duration::from_millis(150),
+        "took {took:?}"
+    );
+    assert_eq!(new.fencing_token(), Some(2));
+    match b.owner_status(&owner).await.expect("status") {
+        OwnerStatus::HeldByOther { lock, .. } => assert_eq!(lock.owner_hash, new.owner_hash()),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.calls().take_over, 1);
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_expires_when_not_extended_and_its_heartbeat_fails() {
+    let store = MemoryBackend::new();
+    let a = fast(&store)
+        .lock_ttl(Duration::from_millis(300))
+        .extend_every(Duration::from_millis(100))
+        .build()
+        .expect("options");
+    let guard = acquired(&a, "k").await;
+    let heartbeat = guard.heartbeat();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(a.inspect("k").await.expect("inspect"), None);
+    assert_eq!(
+        a.owner_status(guard.owner_hash()).await.expect("status"),
+        OwnerStatus::NoKey { key: "k".into() }
+    );
+    let reads = store.calls().lock_calls();
+    let e = heartbeat.beat().await.expect_err("expired");
+    assert_eq!(e.kind(), ErrorKind::LockLost);
+    assert_eq!(
+        store.calls().lock_calls(),
+        reads,
+        "known locally, without I/O"
+    );
+    assert_eq!(
+        heartbeat.beat().await.expect_err("sticky").kind(),
+        ErrorKind::LockLost
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beating_extends_the_lock_past_its_ttl() {
+    let store = MemoryBackend::new();
+    let a = fast(&store)
+        .lock_ttl(Duration::from_millis(300))
+        .extend_every(Duration::from_millis(100))
+        .build()
+        .expect("options");
+    let guard = acquired(&a, "k").await;
+    let first = guard.lock_data();
+    guard
+        .heartbeat()
+        .sleep(Duration::from_millis(1000))
+        .await
+        .expect("beats");
+    let now = store.read("k").await.expect("read").expect("still held");
+    assert_eq!(now.owner_hash, first.owner_hash);
+    assert_eq!(now.acquired_at, first.acquired_at);
+    assert!(now.extended_at > first.extended_at);
+    assert_eq!(
+        now.fencing_token, first.fencing_token,
+        "extension keeps the token"
+    );
+    assert!(store.calls().extend >= 5, "{:?}", store.calls());
+    // An explicit extension works too.
+    guard.extend().await.expect("extend");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_and_run_holds_the_lock_while_the_job_runs() {
+    let store = MemoryBackend::new();
+    let (a, b) = (locker(&store), locker(&store));
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let job = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.acquire_and_run("k", |hb| async move {
+                let _ = started_tx.send(hb.owner_hash().to_owned());
+                tokio::select! {
+                    _ = stop_rx => {}
+                    e = hb.lost() => panic!("lost: {e}"),
+                }
+                7
+            })
+            .await
+        }
+    });
+    let owner = started_rx.await.expect("started");
+    for _ in 0..20 {
+        assert_eq!(held(&b, "k").await.owner_hash, owner);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop_tx.send(()).expect("job waits");
+    assert_eq!(job.await.expect("joined").expect("ran"), RunOutcome::Ran(7));
+    // Released when the job ended.
+    assert_eq!(store.read("k").await.expect("read"), None);
+    match b.acquire_and_run("k", |_| async { 8 }).await.expect("run") {
+        RunOutcome::Ran(v) => assert_eq!(v, 8),
+        RunOutcome::Held(h) => panic!("held by {}", h.owner_hash),
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_and_run_releases_after_an_error_and_after_a_panic() {
+    let store = MemoryBackend::new();
+    let a = locker(&store);
+    let out = a
+        .acquire_and_run("k", |_| async { Err::<(), _>("job failed") })
+        .await
+        .expect("ran");
+    assert_eq!(out, RunOutcome::Ran(Err("job failed")));
+    assert_eq!(store.read("k").await.expect("read"), None);
+
+    let panicking = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.acquire_and_run("k", |_| async {
+                panic!("job panicked");
+            })
+            .await
+        }
+    });
+    let e = panicking.await.expect_err("the panic resumes");
+    assert!(e.is_panic());
+    assert_eq!(
+        store.read("k").await.expect("read"),
+        None,
+        "released before resuming"
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_job_releases_in_the_background() {
+    let store = MemoryBackend::new();
+    let a = locker(&store);
+    let run = a.acquire_and_run(
+        "k",
+        |hb| async move { hb.sleep(Duration::from_secs(60)).await },
+    );
+    // Cancel the whole run while the job sleeps.
+    assert!(tokio::time::timeout(Duration::from_millis(100), run)
+        .await
+        .is_err());
+    eventually("background release", Duration::from_secs(2), || {
+        store.calls().release >= 1
+    })
+    .await;
+    assert_eq!(store.read("k").await.expect("read"), None);
+    a.shutdown().await;
+}
+
+#[test]
+fn a_guard_dropped_outside_any_runtime_is_released() {
+    let store = MemoryBackend::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (a, guard) = rt.block_on(async {
+        let a = locker(&store);
+        let guard = acquired(&a, "k").await;
+        (a, guard)
+    });
+    drop(rt);
+    drop(guard); // no runtime here: the reporter thread releases it
+    let start = Instant::now();
+    while store.calls().release == 0 {
+        assert!(start.elapsed() < Duration::from_secs(2), "not released");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seppuku_on_the_next_beat_after_a_takeover() {
+    let store = MemoryBackend::new();
+    let (a, b) = (locker(&store), locker(&store));
+    let guard = acquired(&a, "k").await;
+    let hb = guard.heartbeat();
+    hb.beat().await.expect("held");
+    // Someone deletes the lock (an operator, a failover that lost the write) and b takes it.
+    let _ = store
+        .release("k", guard.owner_hash())
+        .await
+        .expect("release");
+    let new = acquired(&b, "k").await;
+    tokio::time::sleep(Duration::from_millis(60)).await; // a recheck is due
+    let e = hb.beat().await.expect_err("seppuku");
+    assert_eq!(e.kind(), ErrorKind::LockLost);
+    assert_eq!(
+        e.holder().map(|h| h.owner_hash.as_str()),
+        Some(new.owner_hash())
+    );
+    assert!(e.to_string().contains(new.owner_hash()), "{e}");
+    assert_eq!(hb.lost().await.kind(), ErrorKind::LockLost);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seppuku_after_a_takeover_by_the_same_locker() {
+    let store = MemoryBackend::new();
+    let a = locker(&store);
+    let old = acquired(&a, "k").await;
+    let hb = old.heartbeat();
+    // This process's liveness record vanishes (as after a long network cut), so even this
+    // same locker may take the lock over.
+    store
+        .forget_process(a.process_hash())
+        .await
+        .expect("forget");
+    let new = acquired(&a, "k").await;
+    assert_ne!(new.owner_hash(), old.owner_hash());
+    assert!(new.fencing_token() > old.fencing_token());
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let e = hb.beat().await.expect_err("seppuku");
+    assert_eq!(e.kind(), ErrorKind::LockLost);
+    assert_eq!(
+        e.holder().map(|h| h.owner_hash.as_str()),
+        Some(new.owner_hash())
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_completes_when_the_lock_is_taken_over() {
+    let store = MemoryBackend::new();
+    let a = locker(&store);
+    let guard = acquired(&a, "k").await;
+    let lost = tokio::spawn(guard.heartbeat().lost());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !lost.is_finished(),
+        "lost() resolved while the lock was held"
+    );
+    // Another owner replaces the lock in one atomic step.
+    let other = LockData::new("k@other/1.2.3".into(), "other/1.2".into(), None);
+    let taken = store
+        .take_over("k", &other, Duration::from_secs(10), guard.owner_hash())
+        .await
+        .expect("take over");
+    assert!(matches!(taken, AcquireOutcome::Acquired(_)));
+    let e = tokio::time::timeout(Duration::from_secs(2), lost)
+        .await
+        .expect("lost() noticed within a recheck")
+        .expect("joined");
+    assert_eq!(e.kind(), ErrorKind::LockLost);
+    assert_eq!(
+        e.holder().map(|h| h.owner_hash.as_str()),
+        Some("k@other/1.2.3")
+    );
+    a.shutdown().await;
+}
+
+#[test]
+fn a_blocked_runtime_keeps_its_lock() {
+    let store = MemoryBackend::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let job_store = store.clone();
+    let job = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let a = fast(&job_store)
+                .lock_ttl(Duration::from_secs(30))
+                .build()
+                .expect("options");
+            let guard = acquired(&a, "k").await;
+            tx.send(()).expect("main waits");
+            // The job blocks its (only) runtime thread for three liveness TTLs.
+            std::thread::sleep(3 * LIVENESS);
+            let beat = guard.heartbeat().beat().await;
+            let released = guard.release().await;
+            a.shutdown().await;
+            (beat, released)
+        })
+    });
+    rx.recv().expect("acquired");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let b = locker(&store);
+        // Well past one liveness TTL into the block, the owner is still alive to the cluster.
+        tokio::time::sleep(2 * LIVENESS).await;
+        held(&b, "k").await;
+        b.shutdown().await;
+    });
+    let (beat, released) = job.join().expect("job thread");
+    beat.expect("the lock is still ours after the block");
+    assert_eq!(released.expect("release"), ReleaseOutcome::Released);
+}
+
+async fn mutex_never_overlaps(lockers: usize) {
+    let store = MemoryBackend::new();
+    let pool: Vec<Locker> = (0..lockers).map(|_| locker(&store)).collect();
+    let inside = Arc::new(AtomicUsize::new(0));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..10u64)
+        .map(|i| {
+            let locker = pool[i as usize % lockers].clone();
+            let (inside, runs) = (inside.clone(), runs.clone());
+            tokio::spawn(async move {
+                locker
+                    .mutex(
+                        "m",
+                        Duration::from_secs(20),
+                        Duration::from_millis(5),
+                        |hb| async move {
+                            assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "overlap");
+                            hb.sleep(Duration::from_millis(i * 5)).await.expect("held");
+                            assert_eq!(inside.fetch_sub(1, Ordering::SeqCst), 1, "overlap");
+                            runs.fetch_add(1, Ordering::SeqCst);
+                        },
+                    )
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("no overlap panic").expect("mutex");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 10);
+    for l in pool {
+        l.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutex_on_one_locker_never_overlaps() {
+    mutex_never_overlaps(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutex_on_two_lockers_never_overlaps() {
+    mutex_never_overlaps(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutex_timeout_names_the_holder() {
+    let store = MemoryBackend::new();
+    let (a, b) = (locker(&store), locker(&store));
+    let guard = acquired(&a, "m").await;
+    let e = b
+        .mutex(
+            "m",
+            Duration::from_millis(100),
+            Duration::from_millis(10),
+            |_| async { unreachable!("ran while held") },
+        )
+        .await
+        .expect_err("timeout");
+    assert_eq!(e.kind(), ErrorKind::MutexTimeout);
+    assert_eq!(e.key(), Some("m"));
+    assert_eq!(
+        e.holder().map(|h| h.owner_hash.as_str()),
+        Some(guard.owner_hash())
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_beats_coalesce_into_one_backend_call() {
+    let store = MemoryBackend::new();
+    let a = locker(&store);
+    let guard = acquired(&a, "k").await;
+    let hb = guard.heartbeat();
+
+    // Nothing due: beats are free.
+    let before = store.calls();
+    for _ in 0..1000 {
+        hb.beat().await.expect("beat");
+    }
+    assert_eq!(store.calls().lock_calls(), before.lock_calls());
+
+    for round in 0..2 {
+        tokio::time::sleep(Duration::from_millis(60)).await; // a recheck is due
+        let before = store.calls().lock_calls();
+        let beats = (0..100).map(|_| hb.beat());
+        for r in futures::future::join_all(beats).await {
+            r.expect("beat");
+        }
+        assert_eq!(store.calls().lock_calls() - before, 1, "round {round}");
+    }
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_fails_every_heartbeat_and_acquire() {
+    let store = MemoryBackend::new();
+    let a = locker(&store);
+    let guard = acquired(&a, "k").await;
+    a.drain("deploy in progress");
+    assert!(a.is_draining());
+    let e = guard.heartbeat().beat().await.expect_err("draining");
+    assert_eq!(e.kind(), ErrorKind::Draining);
+    assert!(e.to_string().contains("deploy in progress"), "{e}");
+    assert_eq!(
+        a.acquire("other").await.expect_err("draining").kind(),
+        ErrorKind::Draining
+    );
+    assert_eq!(
+        guard.release().await.expect("release"),
+        ReleaseOutcome::Released
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_another_locker_acquire_at_once() {
+    let store = MemoryBackend::new();
+    let (a, b) = (locker(&store), locker(&store));
+    let guard = acquired(&a, "k1").await;
+    let guard2 = acquired(&a, "k2").await;
+    drop(guard2);
+    a.shutdown().await;
+    assert_eq!(
+        store.read_process(a.process_hash()).await.expect("read"),
+        None
+    );
+    assert_eq!(store.read("k1").await.expect("read"), None);
+    let _k1 = acquired(&b, "k1").await;
+    let _k2 = acquired(&b, "k2").await;
+    let e = guard.heartbeat().beat().await.expect_err("stopped");
+    assert!(
+        matches!(e.kind(), ErrorKind::Draining | ErrorKind::LockLost),
+        "{e}"
+    );
+    assert_eq!(
+        a.acquire("k3").await.expect_err("shut down").kind(),
+        ErrorKind::Shutdown
+    );
+    a.shutdown().await; // idempotent
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_store_at_start_is_a_timeout_that_names_the_cause() {
+    let store = MemoryBackend::new();
+    store.set_unavailable(true);
+    let a = fast(&store)
+        .reporter_start_timeout(Duration::from_millis(300))
+        .build()
+        .expect("options");
+    let mut errors = a.subscribe_errors();
+    let e = a.acquire("k").await.expect_err("unreachable");
+    assert_eq!(e.kind(), ErrorKind::Timeout);
+    assert!(e.is_retryable());
+    assert!(e.to_string().contains("unavailable"), "{e}");
+    let bg = errors.recv().await.expect("a background error");
+    assert_eq!(bg.source, BackgroundSource::Reporter);
+    assert_eq!(bg.error.kind(), ErrorKind::Unavailable);
+
+    store.set_unavailable(false);
+    let _k = acquired(&a, "k").await; // recovers without a new Locker
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liveness_lapse_fails_the_heartbeat_even_after_recovery() {
+    let store = MemoryBackend::new();
+    let a = fast(&store)
+        .lock_ttl(Duration::from_secs(30))
+        .build()
+        .expect("options");
+    let guard = acquired(&a, "k").await;
+    store.set_unavailable(true);
+    tokio::time::sleep(LIVENESS + Duration::from_millis(100)).await;
+    store.set_unavailable(false);
+    // Let the reporter write again: the record is fresh, but it was missing for a while.
+    tokio::time::sleep(3 * REPORT).await;
+    let e = guard.heartbeat().beat().await.expect_err("lapsed");
+    assert_eq!(e.kind(), ErrorKind::LockLost);
+    assert!(e.to_string().contains("liveness"), "{e}");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_outage_is_retried_not_fatal() {
+    let store = MemoryBackend::new();
+    let a = locker(&store);
+    let mut errors = a.subscribe_errors();
+    let guard = acquired(&a, "k").await;
+    let hb = guard.heartbeat();
+    store.set_unavailable(true);
+    tokio::time::sleep(Duration::from_millis(60)).await; // a recheck is due
+    hb.beat()
+        .await
+        .expect("a retryable failure does not kill the job");
+    let bg = loop {
+        let e = errors.recv().await.expect("error");
+        if e.source == BackgroundSource::Heartbeat {
+            break e;
+        }
+    };
+    assert!(bg.error.is_retryable());
+    store.set_unavailable(false);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    hb.beat().await.expect("healthy again");
+    assert_eq!(
+        guard.release().await.expect("release"),
+        ReleaseOutcome::Released
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_tokens_strictly_increase_across_cycles_and_takeovers() {
+    let store = MemoryBackend::new();
+    let (a, b) = (locker(&store), locker(&store));
+    let mut last = 0;
+    for i in 0..6 {
+        let who = if i % 2 == 0 { &a } else { &b };
+        let guard = acquired(who, "f").await;
+        let token = guard.fencing_token().expect("memory backend fences");
+        assert!(token > last, "{token} after {last}");
+        last = token;
+        if i == 3 {
+            // Taken over after its holder "died".
+            store
+                .forget_process(who.process_hash())
+                .await
+                .expect("forget");
+            std::mem::forget(guard);
+        } else {
+            let _ = guard.release().await.expect("release");
+        }
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_keys_are_typed_errors_and_hostile_keys_work() {
+    let store = MemoryBackend::new();
+    let a = locker(&store);
+    for bad in [String::new(), "k".repeat(locker_core::MAX_KEY_LEN + 1)] {
+        let e = a.acquire(bad.as_str()).await.expect_err("invalid");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert_eq!(
+            a.inspect(&bad).await.expect_err("invalid").kind(),
+            ErrorKind::InvalidInput
+        );
+    }
+    let e = a
+        .acquire(LockRequest::new("k").trace("x@host/1.2.3"))
+        .await
+        .expect_err("ambiguous trace");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    let long = "λ".repeat(512);
+    for key in [
+        "a@b/1.2.3",
+        "x/y#z",
+        "{slot}",
+        "with space",
+        "new\nline",
+        "nul\0",
+        "🔒",
+        long.as_str(),
+    ] {
+        let guard = acquired(&a, key).await;
+        match a.owner_status(guard.owner_hash()).await.expect("status") {
+            OwnerStatus::Running { key: k, .. } => assert_eq!(k, key),
+            other => panic!("{key:?}: {other:?}"),
+        }
+        assert_eq!(
+            guard.release().await.expect("release"),
+            ReleaseOutcome::Released
+        );
+    }
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_is_a_typed_error_not_a_panic() {
+    let store = MemoryBackend::new();
+    let a = locker(&store);
+    store.put_raw("k", "{not json", Duration::from_secs(10));
+    let e = a.acquire("k").await.expect_err("corrupt");
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(!e.is_retryable());
+    assert_eq!(
+        a.inspect("k").await.expect_err("corrupt").kind(),
+        ErrorKind::Corrupt
+    );
+    a.shutdown().await;
+}
