@@ -119,6 +119,20 @@ impl MemoryBackend {
         );
     }
 
+    /// The raw value stored under a lock key, if a live one is there.
+    pub fn get_raw(&self, key: &str) -> Option<String> {
+        let mut state = self.state();
+        live(&mut state.locks, key, Instant::now()).map(str::to_owned)
+    }
+
+    /// Forgets every lock and liveness record, as a restarted server without persistence
+    /// would. Fencing counters are kept, as a store that fences must keep them.
+    pub fn clear(&self) {
+        let mut state = self.state();
+        state.locks.clear();
+        state.processes.clear();
+    }
+
     /// Stores a raw value as a process's liveness record (for corruption tests).
     pub fn put_raw_process(&self, process_hash: &str, raw: &str, ttl: Duration) {
         let mut state = self.state();

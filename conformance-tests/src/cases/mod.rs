@@ -1,0 +1,13 @@
+//! The conformance cases, as plain `pub async fn`s over a [`Fixture`](crate::Fixture).
+//!
+//! Each returns [`Verdict::Passed`](crate::Verdict) or a skip with its reason, and panics on a
+//! failed check. Call them from your own tests, or let [`conformance_suite!`](crate::conformance_suite)
+//! generate one test per case.
+
+mod backend;
+mod faults;
+mod locker;
+
+pub use backend::*;
+pub use faults::*;
+pub use locker::*;

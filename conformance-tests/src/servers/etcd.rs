@@ -1,0 +1,87 @@
+//! etcd, one member or a cluster, from the local `etcd` binary.
+
+use std::ffi::OsString;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::Signal;
+
+use super::process::{free_port, tcp_exchange, temp_dir, which, ServerProcess};
+use super::{Server, ServerError, ServerKind};
+
+/// Starts an etcd cluster of `members` members (1 for a single server).
+pub(super) fn start(members: usize) -> Result<Server, ServerError> {
+    let kind = if members == 1 {
+        ServerKind::Etcd
+    } else {
+        ServerKind::EtcdCluster
+    };
+    let program = which("etcd").ok_or_else(|| ServerError::NotAvailable {
+        what: format!("{kind} (etcd not found in PATH)"),
+        how: kind.how_to_get(),
+    })?;
+    let mut ports = Vec::new();
+    for _ in 0..members {
+        ports.push((free_port(0)?, free_port(0)?));
+    }
+    let initial_cluster = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let token = format!(
+        "locker-test-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    );
+    let mut processes = Vec::new();
+    let mut dirs: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
+    let mut endpoints = Vec::new();
+    for (i, (client, peer)) in ports.iter().copied().enumerate() {
+        let dir = temp_dir("etcd")?;
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let args: Vec<OsString> = [
+            format!("--name=m{i}"),
+            format!("--data-dir={}", dir.path().join("data").display()),
+            format!("--listen-client-urls={client_url}"),
+            format!("--advertise-client-urls={client_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster={initial_cluster}"),
+            format!("--initial-cluster-token={token}"),
+            "--initial-cluster-state=new".into(),
+            "--heartbeat-interval=50".into(),
+            "--election-timeout=500".into(),
+            "--logger=zap".into(),
+            "--log-level=warn".into(),
+        ]
+        .map(OsString::from)
+        .into();
+        processes.push(
+            ServerProcess::new(
+                format!("etcd member m{i} on 127.0.0.1:{client}"),
+                &program,
+                args,
+                None,
+                dir.path().join("server.log"),
+                Signal::SIGTERM,
+                move || {
+                    tcp_exchange(
+                        client,
+                        b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n",
+                        |b| b.ends_with(b"}") || b.ends_with(b"}\n"),
+                    )
+                    .is_some_and(|r| r.contains("\"health\":\"true\""))
+                },
+            )
+            .cleanup_on_exit(dir.path().to_owned()),
+        );
+        dirs.push(Box::new(dir));
+        endpoints.push(client_url);
+    }
+    Server::from_processes(kind, endpoints, processes, None, dirs)
+}

@@ -1,0 +1,425 @@
+//! Real servers for backend tests: Redis, a 3-master Redis Cluster, PostgreSQL, etcd and a
+//! 3-member etcd cluster.
+//!
+//! Each comes from one of three providers, chosen by `LOCKER_TEST_PROVIDER`:
+//! - `env`: an existing server named by an environment variable ([`ServerKind::env_var`]);
+//!   the harness cannot pause or restart it, so the fault cases skip;
+//! - `process` (the default when the variable of the kind is unset): started privately from
+//!   the Debian binaries (`redis-server`, `/usr/lib/postgresql/*/bin/postgres`, `etcd`) on free
+//!   loopback ports in a temporary directory, waited for until ready, and stopped when dropped.
+//!   A wrapper stops it too when the test process exits, so no server outlives its tests;
+//! - `testcontainers` (with the crate feature of that name): started from container images.
+//!
+//! When no server can be had, [`start`] and [`shared`] fail with a message that says how to get
+//! one.
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+mod etcd;
+mod postgres;
+pub(crate) mod process;
+mod redis;
+
+#[cfg(feature = "testcontainers")]
+pub mod containers;
+
+/// Pauses, resumes, stops and restarts a server the harness started.
+///
+/// Calls block until the server is in the new state (a start waits until it is ready); from
+/// async code, call `start` and `restart` through `tokio::task::spawn_blocking`.
+pub trait ServerControl: Send + Sync + fmt::Debug {
+    /// Freezes the server (SIGSTOP, or `docker pause`): connections stay open, nothing answers.
+    fn pause(&self) -> Result<(), ServerError>;
+    /// Undoes [`pause`](Self::pause).
+    fn resume(&self) -> Result<(), ServerError>;
+    /// Stops the server, keeping its port and data directory.
+    fn stop(&self) -> Result<(), ServerError>;
+    /// Starts a stopped server again, on the same port with the same data, and waits until it
+    /// is ready.
+    fn start(&self) -> Result<(), ServerError>;
+    /// Stops and starts.
+    fn restart(&self) -> Result<(), ServerError> {
+        self.stop()?;
+        self.start()
+    }
+    /// The operating-system processes of the server, while it runs (empty for simulated or
+    /// containerized servers).
+    fn pids(&self) -> Vec<u32>;
+}
+
+/// Why a server could not be had or controlled.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The server's binary is not installed, and no environment variable names a server.
+    #[error("{what} is not available: {how}")]
+    NotAvailable {
+        /// What is missing.
+        what: String,
+        /// How to get it.
+        how: String,
+    },
+    /// Starting, probing or controlling the server failed.
+    #[error("{0}")]
+    Failed(String),
+    /// An operating-system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ServerError {
+    pub(crate) fn failed(msg: impl Into<String>) -> Self {
+        ServerError::Failed(msg.into())
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        ServerError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// The kinds of servers the harness provides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServerKind {
+    /// One Redis server.
+    Redis,
+    /// A Redis Cluster of 3 masters (no replicas).
+    RedisCluster,
+    /// One PostgreSQL server.
+    Postgres,
+    /// One etcd member.
+    Etcd,
+    /// An etcd cluster of 3 members.
+    EtcdCluster,
+}
+
+impl ServerKind {
+    /// Every kind.
+    pub const ALL: [ServerKind; 5] = [
+        ServerKind::Redis,
+        ServerKind::RedisCluster,
+        ServerKind::Postgres,
+        ServerKind::Etcd,
+        ServerKind::EtcdCluster,
+    ];
+
+    /// The environment variable that names an existing server of this kind: one URL, or for
+    /// clusters and etcd a comma-separated list of endpoints.
+    pub fn env_var(self) -> &'static str {
+        match self {
+            ServerKind::Redis => "LOCKER_TEST_REDIS_URL",
+            ServerKind::RedisCluster => "LOCKER_TEST_REDIS_CLUSTER_URLS",
+            ServerKind::Postgres => "LOCKER_TEST_POSTGRES_URL",
+            ServerKind::Etcd => "LOCKER_TEST_ETCD_ENDPOINTS",
+            ServerKind::EtcdCluster => "LOCKER_TEST_ETCD_CLUSTER_ENDPOINTS",
+        }
+    }
+
+    /// How to get a server of this kind on Debian, for error messages.
+    pub fn how_to_get(self) -> String {
+        let package = match self {
+            ServerKind::Redis | ServerKind::RedisCluster => "redis-server",
+            ServerKind::Postgres => "postgresql",
+            ServerKind::Etcd | ServerKind::EtcdCluster => "etcd-server",
+        };
+        format!(
+            "install it with `apt-get install {package}` (or run `scripts/test`, which installs \
+             every server), or point {} at a running one",
+            self.env_var()
+        )
+    }
+
+    fn index(self) -> usize {
+        match self {
+            ServerKind::Redis => 0,
+            ServerKind::RedisCluster => 1,
+            ServerKind::Postgres => 2,
+            ServerKind::Etcd => 3,
+            ServerKind::EtcdCluster => 4,
+        }
+    }
+}
+
+impl fmt::Display for ServerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServerKind::Redis => "Redis",
+            ServerKind::RedisCluster => "Redis Cluster",
+            ServerKind::Postgres => "PostgreSQL",
+            ServerKind::Etcd => "etcd",
+            ServerKind::EtcdCluster => "etcd cluster",
+        })
+    }
+}
+
+/// Where a server came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Provider {
+    /// Named by an environment variable.
+    Env,
+    /// Started from local binaries.
+    Process,
+    /// Started from container images.
+    Testcontainers,
+}
+
+/// A server (or cluster) ready for tests. Dropping it stops what the harness started.
+pub struct Server {
+    kind: ServerKind,
+    provider: Provider,
+    endpoints: Vec<String>,
+    nodes: Vec<Arc<dyn ServerControl>>,
+    control: Option<Arc<dyn ServerControl>>,
+    _keep_alive: Vec<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl Server {
+    /// What kind of server this is.
+    pub fn kind(&self) -> ServerKind {
+        self.kind
+    }
+
+    /// Where it came from.
+    pub fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    /// The first endpoint: `redis://127.0.0.1:port`, `postgres://postgres@127.0.0.1:port/postgres`,
+    /// `http://127.0.0.1:port` for etcd.
+    pub fn url(&self) -> &str {
+        self.endpoints
+            .first()
+            .map(String::as_str)
+            .unwrap_or_default()
+    }
+
+    /// Every endpoint (one per node of a cluster).
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// Controls the whole server (every node of a cluster at once), when the harness started it.
+    pub fn control(&self) -> Option<Arc<dyn ServerControl>> {
+        self.control.clone()
+    }
+
+    /// Controls one node of a cluster (or the one node of a single server).
+    pub fn node(&self, i: usize) -> Option<Arc<dyn ServerControl>> {
+        self.nodes.get(i).cloned()
+    }
+
+    /// The operating-system processes of the server, while it runs.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().flat_map(|n| n.pids()).collect()
+    }
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("kind", &self.kind)
+            .field("provider", &self.provider)
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Stop every node now rather than whenever the last handle to it goes.
+        for node in &self.nodes {
+            let _ = node.stop();
+        }
+    }
+}
+
+/// Extra readiness of a whole group (a Redis Cluster's slots all served).
+type GroupReady = fn(&[Arc<process::ServerProcess>]) -> Result<(), ServerError>;
+
+/// Stops, pauses and starts several nodes as one.
+#[derive(Debug)]
+struct Group {
+    nodes: Vec<Arc<process::ServerProcess>>,
+    /// Extra readiness of the whole group (a Redis Cluster's slots all served).
+    ready: Option<GroupReady>,
+}
+
+impl ServerControl for Group {
+    fn pause(&self) -> Result<(), ServerError> {
+        self.nodes.iter().try_for_each(|n| n.pause())
+    }
+
+    fn resume(&self) -> Result<(), ServerError> {
+        self.nodes.iter().try_for_each(|n| n.resume())
+    }
+
+    fn stop(&self) -> Result<(), ServerError> {
+        self.nodes.iter().try_for_each(|n| n.stop())
+    }
+
+    fn start(&self) -> Result<(), ServerError> {
+        // Members of a cluster wait for each other: start all, then wait for all.
+        self.nodes.iter().try_for_each(|n| n.spawn())?;
+        for n in &self.nodes {
+            n.wait_ready(std::time::Duration::from_secs(60))?;
+        }
+        match self.ready {
+            Some(ready) => ready(&self.nodes),
+            None => Ok(()),
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().flat_map(|n| n.pids()).collect()
+    }
+}
+
+impl Server {
+    fn from_processes(
+        kind: ServerKind,
+        endpoints: Vec<String>,
+        nodes: Vec<process::ServerProcess>,
+        ready: Option<GroupReady>,
+        keep_alive: Vec<Box<dyn std::any::Any + Send + Sync>>,
+    ) -> Result<Server, ServerError> {
+        let nodes: Vec<Arc<process::ServerProcess>> = nodes.into_iter().map(Arc::new).collect();
+        let group = Arc::new(Group {
+            nodes: nodes.clone(),
+            ready,
+        });
+        let server = Server {
+            kind,
+            provider: Provider::Process,
+            endpoints,
+            nodes: nodes
+                .into_iter()
+                .map(|n| n as Arc<dyn ServerControl>)
+                .collect(),
+            control: Some(group.clone()),
+            _keep_alive: keep_alive,
+        };
+        // On failure `server` is dropped here, which stops whatever did start.
+        group.start()?;
+        Ok(server)
+    }
+
+    fn from_env(kind: ServerKind, value: &str) -> Server {
+        Server {
+            kind,
+            provider: Provider::Env,
+            endpoints: value
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            nodes: Vec::new(),
+            control: None,
+            _keep_alive: Vec::new(),
+        }
+    }
+}
+
+fn provider_for(
+    kind: ServerKind,
+    provider: Option<&str>,
+    env_set: bool,
+) -> Result<Provider, ServerError> {
+    let _ = kind;
+    match provider {
+        None | Some("") => Ok(if env_set {
+            Provider::Env
+        } else {
+            Provider::Process
+        }),
+        Some("env") => Ok(Provider::Env),
+        Some("process") => Ok(Provider::Process),
+        Some("testcontainers") => Ok(Provider::Testcontainers),
+        Some(other) => Err(ServerError::failed(format!(
+            "LOCKER_TEST_PROVIDER={other:?}: expected env, process or testcontainers"
+        ))),
+    }
+}
+
+/// Gets a server of `kind` from the provider `LOCKER_TEST_PROVIDER` selects. A server from the
+/// `process` or `testcontainers` provider is private to the caller and stops when dropped.
+pub fn start(kind: ServerKind) -> Result<Server, ServerError> {
+    start_with(
+        kind,
+        std::env::var("LOCKER_TEST_PROVIDER").ok().as_deref(),
+        std::env::var(kind.env_var()).ok().as_deref(),
+    )
+}
+
+/// [`start`] with the two environment variables given: `LOCKER_TEST_PROVIDER` and the kind's
+/// [`env_var`](ServerKind::env_var).
+pub fn start_with(
+    kind: ServerKind,
+    provider: Option<&str>,
+    env_value: Option<&str>,
+) -> Result<Server, ServerError> {
+    match provider_for(kind, provider, env_value.is_some())? {
+        Provider::Env => match env_value {
+            Some(value) if !value.trim().is_empty() => Ok(Server::from_env(kind, value)),
+            _ => Err(ServerError::NotAvailable {
+                what: format!("{kind} (LOCKER_TEST_PROVIDER=env)"),
+                how: format!("set {}", kind.env_var()),
+            }),
+        },
+        Provider::Process => start_process(kind),
+        Provider::Testcontainers => start_container(kind),
+    }
+}
+
+/// Starts a private server of `kind` from local binaries, whatever the environment says: what
+/// the fault cases use, since they pause and restart it.
+pub fn start_process(kind: ServerKind) -> Result<Server, ServerError> {
+    match kind {
+        ServerKind::Redis => redis::start(),
+        ServerKind::RedisCluster => redis::start_cluster(),
+        ServerKind::Postgres => postgres::start(),
+        ServerKind::Etcd => etcd::start(1),
+        ServerKind::EtcdCluster => etcd::start(3),
+    }
+}
+
+#[cfg(feature = "testcontainers")]
+fn start_container(kind: ServerKind) -> Result<Server, ServerError> {
+    containers::start(kind)
+}
+
+#[cfg(not(feature = "testcontainers"))]
+fn start_container(kind: ServerKind) -> Result<Server, ServerError> {
+    Err(ServerError::NotAvailable {
+        what: format!("{kind} from testcontainers"),
+        how: "build locker-conformance with the `testcontainers` feature".into(),
+    })
+}
+
+/// One server of `kind` shared by every test of the test binary: started on first use, stopped
+/// when the test process exits. Tests share it safely by using distinct key prefixes.
+///
+/// A failure to start is remembered, so every test that needs the server fails with the same
+/// message.
+pub fn shared(kind: ServerKind) -> Result<&'static Server, ServerError> {
+    static SERVERS: [OnceLock<Result<Server, String>>; 5] = [
+        OnceLock::new(),
+        OnceLock::new(),
+        OnceLock::new(),
+        OnceLock::new(),
+        OnceLock::new(),
+    ];
+    SERVERS[kind.index()]
+        .get_or_init(|| start(kind).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| ServerError::failed(e.clone()))
+}
