@@ -30,11 +30,12 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 /// "processes" to the rest of the cluster.
 pub fn new_process_hash() -> String {
     let host = gethostname::gethostname().to_string_lossy().into_owned();
-    // The parser splits on the first '/' after the '@', so a hostname must not contain one.
+    // The parser splits on the last '@' that is followed by `host/pid.nanos.seq` and on the
+    // first '/' after it, so a hostname may contain neither.
     let host = if host.is_empty() {
         "localhost".to_owned()
     } else {
-        host.replace('/', "_")
+        host.replace(['/', '@'], "_")
     };
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)

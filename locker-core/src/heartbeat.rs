@@ -26,6 +26,8 @@ pub(crate) enum Loss {
     LivenessLapsed,
     /// The lock was released (by its guard, or by `shutdown`).
     Released,
+    /// The locker was abandoned: the lock is left to expire as after a crash.
+    Abandoned,
 }
 
 /// The state of one held lock, shared by its guard and every clone of its heartbeat.
@@ -82,7 +84,7 @@ impl LockState {
     pub(crate) fn lose(&self, loss: Loss) -> Error {
         if self.loss.set(loss.clone()).is_ok() {
             match &loss {
-                Loss::Released => {}
+                Loss::Released | Loss::Abandoned => {}
                 Loss::TakenOver(holder) => tracing::warn!(
                     key = %self.key, owner_hash = %self.owner_hash, new_owner = %holder.owner_hash,
                     "lock taken over by someone else; the job must stop"
@@ -127,6 +129,10 @@ impl LockState {
                 ),
             ),
             Loss::Released => Error::new(ErrorKind::LockLost, format!("{me}: the lock was released")),
+            Loss::Abandoned => Error::new(
+                ErrorKind::LockLost,
+                format!("{me}: the locker was abandoned; the lock is left to expire"),
+            ),
         };
         Some(e.with_key(self.key.clone()))
     }
@@ -162,6 +168,9 @@ impl LockState {
                 .compare_exchange(due_extend, next, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
+                // An extension is also a recheck: keep concurrent beats from rechecking now.
+                self.next_recheck
+                    .fetch_max(now.saturating_add(nanos(o.recheck_every)), Ordering::AcqRel);
                 let mut rearm = Rearm::new(&self.next_extend, now);
                 let res = self.extend_now(now).await;
                 rearm.disarm();
@@ -191,10 +200,14 @@ impl LockState {
     /// [`LockGuard::extend`]: crate::LockGuard::extend
     pub(crate) async fn extend_now(&self, sent_at: u64) -> Result<()> {
         let o = &self.locker.options;
-        let backend = self.locker.backend().await?;
         let data = self.lock_data().extended_now();
-        let outcome = backend
-            .extend(&self.key, &data, o.lock_ttl, &self.owner_hash)
+        let outcome = self
+            .bounded(async {
+                let backend = self.locker.backend().await?;
+                backend
+                    .extend(&self.key, &data, o.lock_ttl, &self.owner_hash)
+                    .await
+            })
             .await;
         match outcome {
             Ok(ExtendOutcome::Extended(stored)) => {
@@ -218,14 +231,40 @@ impl LockState {
     }
 
     async fn recheck(&self) -> Result<()> {
-        let backend = self.locker.backend().await?;
-        match backend.read(&self.key).await {
+        let read = self
+            .bounded(async {
+                let backend = self.locker.backend().await?;
+                backend.read(&self.key).await
+            })
+            .await;
+        match read {
             Ok(None) => Err(self.lose(Loss::NoKey)),
             Ok(Some(current)) if current.owner_hash != self.owner_hash => {
                 Err(self.lose(Loss::TakenOver(current)))
             }
             Ok(Some(_)) => Ok(()),
             Err(e) => self.io_failed(e, &self.next_recheck),
+        }
+    }
+
+    /// Runs a backend call, but no longer than the lock is certainly ours: past that, the
+    /// local checks decide (a hung store must not keep [`Heartbeat::lost`] from firing).
+    async fn bounded<T>(&self, io: impl Future<Output = Result<T>>) -> Result<T> {
+        let clock = self.locker.clock;
+        let mut deadline = self.valid_until.load(Ordering::Acquire);
+        if let Some(reporter) = self.locker.liveness() {
+            deadline = deadline.min(reporter.fresh_until());
+        }
+        let left = Duration::from_nanos(deadline.saturating_sub(clock.now()).max(1_000_000));
+        match tokio::time::timeout(left, io).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.check_local(clock.now())?;
+                Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("the store did not answer within {left:?}"),
+                ))
+            }
         }
     }
 

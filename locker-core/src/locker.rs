@@ -94,6 +94,7 @@ pub enum RunOutcome<T> {
 /// What [`Locker::owner_status`] found for an owner hash, as the Node library's
 /// `readOwnerHashStatus`. For debugging and dashboards only: it is stale as soon as it returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
 pub enum OwnerStatus {
     /// That owner holds the lock and its process is alive.
     Running {
@@ -145,6 +146,7 @@ pub(crate) struct Inner {
     phase: RwLock<Phase>,
     held: Mutex<HashMap<u64, Weak<LockState>>>,
     next_id: AtomicU64,
+    shutdown_done: OnceCell<()>,
 }
 
 impl Inner {
@@ -200,6 +202,8 @@ impl Inner {
         let reporter = self
             .reporter
             .get_or_try_init(|| async {
+                // Never start a reporter for a locker that already stopped.
+                self.check_running()?;
                 Reporter::spawn(
                     self.factory.clone(),
                     &self.options,
@@ -225,11 +229,10 @@ impl Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Some(reporter) = self.reporter.get() {
-            if self.phase() == Phase::Running {
-                // No guard is alive (each holds the locker), so nothing is held: let the thread
-                // delete the liveness record and exit.
-                reporter.stop_detached(true);
-            }
+            // No guard is alive (each holds the locker), so nothing is held: let the thread
+            // delete the liveness record (unless abandoned) and exit. After a shutdown the
+            // thread is already gone and this does nothing.
+            reporter.stop_detached(self.phase() != Phase::Abandoned);
         }
     }
 }
@@ -284,6 +287,7 @@ impl Locker {
                 phase: RwLock::new(Phase::Running),
                 held: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
+                shutdown_done: OnceCell::new(),
             }),
         }
     }
@@ -320,9 +324,9 @@ impl Locker {
     /// the reporter cannot write, and backend errors.
     ///
     /// # Cancel safety
-    /// If the future is dropped after the backend stored the lock but before it returned, the
-    /// lock is not released: it is freed when this process's liveness record expires (at once
-    /// on [`shutdown`](Self::shutdown)) or after the lock TTL.
+    /// If the future is dropped while an acquire is in flight, the lock may have been stored
+    /// with no guard to hold it: it is released in the background (only if it is ours), as for
+    /// a dropped [`LockGuard`].
     pub async fn acquire(&self, request: impl Into<LockRequest>) -> Result<LockAttempt> {
         let request = request.into();
         let inner = &self.inner;
@@ -339,44 +343,66 @@ impl Locker {
                 )));
             }
         }
-        inner.ensure_alive().await?;
         let key = request.key;
         let ttl = inner.options.lock_ttl;
         let data = LockData::new(owner_hash, inner.process_hash.to_string(), request.trace);
 
+        // No acquire is sent while this process's own liveness record may be missing.
+        inner.ensure_alive().await?;
         let sent_at = inner.clock.now();
+        // If this future is dropped while a write is in flight, the lock may be stored with no
+        // guard to release it: release it (if ours) in the background.
+        let pending = PendingAcquire::new(inner, &key, &data.owner_hash, sent_at);
         let holder = match backend.acquire(&key, &data, ttl).await? {
             AcquireOutcome::Acquired(stored) => {
+                pending.disarm();
                 tracing::info!(key = %key, owner_hash = %stored.owner_hash, fencing_token = ?stored.fencing_token, "acquired lock");
-                return Ok(LockAttempt::Acquired(self.guard(key, stored, sent_at)));
+                return self.guard(key, stored, sent_at).await;
             }
             AcquireOutcome::Held(holder) => holder,
         };
+        pending.disarm();
         if backend.read_process(&holder.process_hash).await?.is_some() {
             return Ok(LockAttempt::Held(holder));
         }
         // The holder's process is dead: replace its lock, but only if it is still its lock.
+        inner.ensure_alive().await?;
         let sent_at = inner.clock.now();
-        match backend
+        let pending = PendingAcquire::new(inner, &key, &data.owner_hash, sent_at);
+        let outcome = backend
             .take_over(&key, &data, ttl, &holder.owner_hash)
-            .await?
-        {
+            .await?;
+        pending.disarm();
+        match outcome {
             AcquireOutcome::Acquired(stored) => {
                 tracing::warn!(key = %key, owner_hash = %stored.owner_hash, dead_owner = %holder.owner_hash, fencing_token = ?stored.fencing_token, "took over the lock of a dead process");
-                Ok(LockAttempt::Acquired(self.guard(key, stored, sent_at)))
+                self.guard(key, stored, sent_at).await
             }
             AcquireOutcome::Held(holder) => Ok(LockAttempt::Held(holder)),
         }
     }
 
-    fn guard(&self, key: String, stored: LockData, sent_at: u64) -> LockGuard {
+    /// Registers a stored lock; if the locker stopped meanwhile, releases it at once instead.
+    async fn guard(&self, key: String, stored: LockData, sent_at: u64) -> Result<LockAttempt> {
         let inner = &self.inner;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let state = Arc::new(LockState::new(inner.clone(), id, key, stored, sent_at));
         if let Ok(mut held) = inner.held.lock() {
             held.insert(id, Arc::downgrade(&state));
         }
-        LockGuard { state }
+        let guard = LockGuard { state };
+        // `shutdown` sets the phase before it collects the held locks, so a lock registered
+        // after that collection is seen here.
+        if let Err(e) = inner.check_running() {
+            if e.kind() == ErrorKind::Shutdown {
+                let _ = guard.release().await;
+                if let Some(reporter) = inner.reporter.get() {
+                    reporter.stop(true, false).await;
+                }
+                return Err(e);
+            }
+        }
+        Ok(LockAttempt::Acquired(guard))
     }
 
     /// Acquires the lock, runs `job` with a [`Heartbeat`], and releases the lock when the job
@@ -441,7 +467,9 @@ impl Locker {
                         .with_key(request.key)
                         .with_holder(holder));
                     }
-                    tokio::time::sleep(recheck_delay).await;
+                    // Never overrun the timeout by a whole delay, nor spin on a zero delay.
+                    let left = timeout.saturating_sub(started.elapsed());
+                    tokio::time::sleep(recheck_delay.min(left).max(Duration::from_millis(1))).await;
                 }
             }
         }
@@ -502,40 +530,69 @@ impl Locker {
     /// thread and deletes this process's liveness record, so others can take over at once.
     /// Afterwards every call fails with [`ErrorKind::Shutdown`]. Idempotent; failures are sent
     /// to [`subscribe_errors`](Self::subscribe_errors).
+    ///
+    /// Jobs still running get up to `recheck_every` to notice the drain at their next beat
+    /// and end; the locks of those that do not are then released under them (their next beat
+    /// fails). Each release and the final deletion are bounded by `liveness_ttl`, so an
+    /// unreachable store cannot hang the shutdown. Concurrent calls all wait for the one
+    /// shutdown to finish.
     pub async fn shutdown(&self) {
-        let inner = &self.inner;
-        if inner.set_phase(Phase::ShutDown) != Phase::Running {
-            return;
-        }
-        if !self.is_draining() {
-            self.drain("the locker is shutting down");
-        }
-        let held: Vec<Arc<LockState>> = match inner.held.lock() {
-            Ok(mut held) => held.drain().filter_map(|(_, w)| w.upgrade()).collect(),
-            Err(_) => Vec::new(),
-        };
-        if !held.is_empty() {
-            if let Ok(backend) = inner.backend().await {
+        let inner = self.inner.clone();
+        self.inner
+            .shutdown_done
+            .get_or_init(|| async move {
+                if inner.set_phase(Phase::ShutDown) != Phase::Running {
+                    return;
+                }
+                if !inner.draining.load(Ordering::Acquire) {
+                    Locker {
+                        inner: inner.clone(),
+                    }
+                    .drain("the locker is shutting down");
+                }
+                let grace = Instant::now() + inner.options.recheck_every;
+                while inner.held.lock().map(|h| !h.is_empty()).unwrap_or(false)
+                    && Instant::now() < grace
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let held: Vec<Arc<LockState>> = match inner.held.lock() {
+                    Ok(mut held) => held.drain().filter_map(|(_, w)| w.upgrade()).collect(),
+                    Err(_) => Vec::new(),
+                };
+                let limit = inner.options.liveness_ttl;
                 for state in held {
                     if state.released.swap(true, Ordering::AcqRel) {
                         continue;
                     }
                     state.lose(Loss::Released);
-                    match backend.release(&state.key, &state.owner_hash).await {
-                        Ok(outcome) => {
+                    let release = async {
+                        inner
+                            .backend()
+                            .await?
+                            .release(&state.key, &state.owner_hash)
+                            .await
+                    };
+                    match tokio::time::timeout(limit, release).await {
+                        Ok(Ok(outcome)) => {
                             tracing::info!(key = %state.key, ?outcome, "released lock at shutdown")
                         }
-                        Err(e) => inner
+                        Ok(Err(e)) => inner
                             .events
                             .emit(BackgroundSource::Release, e.with_key(state.key.clone())),
+                        Err(_) => inner.events.emit(
+                            BackgroundSource::Release,
+                            Error::new(ErrorKind::Timeout, "release at shutdown timed out")
+                                .with_key(state.key.clone()),
+                        ),
                     }
                 }
-            }
-        }
-        if let Some(reporter) = inner.reporter.get() {
-            reporter.stop(true, false).await;
-        }
-        tracing::info!(process_hash = %inner.process_hash, "locker shut down");
+                if let Some(reporter) = inner.reporter.get() {
+                    reporter.stop(true, false).await;
+                }
+                tracing::info!(process_hash = %inner.process_hash, "locker shut down");
+            })
+            .await;
     }
 
     /// Stops the reporter thread as if the process had crashed: no lock is released and the
@@ -550,7 +607,7 @@ impl Locker {
         if let Ok(mut held) = inner.held.lock() {
             for state in held.drain().filter_map(|(_, w)| w.upgrade()) {
                 state.released.store(true, Ordering::Release);
-                state.lose(Loss::Released);
+                state.lose(Loss::Abandoned);
             }
         }
         if let Some(reporter) = inner.reporter.get() {
@@ -741,17 +798,23 @@ impl Drop for ReleaseHandoff<'_> {
 }
 
 fn release_in_background(state: &LockState) {
-    let inner = &state.locker;
+    release_key_in_background(
+        &state.locker,
+        &state.key,
+        &state.owner_hash,
+        state.valid_until.load(Ordering::Acquire),
+    );
+}
+
+/// Hands a release (only if `owner_hash` still owns `key`) to the reporter thread.
+fn release_key_in_background(inner: &Inner, key: &str, owner_hash: &str, deadline: u64) {
     if inner.phase() != Phase::Running {
         return;
     }
-    let sent = inner.reporter.get().is_some_and(|r| {
-        r.release_in_background(
-            state.key.clone(),
-            state.owner_hash.clone(),
-            state.valid_until.load(Ordering::Acquire),
-        )
-    });
+    let sent = inner
+        .reporter
+        .get()
+        .is_some_and(|r| r.release_in_background(key.to_owned(), owner_hash.to_owned(), deadline));
     if !sent {
         inner.events.emit(
             BackgroundSource::Release,
@@ -759,8 +822,41 @@ fn release_in_background(state: &LockState) {
                 ErrorKind::Shutdown,
                 "the reporter thread is gone; the lock will expire by itself",
             )
-            .with_key(state.key.clone()),
+            .with_key(key),
         );
+    }
+}
+
+/// Releases, in the background, a lock whose acquire was cancelled mid-flight.
+struct PendingAcquire<'a> {
+    inner: &'a Inner,
+    key: &'a str,
+    owner_hash: &'a str,
+    deadline: u64,
+    armed: bool,
+}
+
+impl<'a> PendingAcquire<'a> {
+    fn new(inner: &'a Inner, key: &'a str, owner_hash: &'a str, sent_at: u64) -> Self {
+        PendingAcquire {
+            inner,
+            key,
+            owner_hash,
+            deadline: sent_at.saturating_add(crate::clock::nanos(inner.options.lock_ttl)),
+            armed: true,
+        }
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for PendingAcquire<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            release_key_in_background(self.inner, self.key, self.owner_hash, self.deadline);
+        }
     }
 }
 

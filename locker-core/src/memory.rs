@@ -26,8 +26,8 @@ use crate::record::{LockData, ProcessData};
 /// under one lock (the equivalent of a server-side script or a transaction), expiry is decided
 /// by the store's clock, and fencing counters outlive the locks they number.
 ///
-/// For tests it can also pretend to be unreachable ([`set_unavailable`](Self::set_unavailable)),
-/// hold a raw value ([`put_raw`](Self::put_raw)) and count calls ([`calls`](Self::calls)).
+/// For tests it can also pretend to be unreachable ([`set_unavailable`](Self::set_unavailable))
+/// or slow ([`set_latency`](Self::set_latency)), hold a raw value ([`put_raw`](Self::put_raw)) and count calls ([`calls`](Self::calls)).
 #[derive(Clone, Default)]
 pub struct MemoryBackend {
     inner: Arc<Shared>,
@@ -37,6 +37,7 @@ pub struct MemoryBackend {
 struct Shared {
     state: Mutex<State>,
     unavailable: AtomicBool,
+    latency_nanos: AtomicU64,
     calls: Calls,
 }
 
@@ -107,6 +108,21 @@ impl MemoryBackend {
         self.inner.unavailable.store(unavailable, Ordering::SeqCst);
     }
 
+    /// Delays every answer by `latency`, after the operation took effect: a slow network, or
+    /// (when the caller gives up first) an answer lost after the write landed.
+    pub fn set_latency(&self, latency: Duration) {
+        let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.inner.latency_nanos.store(nanos, Ordering::SeqCst);
+    }
+
+    async fn respond<T>(&self, result: Result<T>) -> Result<T> {
+        let nanos = self.inner.latency_nanos.load(Ordering::SeqCst);
+        if nanos > 0 {
+            tokio::time::sleep(Duration::from_nanos(nanos)).await;
+        }
+        result
+    }
+
     /// Stores a raw value under a lock key, as a foreign writer could (for corruption tests).
     pub fn put_raw(&self, key: &str, raw: &str, ttl: Duration) {
         let mut state = self.state();
@@ -114,7 +130,7 @@ impl MemoryBackend {
             key.to_owned(),
             Entry {
                 json: raw.to_owned(),
-                expires: Instant::now() + ttl,
+                expires: expiry_or_far(ttl),
             },
         );
     }
@@ -140,7 +156,7 @@ impl MemoryBackend {
             process_hash.to_owned(),
             Entry {
                 json: raw.to_owned(),
-                expires: Instant::now() + ttl,
+                expires: expiry_or_far(ttl),
             },
         );
     }
@@ -190,7 +206,7 @@ impl State {
         }
     }
 
-    fn store_new(&mut self, key: &str, data: &LockData, ttl: Duration, now: Instant) -> LockData {
+    fn store_new(&mut self, key: &str, data: &LockData, expires: Instant) -> LockData {
         let token = self.fencing.entry(key.to_owned()).or_insert(0);
         *token += 1;
         let stored = LockData {
@@ -201,7 +217,7 @@ impl State {
             key.to_owned(),
             Entry {
                 json: stored.to_json(),
-                expires: now + ttl,
+                expires,
             },
         );
         stored
@@ -215,46 +231,47 @@ fn live<'a>(map: &'a mut HashMap<String, Entry>, key: &str, now: Instant) -> Opt
     map.get(key).map(|e| e.json.as_str())
 }
 
-fn check_ttl(ttl: Duration) -> Result<()> {
+/// When a record written now with `ttl` expires; zero and overflowing TTLs are refused.
+fn expiry(now: Instant, ttl: Duration) -> Result<Instant> {
     if ttl.is_zero() {
         return Err(Error::invalid_input("TTL must be greater than zero"));
     }
-    Ok(())
+    now.checked_add(ttl)
+        .ok_or_else(|| Error::invalid_input(format!("TTL of {ttl:?} is too long")))
 }
 
-#[async_trait]
-impl LockBackend for MemoryBackend {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            fencing: true,
-            shared_across_processes: false,
-            atomic_take_over: true,
-            ..Capabilities::default()
-        }
-    }
+/// Like [`expiry`], for test hooks that cannot fail: a year for what does not fit.
+fn expiry_or_far(ttl: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(ttl)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(now)
+}
 
-    async fn acquire(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
-        check_ttl(ttl)?;
+/// The operations themselves, each atomic under the store's lock.
+impl MemoryBackend {
+    fn acquire_now(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
         let mut state = self.enter(|c| &c.acquire)?;
         let now = Instant::now();
+        let expires = expiry(now, ttl)?;
         if let Some(holder) = state.lock(key, now)? {
             return Ok(AcquireOutcome::Held(holder));
         }
         Ok(AcquireOutcome::Acquired(
-            state.store_new(key, data, ttl, now),
+            state.store_new(key, data, expires),
         ))
     }
 
-    async fn extend(
+    fn extend_now(
         &self,
         key: &str,
         data: &LockData,
         ttl: Duration,
         owner_hash: &str,
     ) -> Result<ExtendOutcome> {
-        check_ttl(ttl)?;
         let mut state = self.enter(|c| &c.extend)?;
         let now = Instant::now();
+        let expires = expiry(now, ttl)?;
         let Some(current) = state.lock(key, now)? else {
             return Ok(ExtendOutcome::NoKey);
         };
@@ -269,13 +286,13 @@ impl LockBackend for MemoryBackend {
             key.to_owned(),
             Entry {
                 json: stored.to_json(),
-                expires: now + ttl,
+                expires,
             },
         );
         Ok(ExtendOutcome::Extended(stored))
     }
 
-    async fn release(&self, key: &str, owner_hash: &str) -> Result<ReleaseOutcome> {
+    fn release_now(&self, key: &str, owner_hash: &str) -> Result<ReleaseOutcome> {
         let mut state = self.enter(|c| &c.release)?;
         let Some(current) = state.lock(key, Instant::now())? else {
             return Ok(ReleaseOutcome::NoKey);
@@ -287,45 +304,45 @@ impl LockBackend for MemoryBackend {
         Ok(ReleaseOutcome::Released)
     }
 
-    async fn take_over(
+    fn take_over_now(
         &self,
         key: &str,
         data: &LockData,
         ttl: Duration,
         dead_owner_hash: &str,
     ) -> Result<AcquireOutcome> {
-        check_ttl(ttl)?;
         let mut state = self.enter(|c| &c.take_over)?;
         let now = Instant::now();
+        let expires = expiry(now, ttl)?;
         if let Some(current) = state.lock(key, now)? {
             if current.owner_hash != dead_owner_hash {
                 return Ok(AcquireOutcome::Held(current));
             }
         }
         Ok(AcquireOutcome::Acquired(
-            state.store_new(key, data, ttl, now),
+            state.store_new(key, data, expires),
         ))
     }
 
-    async fn ping(&self, process_hash: &str, data: &ProcessData, ttl: Duration) -> Result<()> {
-        check_ttl(ttl)?;
+    fn ping_now(&self, process_hash: &str, data: &ProcessData, ttl: Duration) -> Result<()> {
         let mut state = self.enter(|c| &c.ping)?;
+        let expires = expiry(Instant::now(), ttl)?;
         state.processes.insert(
             process_hash.to_owned(),
             Entry {
                 json: data.to_json(),
-                expires: Instant::now() + ttl,
+                expires,
             },
         );
         Ok(())
     }
 
-    async fn read(&self, key: &str) -> Result<Option<LockData>> {
+    fn read_now(&self, key: &str) -> Result<Option<LockData>> {
         let mut state = self.enter(|c| &c.read)?;
         state.lock(key, Instant::now())
     }
 
-    async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {
+    fn read_process_now(&self, process_hash: &str) -> Result<Option<ProcessData>> {
         let mut state = self.enter(|c| &c.read_process)?;
         match live(&mut state.processes, process_hash, Instant::now()) {
             Some(json) => ProcessData::from_json(json).map(Some),
@@ -333,10 +350,68 @@ impl LockBackend for MemoryBackend {
         }
     }
 
-    async fn forget_process(&self, process_hash: &str) -> Result<()> {
+    fn forget_process_now(&self, process_hash: &str) -> Result<()> {
         let mut state = self.enter(|c| &c.forget_process)?;
         state.processes.remove(process_hash);
         Ok(())
+    }
+}
+
+#[async_trait]
+impl LockBackend for MemoryBackend {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            fencing: true,
+            shared_across_processes: false,
+            atomic_take_over: true,
+            ..Capabilities::default()
+        }
+    }
+
+    async fn acquire(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
+        self.respond(self.acquire_now(key, data, ttl)).await
+    }
+
+    async fn extend(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        owner_hash: &str,
+    ) -> Result<ExtendOutcome> {
+        self.respond(self.extend_now(key, data, ttl, owner_hash))
+            .await
+    }
+
+    async fn release(&self, key: &str, owner_hash: &str) -> Result<ReleaseOutcome> {
+        self.respond(self.release_now(key, owner_hash)).await
+    }
+
+    async fn take_over(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        dead_owner_hash: &str,
+    ) -> Result<AcquireOutcome> {
+        self.respond(self.take_over_now(key, data, ttl, dead_owner_hash))
+            .await
+    }
+
+    async fn ping(&self, process_hash: &str, data: &ProcessData, ttl: Duration) -> Result<()> {
+        self.respond(self.ping_now(process_hash, data, ttl)).await
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<LockData>> {
+        self.respond(self.read_now(key)).await
+    }
+
+    async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {
+        self.respond(self.read_process_now(process_hash)).await
+    }
+
+    async fn forget_process(&self, process_hash: &str) -> Result<()> {
+        self.respond(self.forget_process_now(process_hash)).await
     }
 }
 

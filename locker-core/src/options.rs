@@ -64,8 +64,8 @@ impl Default for LockerOptions {
 impl LockerOptions {
     /// Checks that the timings make sense together.
     ///
-    /// Every duration must be non-zero; the reporter must write more often than its records
-    /// expire, and extensions must come more often than the lock expires, or locks would be lost
+    /// Every duration must be non-zero; the reporter must write at least twice per liveness
+    /// TTL, and extensions must come more often than the lock expires, or locks would be lost
     /// in normal operation.
     pub fn validate(&self) -> Result<()> {
         let named = [
@@ -87,9 +87,10 @@ impl LockerOptions {
                 return Err(Error::invalid_input(format!("{name} of {d:?} is too long")));
             }
         }
-        if self.report_every >= self.liveness_ttl {
+        // At least two reports per TTL, so that one slow or failed write is not a lapse.
+        if self.report_every.saturating_mul(2) > self.liveness_ttl {
             return Err(Error::invalid_input(format!(
-                "report_every ({:?}) must be shorter than liveness_ttl ({:?})",
+                "report_every ({:?}) must be at most half of liveness_ttl ({:?})",
                 self.report_every, self.liveness_ttl
             )));
         }
@@ -194,7 +195,7 @@ mod tests {
         let cases: Vec<fn(LockerBuilder) -> LockerBuilder> = vec![
             |b| b.lock_ttl(Duration::ZERO),
             |b| b.report_every(Duration::ZERO),
-            |b| b.report_every(Duration::from_secs(10)),
+            |b| b.report_every(Duration::from_secs(6)),
             |b| b.extend_every(Duration::from_secs(300)),
             |b| b.recheck_every(Duration::MAX),
         ];

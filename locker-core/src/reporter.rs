@@ -32,10 +32,10 @@ pub(crate) struct Liveness {
     /// When the last successful write was sent (clock nanos; 0 = never). The record lives at
     /// least `ttl` from then, because the store starts its TTL when it receives the write.
     last_ok_start: AtomicU64,
-    /// The latest moment at which the record may have expired although the process lived
-    /// (reports failed for a whole TTL); 0 = never. A lock acquired before it may have been
-    /// taken over.
-    lapse_at: AtomicU64,
+    /// The latest moment up to which the record may have been missing although the process
+    /// lived (no write sent within a TTL of the previous one reached the store in time);
+    /// 0 = never. A lock held at any moment before it may have been taken over.
+    lapse_end: AtomicU64,
     reports: watch::Sender<u64>,
     last_error: Mutex<Option<String>>,
 }
@@ -46,7 +46,7 @@ impl Liveness {
             clock,
             ttl: nanos(ttl),
             last_ok_start: AtomicU64::new(0),
-            lapse_at: AtomicU64::new(0),
+            lapse_end: AtomicU64::new(0),
             reports: watch::channel(0).0,
             last_error: Mutex::new(None),
         }
@@ -58,9 +58,9 @@ impl Liveness {
         last != 0 && now.saturating_sub(last) < self.ttl
     }
 
-    /// Whether the record may have expired at some moment after `since` (up to `now`).
+    /// Whether the record may have been missing at some moment after `since` (up to `now`).
     pub(crate) fn lapsed_since(&self, since: u64, now: u64) -> bool {
-        !self.is_fresh(now) || self.lapse_at.load(Ordering::Acquire) > since
+        !self.is_fresh(now) || self.lapse_end.load(Ordering::Acquire) > since
     }
 
     /// When the record may expire if no further report succeeds.
@@ -70,11 +70,14 @@ impl Liveness {
             .saturating_add(self.ttl)
     }
 
-    fn record_success(&self, started: u64) {
+    /// A write sent at `started` was acknowledged at `finished`.
+    fn record_success(&self, started: u64, finished: u64) {
         let prev = self.last_ok_start.swap(started, Ordering::AcqRel);
-        if prev != 0 && started.saturating_sub(prev) >= self.ttl {
-            self.lapse_at
-                .fetch_max(prev.saturating_add(self.ttl), Ordering::AcqRel);
+        // The previous record expired at `prev + ttl` at the earliest, and this write reached the
+        // store at `finished` at the latest: if the first is not after the second, the record
+        // may have been missing in between, and anyone could have taken our locks then.
+        if prev != 0 && finished >= prev.saturating_add(self.ttl) {
+            self.lapse_end.fetch_max(finished, Ordering::AcqRel);
         }
         self.reports.send_modify(|n| *n += 1);
     }
@@ -155,12 +158,6 @@ impl Reporter {
     ) -> Result<Self> {
         let liveness = Arc::new(Liveness::new(clock, options.liveness_ttl));
         let (tx, rx) = mpsc::unbounded_channel();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| {
-                Error::new(ErrorKind::Other, "cannot build the reporter runtime").with_source(e)
-            })?;
         let task = Task {
             factory,
             liveness: liveness.clone(),
@@ -174,7 +171,23 @@ impl Reporter {
         };
         let thread = std::thread::Builder::new()
             .name("locker-reporter".to_owned())
-            .spawn(move || runtime.block_on(task.run(rx)))
+            .spawn(move || {
+                // Built here, so that nothing of it is ever dropped on the caller's runtime.
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => {
+                        runtime.block_on(task.run(rx));
+                        // Never wait on blocking work a driver left behind (a DNS lookup).
+                        runtime.shutdown_background();
+                    }
+                    Err(e) => task.fail(
+                        Error::new(ErrorKind::Other, "cannot build the reporter runtime")
+                            .with_source(e),
+                    ),
+                }
+            })
             .map_err(|e| {
                 Error::new(ErrorKind::Other, "cannot start the reporter thread").with_source(e)
             })?;
@@ -218,9 +231,10 @@ impl Reporter {
         }
         let thread = self.thread.lock().ok().and_then(|mut t| t.take());
         if let Some(thread) = thread {
-            // The thread has acknowledged and only has to drop its runtime; joining here means
-            // no reporter thread outlives `shutdown`.
-            let _ = thread.join();
+            // The thread has acknowledged and only has to leave its runtime; joining means no
+            // reporter thread outlives `shutdown`. Off the caller's runtime, which it must not
+            // block.
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
 
@@ -345,7 +359,7 @@ impl Task {
         )
         .await
         {
-            Ok(Ok(())) => self.liveness.record_success(started),
+            Ok(Ok(())) => self.liveness.record_success(started, self.clock.now()),
             Ok(Err(e)) => self.fail(e),
             Err(_) => self.fail(Error::new(
                 ErrorKind::Timeout,
@@ -411,5 +425,50 @@ pub(crate) async fn release_with_retry(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn liveness() -> Liveness {
+        Liveness::new(Clock::new(), Duration::from_millis(10))
+    }
+
+    #[test]
+    fn regular_reports_are_no_lapse() {
+        let l = liveness();
+        l.record_success(MS, 2 * MS);
+        l.record_success(5 * MS, 6 * MS);
+        l.record_success(9 * MS, 10 * MS);
+        assert!(!l.lapsed_since(MS, 12 * MS));
+    }
+
+    #[test]
+    fn a_write_that_lands_after_the_record_expired_is_a_lapse() {
+        let l = liveness();
+        l.record_success(MS, 2 * MS);
+        // Sent before the old record expired (at 11 ms), acknowledged after it.
+        l.record_success(10 * MS, 12 * MS);
+        assert!(l.is_fresh(13 * MS));
+        assert!(
+            l.lapsed_since(5 * MS, 13 * MS),
+            "a lock held since 5 ms may be gone"
+        );
+        assert!(
+            !l.lapsed_since(12 * MS, 13 * MS),
+            "a lock taken after the gap is fine"
+        );
+    }
+
+    #[test]
+    fn no_report_for_a_whole_ttl_is_a_lapse() {
+        let l = liveness();
+        l.record_success(MS, 2 * MS);
+        assert!(l.lapsed_since(2 * MS, 11 * MS));
+        assert!(!l.lapsed_since(2 * MS, 10 * MS));
     }
 }

@@ -771,3 +771,91 @@ async fn a_corrupt_record_is_a_typed_error_not_a_panic() {
     );
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_cancelled_after_the_write_landed_is_released() {
+    let store = MemoryBackend::new();
+    let a = locker(&store);
+    // Start the reporter first, so the slow store only delays the acquire's answer.
+    let warm = acquired(&a, "warm-up").await;
+    drop(warm);
+    store.set_latency(Duration::from_millis(200));
+    let attempt = tokio::time::timeout(Duration::from_millis(50), a.acquire("k")).await;
+    assert!(attempt.is_err(), "the answer came before the timeout");
+    assert!(
+        store.get_raw("k").is_some(),
+        "the write landed although the caller gave up"
+    );
+    let start = Instant::now();
+    while store.get_raw("k").is_some() {
+        assert!(start.elapsed() < Duration::from_secs(3), "never released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    store.set_latency(Duration::ZERO);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_fires_by_the_lock_deadline_even_when_the_store_hangs() {
+    let store = MemoryBackend::new();
+    let a = fast(&store)
+        .lock_ttl(Duration::from_millis(300))
+        .extend_every(Duration::from_millis(100))
+        .build()
+        .expect("options");
+    let guard = acquired(&a, "k").await;
+    // Every answer now takes far longer than the lock lives.
+    store.set_latency(Duration::from_secs(10));
+    let started = Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(5), guard.heartbeat().lost())
+        .await
+        .expect("lost() waited on the hung store instead of the lock's deadline");
+    assert_eq!(e.kind(), ErrorKind::LockLost, "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    store.set_latency(Duration::ZERO);
+    a.abandon().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_shutdowns_all_wait_for_the_end() {
+    let store = MemoryBackend::new();
+    let a = locker(&store);
+    let _guard = acquired(&a, "k").await;
+    let (x, y) = (a.clone(), a.clone());
+    tokio::join!(x.shutdown(), y.shutdown());
+    // Whichever returned first, both saw the whole shutdown.
+    assert_eq!(
+        store.read_process(a.process_hash()).await.expect("read"),
+        None
+    );
+    assert_eq!(store.read("k").await.expect("read"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_gives_running_jobs_a_grace_to_end() {
+    let store = MemoryBackend::new();
+    let a = locker(&store);
+    let job = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.acquire_and_run("k", |hb| async move {
+                loop {
+                    if let Err(e) = hb.beat().await {
+                        // Still ours while the job winds down: the drain came first.
+                        assert_eq!(e.kind(), ErrorKind::Draining);
+                        return "stopped cleanly";
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    a.shutdown().await;
+    assert_eq!(
+        job.await.expect("job").expect("ran"),
+        RunOutcome::Ran("stopped cleanly")
+    );
+    assert_eq!(store.read("k").await.expect("read"), None);
+}
