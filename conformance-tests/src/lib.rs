@@ -1,25 +1,4 @@
-//! The shared conformance suite of distributed-locker backends, and the real servers its tests
-//! start by themselves.
-//!
-//! Every backend of this project passes the same cases, and so can yours:
-//!
-//! ```ignore
-//! // tests/conformance.rs of a custom backend
-//! locker_conformance::conformance_suite!(my_store, async {
-//!     locker_conformance::Setup::new("my-store", MyStoreFactory::new("my://127.0.0.1"))
-//! });
-//! ```
-//!
-//! That one line makes one `#[test]` per case (see [`CASE_NAMES`]). Cases are plain
-//! `pub async fn`s in [`cases`], over a [`Fixture`]: the backend factory, its
-//! [`Capabilities`](locker_core::Capabilities), a unique key prefix and timings scaled to the
-//! backend's TTL granularity. A case that the backend's capabilities (or the setup) exclude is
-//! reported as skipped, by name and with the reason, on standard error, never silently: each
-//! case prints one line `conformance <suite>::<case>: passed|SKIPPED (<reason>)`.
-//!
-//! [`servers`] starts Redis, a Redis Cluster, PostgreSQL, etcd and an etcd cluster from local
-//! binaries on free loopback ports (or takes them from environment variables), for backend
-//! tests and for the fault cases, which pause, resume and restart a private server.
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
