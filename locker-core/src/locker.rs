@@ -334,6 +334,9 @@ impl Locker {
         inner.check_running()?;
         let owner_hash =
             new_owner_hash(&request.key, &inner.process_hash, request.trace.as_deref())?;
+        // The reporter starts (and reports its errors) even when the main connection cannot
+        // be made yet.
+        inner.ensure_alive().await?;
         let backend = inner.backend().await?;
         if let Some(max) = backend.capabilities().max_key_len {
             if request.key.len() > max {

@@ -27,12 +27,10 @@ pub async fn fault_server_paused_shorter_than_the_liveness_ttl(fx: &Fixture) -> 
 
     let pause = t.liveness_ttl / 3;
     server.control.pause().expect("pause");
-    let backend = server.factory.connect().await;
+    let factory = server.factory.clone();
     let during = tokio::spawn(async move {
-        match backend {
-            Ok(backend) => backend.read("conformance/probe").await.map(drop),
-            Err(e) => Err(e),
-        }
+        let backend = factory.connect().await?;
+        backend.read("conformance/probe").await.map(drop)
     });
     tokio::time::sleep(pause).await;
     server.control.resume().expect("resume");

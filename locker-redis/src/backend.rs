@@ -1,0 +1,260 @@
+//! [`RedisBackend`]: the `LockBackend` over whichever client library the config names.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use locker_core::{
+    AcquireOutcome, BackendFactory, Capabilities, Error, ExtendOutcome, LockBackend, LockData,
+    ProcessData, ReleaseOutcome, Result,
+};
+
+use crate::config::{ClientLibrary, RedisConfig};
+use crate::scripts::{parse_record, parse_reply, record_without_token, Reply, ScriptName};
+
+/// A fencing counter outlives its last lock by at least this long; after that the server's
+/// clock keeps new tokens above the old ones.
+const FENCE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The few things the backend needs from a client library: one script call, `GET`,
+/// `SET ... PX` and `DEL`. Each implementation maps its errors with the crate's one mapping.
+#[async_trait]
+pub(crate) trait Driver: Send + Sync + fmt::Debug + 'static {
+    /// Runs a script by SHA (loading it after `NOSCRIPT`) and returns its array of strings.
+    async fn eval(&self, script: ScriptName, keys: &[&str], args: &[&str]) -> Result<Vec<String>>;
+    async fn get(&self, key: &str) -> Result<Option<String>>;
+    async fn set_px(&self, key: &str, value: &str, ttl_ms: u64) -> Result<()>;
+    async fn del(&self, key: &str) -> Result<()>;
+}
+
+/// A connection to Redis or a Redis Cluster, storing locks as the Node library does.
+///
+/// Made by [`RedisConfig`], which is the [`BackendFactory`]: `Locker::builder(config)`.
+pub struct RedisBackend {
+    config: RedisConfig,
+    driver: Box<dyn Driver>,
+}
+
+impl RedisBackend {
+    /// Connects with the configured client library.
+    ///
+    /// # Errors
+    /// A retryable [`ErrorKind::Unavailable`](locker_core::ErrorKind::Unavailable) or
+    /// [`ErrorKind::Timeout`](locker_core::ErrorKind::Timeout) when no server answers within the
+    /// connect timeout; [`ErrorKind::Auth`](locker_core::ErrorKind::Auth) for refused
+    /// credentials.
+    pub async fn connect(config: &RedisConfig) -> Result<Self> {
+        let driver: Box<dyn Driver> = match config.client {
+            #[cfg(feature = "redis")]
+            ClientLibrary::Redis => {
+                Box::new(crate::driver_redis::RedisDriver::connect(config).await?)
+            }
+            #[cfg(feature = "fred")]
+            ClientLibrary::Fred => Box::new(crate::driver_fred::FredDriver::connect(config).await?),
+        };
+        Ok(RedisBackend {
+            config: config.clone(),
+            driver,
+        })
+    }
+
+    /// The configuration this connection was made with.
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    /// Reads a raw value (any key, prefixed by nothing): for tests and tools.
+    #[doc(hidden)]
+    pub async fn raw_get(&self, key: &str) -> Result<Option<String>> {
+        self.driver.get(key).await
+    }
+
+    /// Writes a raw value with a TTL (any key, prefixed by nothing): for tests and tools.
+    #[doc(hidden)]
+    pub async fn raw_set(&self, key: &str, value: &str, ttl: Duration) -> Result<()> {
+        self.driver.set_px(key, value, ttl_ms(ttl)?).await
+    }
+
+    /// The full key of the lock of `key` (with the prefix), as the Node library names it.
+    pub fn lock_key(&self, key: &str) -> String {
+        self.config.keys.lock(key)
+    }
+
+    /// The full key of the liveness record of a process.
+    pub fn process_key(&self, process_hash: &str) -> String {
+        self.config.keys.process(process_hash)
+    }
+
+    async fn create(
+        &self,
+        script: ScriptName,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        dead_owner: Option<&str>,
+    ) -> Result<AcquireOutcome> {
+        let ttl = ttl_ms(ttl)?.to_string();
+        let fence_ttl = ttl_ms(FENCE_TTL)?.to_string();
+        let record = record_without_token(data);
+        let (lock, fence) = (self.config.keys.lock(key), self.config.keys.fence(key));
+        let mut args = vec![record.as_str(), ttl.as_str(), fence_ttl.as_str()];
+        args.extend(dead_owner);
+        let reply = self.driver.eval(script, &[&lock, &fence], &args).await?;
+        match parse_reply(key, reply)? {
+            Reply::Acquired(json) => Ok(AcquireOutcome::Acquired(parse_record(key, &json)?)),
+            Reply::Held(json) => Ok(AcquireOutcome::Held(parse_record(key, &json)?)),
+            other => Err(unexpected(key, &other)),
+        }
+    }
+}
+
+fn unexpected(key: &str, reply: &Reply) -> Error {
+    Error::new(
+        locker_core::ErrorKind::Other,
+        format!("unexpected script reply {reply:?}"),
+    )
+    .with_key(key)
+}
+
+/// A TTL in whole milliseconds (rounded up), refusing zero and absurd values.
+pub(crate) fn ttl_ms(ttl: Duration) -> Result<u64> {
+    if ttl.is_zero() {
+        return Err(Error::invalid_input("TTL must be greater than zero"));
+    }
+    let ms = ttl.as_nanos().div_ceil(1_000_000);
+    // Redis keeps expiry times as milliseconds since the epoch in a signed 64-bit integer;
+    // a century is far past any lock and far below that.
+    u64::try_from(ms)
+        .ok()
+        .filter(|ms| *ms <= 100 * 365 * 24 * 3600 * 1000)
+        .ok_or_else(|| Error::invalid_input(format!("TTL of {ttl:?} is too long")))
+}
+
+#[async_trait]
+impl LockBackend for RedisBackend {
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::default();
+        c.fencing = true;
+        c.ttl_granularity = Duration::from_millis(1);
+        c.shared_across_processes = true;
+        c.atomic_take_over = true;
+        c
+    }
+
+    async fn acquire(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
+        self.create(ScriptName::Acquire, key, data, ttl, None).await
+    }
+
+    async fn extend(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        owner_hash: &str,
+    ) -> Result<ExtendOutcome> {
+        let ttl = ttl_ms(ttl)?.to_string();
+        let record = record_without_token(data);
+        let lock = self.config.keys.lock(key);
+        let reply = self
+            .driver
+            .eval(ScriptName::Extend, &[&lock], &[&record, &ttl, owner_hash])
+            .await?;
+        match parse_reply(key, reply)? {
+            Reply::Extended(json) => Ok(ExtendOutcome::Extended(parse_record(key, &json)?)),
+            Reply::NoKey => Ok(ExtendOutcome::NoKey),
+            Reply::Held(json) => Ok(ExtendOutcome::Held(parse_record(key, &json)?)),
+            other => Err(unexpected(key, &other)),
+        }
+    }
+
+    async fn release(&self, key: &str, owner_hash: &str) -> Result<ReleaseOutcome> {
+        let lock = self.config.keys.lock(key);
+        let reply = self
+            .driver
+            .eval(ScriptName::Release, &[&lock], &[owner_hash])
+            .await?;
+        match parse_reply(key, reply)? {
+            Reply::Released => Ok(ReleaseOutcome::Released),
+            Reply::NoKey => Ok(ReleaseOutcome::NoKey),
+            Reply::Held(json) => Ok(ReleaseOutcome::Held(parse_record(key, &json)?)),
+            other => Err(unexpected(key, &other)),
+        }
+    }
+
+    async fn take_over(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        dead_owner_hash: &str,
+    ) -> Result<AcquireOutcome> {
+        self.create(ScriptName::TakeOver, key, data, ttl, Some(dead_owner_hash))
+            .await
+    }
+
+    async fn ping(&self, process_hash: &str, data: &ProcessData, ttl: Duration) -> Result<()> {
+        let ttl = ttl_ms(ttl)?;
+        self.driver
+            .set_px(
+                &self.config.keys.process(process_hash),
+                &data.to_json(),
+                ttl,
+            )
+            .await
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<LockData>> {
+        match self.driver.get(&self.config.keys.lock(key)).await? {
+            // The Node library treats an empty value as no lock.
+            Some(json) if !json.is_empty() => parse_record(key, &json).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {
+        match self
+            .driver
+            .get(&self.config.keys.process(process_hash))
+            .await?
+        {
+            Some(json) if !json.is_empty() => ProcessData::from_json(&json).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    async fn forget_process(&self, process_hash: &str) -> Result<()> {
+        self.driver
+            .del(&self.config.keys.process(process_hash))
+            .await
+    }
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl BackendFactory for RedisConfig {
+    async fn connect(&self) -> Result<Arc<dyn LockBackend>> {
+        Ok(Arc::new(RedisBackend::connect(self).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_round_up_to_milliseconds() {
+        assert_eq!(ttl_ms(Duration::from_micros(1)).expect("ok"), 1);
+        assert_eq!(ttl_ms(Duration::from_micros(1500)).expect("ok"), 2);
+        assert_eq!(ttl_ms(Duration::from_secs(2)).expect("ok"), 2000);
+        assert!(ttl_ms(Duration::ZERO).is_err());
+        assert!(ttl_ms(Duration::MAX).is_err());
+    }
+}

@@ -1,0 +1,225 @@
+//! The driver on the `fred` crate.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use fred::prelude::{
+    Builder, ClientLike, Config, Error as FredError, ErrorKind as FredKind, Expiration,
+    KeysInterface, LuaInterface, ReconnectPolicy, Server, ServerConfig,
+};
+use fred::rustls::pki_types::pem::PemObject;
+use fred::rustls::pki_types::CertificateDer;
+use fred::rustls::{ClientConfig, RootCertStore};
+use fred::types::config::{TlsConfig, TlsConnector, TlsHostMapping};
+use locker_core::{Error, ErrorKind, Result};
+
+use crate::backend::Driver;
+use crate::config::{RedisConfig, Topology};
+use crate::scripts::ScriptName;
+
+pub(crate) struct FredDriver {
+    client: fred::prelude::Client,
+    /// Sources and SHA1s of the scripts, by `ScriptName::index`.
+    scripts: Vec<(String, String)>,
+    label: String,
+}
+
+fn tls_config(config: &RedisConfig) -> Result<TlsConfig> {
+    let Some(pem) = &config.root_cert_pem else {
+        // The system's roots, as fred loads them.
+        let connector = TlsConnector::default_rustls()
+            .map_err(|e| Error::invalid_input(format!("TLS configuration: {e}")))?;
+        return Ok(TlsConfig {
+            connector,
+            hostnames: TlsHostMapping::None,
+        });
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert =
+            cert.map_err(|e| Error::invalid_input(format!("bad root certificate PEM: {e:?}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| Error::invalid_input(format!("bad root certificate: {e}")))?;
+    }
+    let provider = Arc::new(fred::rustls::crypto::ring::default_provider());
+    let client = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::invalid_input(format!("TLS configuration: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConfig {
+        connector: TlsConnector::from(client),
+        hostnames: TlsHostMapping::None,
+    })
+}
+
+impl FredDriver {
+    pub(crate) async fn connect(config: &RedisConfig) -> Result<Self> {
+        let server = match &config.topology {
+            Topology::Standalone { host, port } => ServerConfig::Centralized {
+                server: Server::new(host.as_str(), *port),
+            },
+            Topology::Cluster { nodes } => ServerConfig::Clustered {
+                hosts: nodes
+                    .iter()
+                    .map(|(h, p)| Server::new(h.as_str(), *p))
+                    .collect(),
+                policy: Default::default(),
+            },
+        };
+        let database = u8::try_from(config.database)
+            .map_err(|_| Error::invalid_input("fred supports databases 0 to 255"))?;
+        let tls = if config.tls {
+            Some(tls_config(config)?)
+        } else {
+            None
+        };
+        let fred_config = Config {
+            server,
+            username: config.username.clone(),
+            password: config.password.clone(),
+            database: (database != 0).then_some(database),
+            tls,
+            fail_fast: true,
+            ..Config::default()
+        };
+        let (connect_timeout, command_timeout) = (config.connect_timeout, config.command_timeout);
+        let client = Builder::from_config(fred_config)
+            .with_connection_config(|c| {
+                c.connection_timeout = connect_timeout;
+                c.internal_command_timeout = command_timeout;
+                // Never replay a script after a reconnect: the first attempt may have landed.
+                c.max_command_attempts = 1;
+            })
+            .with_performance_config(|p| p.default_command_timeout = command_timeout)
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+            .build()
+            .map_err(map_error)?;
+        // `init` fails fast (with the first connection error) when no server answers.
+        tokio::time::timeout(connect_timeout * 3, client.init())
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!("no answer from {config} within {:?}", connect_timeout * 3),
+                )
+            })?
+            .map_err(map_error)?;
+        Ok(FredDriver {
+            client,
+            scripts: ScriptName::ALL
+                .iter()
+                .map(|s| {
+                    let source = s.source();
+                    let sha = fred::util::sha1_hash(&source);
+                    (source, sha)
+                })
+                .collect(),
+            label: config.redacted_url(),
+        })
+    }
+}
+
+#[async_trait]
+impl Driver for FredDriver {
+    async fn eval(&self, script: ScriptName, keys: &[&str], args: &[&str]) -> Result<Vec<String>> {
+        let (source, sha) = &self.scripts[script.index()];
+        let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let first: std::result::Result<Vec<Option<String>>, FredError> = self
+            .client
+            .evalsha(sha.as_str(), keys.clone(), args.clone())
+            .await;
+        let reply = match first {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                // A restarted or failed-over server forgot the script: load it where the keys
+                // live (every primary of a cluster) and try once more.
+                let _: String = self
+                    .client
+                    .script_load_cluster(source.as_str())
+                    .await
+                    .map_err(map_error)?;
+                self.client
+                    .evalsha(sha.as_str(), keys, args)
+                    .await
+                    .map_err(map_error)?
+            }
+            other => other.map_err(map_error)?,
+        };
+        Ok(reply.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<String>> {
+        self.client.get(key).await.map_err(map_error)
+    }
+
+    async fn set_px(&self, key: &str, value: &str, ttl_ms: u64) -> Result<()> {
+        let ttl = i64::try_from(ttl_ms).map_err(|_| Error::invalid_input("TTL too long"))?;
+        let _: Option<String> = self
+            .client
+            .set(key, value, Some(Expiration::PX(ttl)), None, false)
+            .await
+            .map_err(map_error)?;
+        Ok(())
+    }
+
+    async fn del(&self, key: &str) -> Result<()> {
+        let _: i64 = self.client.del(key).await.map_err(map_error)?;
+        Ok(())
+    }
+}
+
+impl Drop for FredDriver {
+    fn drop(&mut self) {
+        // fred's connection task holds its own handle, so it must be told to close.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let client = self.client.clone();
+            runtime.spawn(async move {
+                let _ = client.quit().await;
+            });
+        }
+    }
+}
+
+impl fmt::Debug for FredDriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FredDriver")
+            .field("server", &self.label)
+            .finish()
+    }
+}
+
+/// The one mapping of `fred`'s errors to the project's.
+pub(crate) fn map_error(e: FredError) -> Error {
+    let details = e.details();
+    let kind = match e.kind() {
+        FredKind::Auth => ErrorKind::Auth,
+        FredKind::Timeout => ErrorKind::Timeout,
+        FredKind::IO | FredKind::Canceled | FredKind::Routing | FredKind::Cluster => {
+            ErrorKind::Unavailable
+        }
+        FredKind::Config | FredKind::Url | FredKind::InvalidArgument => ErrorKind::InvalidInput,
+        FredKind::Unknown
+            if [
+                "TRYAGAIN",
+                "CLUSTERDOWN",
+                "LOADING",
+                "MASTERDOWN",
+                "READONLY",
+            ]
+            .iter()
+            .any(|p| details.starts_with(p)) =>
+        {
+            ErrorKind::Unavailable
+        }
+        FredKind::Unknown if details.starts_with("WRONGPASS") || details.starts_with("NOAUTH") => {
+            ErrorKind::Auth
+        }
+        _ if details.starts_with("WRONGTYPE") => ErrorKind::Corrupt,
+        _ if details.contains("Failed to send command") => ErrorKind::Unavailable,
+        _ => ErrorKind::Other,
+    };
+    Error::new(kind, "redis (fred)").with_source(e)
+}

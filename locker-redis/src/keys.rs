@@ -1,0 +1,202 @@
+//! The key layout, shared with the Node library, and the hash-slot arithmetic that keeps each
+//! lock's fencing counter on the lock's own Redis Cluster slot.
+//!
+//! - lock: `{prefix}lock:{key}`
+//! - liveness: `{prefix}proc:{processHash}`
+//! - fencing counter: `{prefix}fence:{T}:{key}`, where `T` is a short hash tag chosen so that
+//!   the counter hashes to the same slot as the lock (or, when the prefix carries a hash tag,
+//!   `{prefix}fence:{key}`, which shares the prefix's slot like every other key).
+
+use std::sync::OnceLock;
+
+use locker_core::{Error, Result};
+
+/// Number of Redis Cluster hash slots.
+const SLOTS: u16 = 16384;
+
+/// The keys of one store, under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyLayout {
+    prefix: String,
+    /// The prefix holds a complete hash tag, so every key already shares one slot.
+    prefix_tagged: bool,
+}
+
+impl KeyLayout {
+    /// A layout under `prefix`. A prefix with a `{` must hold a complete, non-empty hash tag
+    /// (`app{1}:`), or Redis Cluster would hash its keys in ways the counter cannot follow.
+    pub(crate) fn new(prefix: &str) -> Result<Self> {
+        let prefix_tagged = match prefix.find('{') {
+            None => false,
+            Some(open) => match prefix[open + 1..].find('}') {
+                Some(len) if len > 0 => true,
+                _ => {
+                    return Err(Error::invalid_input(format!(
+                        "key prefix {prefix:?} has a '{{' without a non-empty hash tag closed \
+                         by '}}' inside the prefix"
+                    )))
+                }
+            },
+        };
+        Ok(KeyLayout {
+            prefix: prefix.to_owned(),
+            prefix_tagged,
+        })
+    }
+
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub(crate) fn lock(&self, key: &str) -> String {
+        format!("{}lock:{key}", self.prefix)
+    }
+
+    pub(crate) fn process(&self, process_hash: &str) -> String {
+        format!("{}proc:{process_hash}", self.prefix)
+    }
+
+    /// The fencing counter of `key`, on the same slot as [`lock`](Self::lock).
+    pub(crate) fn fence(&self, key: &str) -> String {
+        if self.prefix_tagged {
+            return format!("{}fence:{key}", self.prefix);
+        }
+        let tag = &tags()[usize::from(key_slot(self.lock(key).as_bytes()))];
+        format!("{}fence:{{{tag}}}:{key}", self.prefix)
+    }
+}
+
+/// The Redis Cluster slot of a key: CRC16 (XMODEM) of the key, or of its hash tag (the part
+/// between the first `{` and the next `}`, if not empty), modulo 16384.
+pub(crate) fn key_slot(key: &[u8]) -> u16 {
+    let hashed = match key.iter().position(|&b| b == b'{') {
+        Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
+            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+            _ => key,
+        },
+        None => key,
+    };
+    crc16(hashed) % SLOTS
+}
+
+fn crc16(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in data {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// For every slot, a short string that hashes to it. Built once by enumerating numbers in base
+/// 36 (about 150,000 CRCs, a few milliseconds).
+fn tags() -> &'static [String] {
+    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
+    TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); usize::from(SLOTS)];
+        let mut missing = usize::from(SLOTS);
+        let mut n: u64 = 0;
+        while missing > 0 {
+            let tag = base36(n);
+            let slot = usize::from(crc16(tag.as_bytes()) % SLOTS);
+            if tags[slot].is_empty() {
+                tags[slot] = tag;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags
+    })
+}
+
+fn base36(mut n: u64) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_match_redis() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        assert_eq!(key_slot(b"foo{}{bar}"), crc16(b"foo{}{bar}") % SLOTS);
+        assert_eq!(key_slot(b"foo{{bar}}zap"), crc16(b"{bar") % SLOTS);
+    }
+
+    #[test]
+    fn the_node_key_layout() {
+        let k = KeyLayout::new("").expect("layout");
+        assert_eq!(k.lock("job"), "lock:job");
+        assert_eq!(k.process("host/1.2"), "proc:host/1.2");
+        let k = KeyLayout::new("app:").expect("layout");
+        assert_eq!(k.lock("job"), "app:lock:job");
+    }
+
+    #[test]
+    fn the_fencing_counter_shares_the_lock_slot() {
+        for prefix in ["", "app:", "app{7}:"] {
+            let layout = KeyLayout::new(prefix).expect("layout");
+            for key in [
+                "a",
+                "job-17",
+                "{tag}x",
+                "x{tag}",
+                "{}",
+                "a}b{",
+                "ünï 🔒",
+                "k\n",
+            ] {
+                let (lock, fence) = (layout.lock(key), layout.fence(key));
+                assert_eq!(
+                    key_slot(lock.as_bytes()),
+                    key_slot(fence.as_bytes()),
+                    "{lock:?} / {fence:?}"
+                );
+                assert!(fence.starts_with(prefix));
+                assert_ne!(lock, fence);
+            }
+        }
+    }
+
+    #[test]
+    fn distinct_keys_get_distinct_counters() {
+        let layout = KeyLayout::new("").expect("layout");
+        assert_ne!(layout.fence("a"), layout.fence("b"));
+    }
+
+    #[test]
+    fn a_prefix_with_a_broken_hash_tag_is_refused() {
+        for bad in ["a{", "a{}", "{x"] {
+            assert!(KeyLayout::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_slot_has_a_tag() {
+        let tags = tags();
+        assert!(tags.iter().all(|t| !t.is_empty() && t.len() <= 4));
+        for (slot, tag) in tags.iter().enumerate().step_by(997) {
+            assert_eq!(usize::from(crc16(tag.as_bytes()) % SLOTS), slot);
+        }
+    }
+}

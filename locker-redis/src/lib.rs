@@ -1,0 +1,23 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+#[cfg(not(any(feature = "redis", feature = "fred")))]
+compile_error!("locker-redis needs a client library: enable the `redis` or the `fred` feature");
+
+mod backend;
+mod config;
+#[cfg(feature = "fred")]
+mod driver_fred;
+#[cfg(feature = "redis")]
+mod driver_redis;
+mod keys;
+mod scripts;
+#[cfg(feature = "redis")]
+mod tls;
+
+pub use backend::RedisBackend;
+pub use config::{
+    ClientLibrary, RedisConfig, RedisConfigBuilder, DEFAULT_COMMAND_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT,
+};
