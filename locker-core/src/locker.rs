@@ -356,7 +356,8 @@ impl Locker {
         // If this future is dropped while a write is in flight, the lock may be stored with no
         // guard to release it: release it (if ours) in the background.
         let pending = PendingAcquire::new(inner, &key, &data.owner_hash, sent_at);
-        let holder = match backend.acquire(&key, &data, ttl).await? {
+        let outcome = backend.acquire(&key, &data, ttl).await?;
+        let holder = match ours_if_replayed(outcome, &data.owner_hash) {
             AcquireOutcome::Acquired(stored) => {
                 pending.disarm();
                 tracing::info!(key = %key, owner_hash = %stored.owner_hash, fencing_token = ?stored.fencing_token, "acquired lock");
@@ -376,7 +377,7 @@ impl Locker {
             .take_over(&key, &data, ttl, &holder.owner_hash)
             .await?;
         pending.disarm();
-        match outcome {
+        match ours_if_replayed(outcome, &data.owner_hash) {
             AcquireOutcome::Acquired(stored) => {
                 tracing::warn!(key = %key, owner_hash = %stored.owner_hash, dead_owner = %holder.owner_hash, fencing_token = ?stored.fencing_token, "took over the lock of a dead process");
                 self.guard(key, stored, sent_at).await
@@ -807,6 +808,17 @@ fn release_in_background(state: &LockState) {
         &state.owner_hash,
         state.valid_until.load(Ordering::Acquire),
     );
+}
+
+/// A "holder" with our own owner hash is our own write, replayed by a client library after a
+/// reconnect (the first attempt landed, its answer was lost): the lock is ours.
+fn ours_if_replayed(outcome: AcquireOutcome, owner_hash: &str) -> AcquireOutcome {
+    match outcome {
+        AcquireOutcome::Held(stored) if stored.owner_hash == owner_hash => {
+            AcquireOutcome::Acquired(stored)
+        }
+        other => other,
+    }
 }
 
 /// Hands a release (only if `owner_hash` still owns `key`) to the reporter thread.

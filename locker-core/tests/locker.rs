@@ -859,3 +859,77 @@ async fn shutdown_gives_running_jobs_a_grace_to_end() {
     );
     assert_eq!(store.read("k").await.expect("read"), None);
 }
+
+/// A client library that replays each acquire once, as after a reconnect that lost the first
+/// answer: the second attempt finds the first one's lock.
+#[derive(Debug)]
+struct Replaying(MemoryBackend);
+
+#[async_trait::async_trait]
+impl LockBackend for Replaying {
+    fn capabilities(&self) -> locker_core::Capabilities {
+        self.0.capabilities()
+    }
+    async fn acquire(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+    ) -> locker_core::Result<AcquireOutcome> {
+        let _lost_answer = self.0.acquire(key, data, ttl).await?;
+        self.0.acquire(key, data, ttl).await
+    }
+    async fn extend(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        owner_hash: &str,
+    ) -> locker_core::Result<locker_core::ExtendOutcome> {
+        self.0.extend(key, data, ttl, owner_hash).await
+    }
+    async fn release(&self, key: &str, owner_hash: &str) -> locker_core::Result<ReleaseOutcome> {
+        self.0.release(key, owner_hash).await
+    }
+    async fn ping(
+        &self,
+        process_hash: &str,
+        data: &locker_core::ProcessData,
+        ttl: Duration,
+    ) -> locker_core::Result<()> {
+        self.0.ping(process_hash, data, ttl).await
+    }
+    async fn read(&self, key: &str) -> locker_core::Result<Option<LockData>> {
+        self.0.read(key).await
+    }
+    async fn read_process(
+        &self,
+        process_hash: &str,
+    ) -> locker_core::Result<Option<locker_core::ProcessData>> {
+        self.0.read_process(process_hash).await
+    }
+    async fn forget_process(&self, process_hash: &str) -> locker_core::Result<()> {
+        self.0.forget_process(process_hash).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_acquire_that_finds_its_own_lock_owns_it() {
+    let store = MemoryBackend::new();
+    let factory_store = store.clone();
+    let a = Locker::builder(locker_core::factory_fn(move || {
+        let store = factory_store.clone();
+        async move { Ok(Arc::new(Replaying(store)) as Arc<dyn LockBackend>) }
+    }))
+    .report_every(REPORT)
+    .liveness_ttl(LIVENESS)
+    .build()
+    .expect("options");
+    let guard = acquired(&a, "k").await;
+    assert_eq!(
+        guard.release().await.expect("release"),
+        ReleaseOutcome::Released
+    );
+    assert_eq!(store.read("k").await.expect("read"), None);
+    a.shutdown().await;
+}

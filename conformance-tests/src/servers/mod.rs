@@ -392,6 +392,17 @@ pub fn start_process(kind: ServerKind) -> Result<Server, ServerError> {
     }
 }
 
+/// Starts a private Redis server from the local `redis-server` with extra arguments (for
+/// example `--user alice on >secret ~* &* +@all`, or TLS files). With `tls`, the server listens
+/// only on a TLS port (pass `--tls-cert-file`, `--tls-key-file` and `--tls-ca-cert-file` in
+/// `extra`), and the endpoint is `rediss://127.0.0.1:port`.
+pub fn start_redis_with(
+    extra: impl IntoIterator<Item = impl Into<std::ffi::OsString>>,
+    tls: bool,
+) -> Result<Server, ServerError> {
+    redis::start_custom(extra.into_iter().map(Into::into).collect(), tls)
+}
+
 #[cfg(feature = "testcontainers")]
 fn start_container(kind: ServerKind) -> Result<Server, ServerError> {
     containers::start(kind)

@@ -26,6 +26,16 @@ fn node(
     cluster: bool,
     kind: ServerKind,
 ) -> Result<(ServerProcess, tempfile::TempDir), ServerError> {
+    custom_node(port, cluster, kind, Vec::new(), false)
+}
+
+fn custom_node(
+    port: u16,
+    cluster: bool,
+    kind: ServerKind,
+    extra: Vec<OsString>,
+    tls: bool,
+) -> Result<(ServerProcess, tempfile::TempDir), ServerError> {
     let program = binary(kind)?;
     let dir = temp_dir("redis")?;
     let mut args: Vec<OsString> = vec![
@@ -57,6 +67,16 @@ fn node(
             .map(OsString::from),
         );
     }
+    if tls {
+        // The TLS port replaces the plain one (a later directive wins).
+        args.extend([
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string().into(),
+        ]);
+    }
+    args.extend(extra);
     let process = ServerProcess::new(
         format!("redis-server on 127.0.0.1:{port}"),
         &program,
@@ -65,8 +85,13 @@ fn node(
         dir.path().join("server.log"),
         Signal::SIGTERM,
         move || {
-            tcp_exchange(port, b"PING\r\n", |b| b.ends_with(b"\r\n"))
-                .is_some_and(|r| r.starts_with("+PONG"))
+            if tls {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            } else {
+                // Any answer will do: with ACLs, PING may be refused (`-NOAUTH`).
+                tcp_exchange(port, b"PING\r\n", |b| b.ends_with(b"\r\n"))
+                    .is_some_and(|r| r.starts_with('+') || r.starts_with('-'))
+            }
         },
     )
     .cleanup_on_exit(dir.path().to_owned());
@@ -80,6 +105,21 @@ pub(super) fn start() -> Result<Server, ServerError> {
     Server::from_processes(
         ServerKind::Redis,
         vec![format!("redis://127.0.0.1:{port}")],
+        vec![process],
+        None,
+        vec![Box::new(dir)],
+    )
+}
+
+/// Starts one Redis server with extra `redis-server` arguments (ACL users, TLS files...);
+/// with `tls`, the server listens only on a TLS port and the endpoint is `rediss://`.
+pub(super) fn start_custom(extra: Vec<OsString>, tls: bool) -> Result<Server, ServerError> {
+    let port = free_port(0)?;
+    let (process, dir) = custom_node(port, false, ServerKind::Redis, extra, tls)?;
+    let scheme = if tls { "rediss" } else { "redis" };
+    Server::from_processes(
+        ServerKind::Redis,
+        vec![format!("{scheme}://127.0.0.1:{port}")],
         vec![process],
         None,
         vec![Box::new(dir)],

@@ -1,0 +1,168 @@
+//! TLS with a certificate made for the test, and ACL users: a wrong password is an auth error,
+//! not a hang, and never shows in errors.
+
+use std::time::{Duration, Instant};
+
+use locker_conformance::servers;
+use locker_core::{BackendFactory, ErrorKind, LockAttempt, Locker, ReleaseOutcome};
+use locker_redis::{ClientLibrary, RedisConfig};
+
+fn clients() -> Vec<ClientLibrary> {
+    vec![
+        #[cfg(feature = "redis")]
+        ClientLibrary::Redis,
+        #[cfg(feature = "fred")]
+        ClientLibrary::Fred,
+    ]
+}
+
+/// A full cycle through a locker: acquire, beat, release, shutdown.
+async fn lock_cycle(config: RedisConfig, key: &str) {
+    let locker = Locker::builder(config)
+        .report_every(Duration::from_millis(100))
+        .liveness_ttl(Duration::from_secs(1))
+        .build()
+        .expect("locker");
+    let guard = match locker.acquire(key).await.expect("acquire") {
+        LockAttempt::Acquired(g) => g,
+        LockAttempt::Held(h) => panic!("held by {}", h.owner_hash),
+    };
+    assert!(guard.fencing_token().is_some());
+    guard.heartbeat().beat().await.expect("beat");
+    assert_eq!(
+        guard.release().await.expect("release"),
+        ReleaseOutcome::Released
+    );
+    locker.shutdown().await;
+}
+
+struct Pki {
+    _dir: tempfile::TempDir,
+    ca_pem: String,
+    args: Vec<String>,
+}
+
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("CA");
+    let server_key = KeyPair::generate().expect("key");
+    let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("params")
+        .signed_by(&server_key, &ca_cert, &ca_key)
+        .expect("server certificate");
+    let dir = tempfile::tempdir().expect("dir");
+    let write = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).expect("write");
+        path.display().to_string()
+    };
+    let ca_file = write("ca.pem", &ca_cert.pem());
+    let cert_file = write("server.pem", &server.pem());
+    let key_file = write("server.key", &server_key.serialize_pem());
+    Pki {
+        ca_pem: ca_cert.pem(),
+        args: vec![
+            "--tls-cert-file".into(),
+            cert_file,
+            "--tls-key-file".into(),
+            key_file,
+            "--tls-ca-cert-file".into(),
+            ca_file,
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ],
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_self_signed_certificate() {
+    let pki = pki();
+    let server = servers::start_redis_with(&pki.args, true).expect("TLS redis-server");
+    assert!(server.url().starts_with("rediss://"));
+    for client in clients() {
+        let config = RedisConfig::from_url(server.url())
+            .expect("url")
+            .into_builder()
+            .root_certificate_pem(pki.ca_pem.clone())
+            .client(client)
+            .build()
+            .expect("config");
+        lock_cycle(config, &format!("tls-{client:?}")).await;
+
+        // Without our CA the server's certificate is refused: an error, promptly.
+        let untrusted = RedisConfig::from_url(server.url())
+            .expect("url")
+            .into_builder()
+            .client(client)
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .expect("config");
+        let started = Instant::now();
+        let refused = match untrusted.connect().await {
+            Err(e) => e,
+            Ok(b) => b.read("k").await.expect_err("an untrusted server answered"),
+        };
+        assert!(started.elapsed() < Duration::from_secs(20), "{refused}");
+        assert_ne!(refused.kind(), ErrorKind::Corrupt, "{refused}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_user_and_password() {
+    let server = servers::start_redis_with(
+        [
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "locker",
+            "on",
+            ">s3cret-pw",
+            "~*",
+            "&*",
+            "+@all",
+        ],
+        false,
+    )
+    .expect("redis-server with ACLs");
+    let port = server.url().rsplit(':').next().expect("port").to_owned();
+    for client in clients() {
+        let good = RedisConfig::from_url(&format!("redis://locker:s3cret-pw@127.0.0.1:{port}"))
+            .expect("url")
+            .with_client(client);
+        lock_cycle(good, &format!("acl-{client:?}")).await;
+
+        for url in [
+            format!("redis://locker:wrong-pw@127.0.0.1:{port}"),
+            format!("redis://127.0.0.1:{port}"),
+        ] {
+            let bad = RedisConfig::from_url(&url)
+                .expect("url")
+                .into_builder()
+                .client(client)
+                .connect_timeout(Duration::from_secs(2))
+                .build()
+                .expect("config");
+            let started = Instant::now();
+            let e = match bad.connect().await {
+                Err(e) => e,
+                Ok(b) => b
+                    .read("k")
+                    .await
+                    .expect_err("read without the right password"),
+            };
+            assert!(started.elapsed() < Duration::from_secs(20), "hung: {e}");
+            assert_eq!(e.kind(), ErrorKind::Auth, "{client:?} {url}: {e}");
+            assert!(!e.is_retryable());
+            let shown = format!("{e} {e:?}");
+            assert!(
+                !shown.contains("wrong-pw") && !shown.contains("s3cret"),
+                "{shown}"
+            );
+        }
+    }
+}
