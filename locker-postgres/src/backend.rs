@@ -1,0 +1,475 @@
+//! [`PostgresBackend`]: every operation one statement, every TTL the database's `now()`.
+//!
+//! Statements are sent unnamed (`persistent(false)`, no statement cache) and nothing is set on
+//! the session, so the backend works behind a transaction-mode pooler such as PgBouncer.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use locker_core::{
+    validate_key, AcquireOutcome, BackendFactory, Capabilities, Error, ErrorKind, ExtendOutcome,
+    LockBackend, LockData, ProcessData, ReleaseOutcome, Result,
+};
+use locker_sql::{lock_from_row, stored_record, ttl_ms, Tables};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::Row;
+
+use crate::config::PostgresConfig;
+use crate::error::map_error;
+
+/// `now() + $n milliseconds`, by the database's clock.
+macro_rules! expires {
+    ($n:literal) => {
+        concat!("now() + interval '1 millisecond' * $", $n, "::float8")
+    };
+}
+
+/// Acquire (and, with the extra condition, take over): insert, or replace an expired row, in one
+/// statement; if neither happened, the same statement returns the live holder.
+const ACQUIRE: &str = concat!(
+    "WITH ins AS (
+        INSERT INTO {locks} AS l (key, owner_hash, record, fencing_token, expires_at)
+        VALUES ($1, $2, $3, nextval('{fencing}'), ",
+    expires!(4),
+    ")
+        ON CONFLICT (key) DO UPDATE
+            SET owner_hash = EXCLUDED.owner_hash, record = EXCLUDED.record,
+                fencing_token = EXCLUDED.fencing_token, expires_at = EXCLUDED.expires_at
+            WHERE l.expires_at <= now() OR l.owner_hash = $5
+        RETURNING l.fencing_token, l.record, l.owner_hash
+    )
+    SELECT true AS won, fencing_token, record, owner_hash FROM ins
+    UNION ALL
+    SELECT false, fencing_token, record, owner_hash FROM {locks}
+        WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM ins)"
+);
+
+const EXTEND: &str = concat!(
+    "WITH upd AS (
+        UPDATE {locks} SET record = $2, expires_at = ",
+    expires!(3),
+    "
+        WHERE key = $1 AND owner_hash = $4 AND expires_at > now()
+        RETURNING fencing_token, record, owner_hash
+    )
+    SELECT true AS won, fencing_token, record, owner_hash FROM upd
+    UNION ALL
+    SELECT false, fencing_token, record, owner_hash FROM {locks}
+        WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM upd)"
+);
+
+const RELEASE: &str = "WITH del AS (
+        DELETE FROM {locks} WHERE key = $1 AND owner_hash = $2 AND expires_at > now()
+        RETURNING fencing_token, record, owner_hash
+    )
+    SELECT true AS won, fencing_token, record, owner_hash FROM del
+    UNION ALL
+    SELECT false, fencing_token, record, owner_hash FROM {locks}
+        WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM del)";
+
+const READ: &str =
+    "SELECT fencing_token, record FROM {locks} WHERE key = $1 AND expires_at > now()";
+
+/// The liveness upsert; it also deletes a few rows that expired over a minute ago, so the tables
+/// stay small with no cron (rows of keys that are never locked again would stay otherwise).
+const PING: &str = concat!(
+    "WITH gc_locks AS (
+        DELETE FROM {locks} WHERE expires_at < now() - interval '1 minute' AND key IN (
+            SELECT key FROM {locks} WHERE expires_at < now() - interval '1 minute'
+            LIMIT 16 FOR UPDATE SKIP LOCKED)
+    ), gc_processes AS (
+        DELETE FROM {processes} WHERE expires_at < now() - interval '1 minute' AND process_hash IN (
+            SELECT process_hash FROM {processes} WHERE expires_at < now() - interval '1 minute'
+            LIMIT 16 FOR UPDATE SKIP LOCKED)
+    )
+    INSERT INTO {processes} (process_hash, record, expires_at) VALUES ($1, $2, ",
+    expires!(3),
+    ")
+    ON CONFLICT (process_hash) DO UPDATE
+        SET record = EXCLUDED.record, expires_at = EXCLUDED.expires_at"
+);
+
+const READ_PROCESS: &str =
+    "SELECT record FROM {processes} WHERE process_hash = $1 AND expires_at > now()";
+
+const FORGET_PROCESS: &str = "DELETE FROM {processes} WHERE process_hash = $1";
+
+/// For tests and tools: store any record text under a key.
+const PUT_RAW: &str = concat!(
+    "INSERT INTO {locks} (key, owner_hash, record, fencing_token, expires_at)
+    VALUES ($1, $4, $2, nextval('{fencing}'), ",
+    expires!(3),
+    ")
+    ON CONFLICT (key) DO UPDATE SET owner_hash = EXCLUDED.owner_hash, record = EXCLUDED.record,
+        expires_at = EXCLUDED.expires_at"
+);
+
+const GET_RAW: &str = "SELECT record FROM {locks} WHERE key = $1 AND expires_at > now()";
+
+/// The statements with this store's table names.
+struct Statements {
+    acquire: String,
+    extend: String,
+    release: String,
+    read: String,
+    ping: String,
+    read_process: String,
+    forget_process: String,
+    put_raw: String,
+    get_raw: String,
+}
+
+impl Statements {
+    fn new(tables: &Tables) -> Self {
+        Statements {
+            acquire: tables.render(ACQUIRE),
+            extend: tables.render(EXTEND),
+            release: tables.render(RELEASE),
+            read: tables.render(READ),
+            ping: tables.render(PING),
+            read_process: tables.render(READ_PROCESS),
+            forget_process: tables.render(FORGET_PROCESS),
+            put_raw: tables.render(PUT_RAW),
+            get_raw: tables.render(GET_RAW),
+        }
+    }
+}
+
+/// A pool of connections to the PostgreSQL store; made by [`PostgresConfig`], which is the
+/// [`BackendFactory`].
+pub struct PostgresBackend {
+    config: PostgresConfig,
+    pool: PgPool,
+    sql: Statements,
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// One row of a compare-and-set statement.
+struct CasRow {
+    won: bool,
+    fencing_token: i64,
+    record: String,
+    owner_hash: String,
+}
+
+impl CasRow {
+    fn from_pg(row: &PgRow) -> Result<Self> {
+        let get = |e: sqlx::Error| map_error(e);
+        Ok(CasRow {
+            won: row.try_get("won").map_err(get)?,
+            fencing_token: row.try_get("fencing_token").map_err(get)?,
+            record: row.try_get("record").map_err(get)?,
+            owner_hash: row.try_get("owner_hash").map_err(get)?,
+        })
+    }
+
+    fn lock(&self, key: &str) -> Result<LockData> {
+        lock_from_row(key, &self.record, Some(self.fencing_token))
+    }
+}
+
+impl PostgresBackend {
+    /// Opens a pool (at least one connection, so an unreachable server fails here, within the
+    /// connect timeout) and, unless disabled, creates or upgrades the tables.
+    pub async fn connect(config: &PostgresConfig) -> Result<Self> {
+        let options = config
+            .options
+            .clone()
+            .statement_cache_capacity(0)
+            .application_name("distributed-locker");
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(config.connect_timeout)
+            .connect_with(options)
+            .await
+            .map_err(map_error)?;
+        if config.migrate {
+            crate::migrations::run(&pool, &config.tables)
+                .await
+                .map_err(map_error)?;
+        }
+        Ok(PostgresBackend {
+            sql: Statements::new(&config.tables),
+            config: config.clone(),
+            pool,
+        })
+    }
+
+    /// The configuration this pool was made with.
+    pub fn config(&self) -> &PostgresConfig {
+        &self.config
+    }
+
+    /// Stores any text as the record of `key` (for corruption tests and tools); the owner is
+    /// the record's `ownerHash` when it has one, else nobody.
+    #[doc(hidden)]
+    pub async fn raw_put(&self, key: &str, record: &str, ttl: Duration) -> Result<()> {
+        let owner = LockData::from_json(record)
+            .map(|d| d.owner_hash)
+            .unwrap_or_default();
+        let ttl = ttl_ms(ttl)? as f64;
+        self.timed(
+            sqlx::query(&self.sql.put_raw)
+                .bind(key)
+                .bind(record)
+                .bind(ttl)
+                .bind(&owner)
+                .persistent(false)
+                .execute(&self.pool),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The record text of `key`, if a live one is stored.
+    #[doc(hidden)]
+    pub async fn raw_get(&self, key: &str) -> Result<Option<String>> {
+        let row = self
+            .timed(
+                sqlx::query(&self.sql.get_raw)
+                    .bind(key)
+                    .persistent(false)
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
+        row.map(|r| r.try_get("record").map_err(map_error))
+            .transpose()
+    }
+
+    async fn timed<T>(
+        &self,
+        query: impl std::future::Future<Output = std::result::Result<T, sqlx::Error>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.config.command_timeout, query).await {
+            Ok(result) => result.map_err(map_error),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "PostgreSQL did not answer within {:?}",
+                    self.config.command_timeout
+                ),
+            )),
+        }
+    }
+
+    /// Runs a compare-and-set statement. In READ COMMITTED, a row committed by another
+    /// transaction after this statement's snapshot can make it return nothing (it neither won
+    /// nor saw the holder); that race is retried.
+    async fn compare_and_set<'q, F>(
+        &self,
+        sql: &'q str,
+        binds: F,
+        retry_when_empty: bool,
+    ) -> Result<Option<CasRow>>
+    where
+        F: Fn(PgQuery<'q>) -> PgQuery<'q>,
+    {
+        for _ in 0..5 {
+            let query = binds(sqlx::query(sql)).persistent(false);
+            let row = self.timed(query.fetch_optional(&self.pool)).await?;
+            match row {
+                Some(row) => return CasRow::from_pg(&row).map(Some),
+                None if retry_when_empty => continue,
+                None => return Ok(None),
+            }
+        }
+        Err(Error::unavailable(
+            "the lock row kept changing under the statement; try again",
+        ))
+    }
+
+    async fn create(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        dead_owner: Option<&str>,
+    ) -> Result<AcquireOutcome> {
+        check_key(key)?;
+        let ttl = ttl_ms(ttl)? as f64;
+        let record = stored_record(data);
+        // With no dead owner, `$5` is NULL and matches no row.
+        let dead: Option<&str> = dead_owner;
+        let row = self
+            .compare_and_set(
+                &self.sql.acquire,
+                |q| {
+                    q.bind(key)
+                        .bind(&data.owner_hash)
+                        .bind(&record)
+                        .bind(ttl)
+                        .bind(dead)
+                },
+                true,
+            )
+            .await?
+            .ok_or_else(|| Error::unavailable("no answer row"))?;
+        let lock = row.lock(key)?;
+        Ok(if row.won {
+            AcquireOutcome::Acquired(lock)
+        } else {
+            AcquireOutcome::Held(lock)
+        })
+    }
+}
+
+/// PostgreSQL `text` cannot hold NUL; say so instead of letting the server refuse it.
+fn check_key(key: &str) -> Result<()> {
+    validate_key(key)?;
+    if key.contains('\0') {
+        return Err(Error::invalid_input(
+            "PostgreSQL text cannot hold NUL characters (in the lock key)",
+        ));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl LockBackend for PostgresBackend {
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::default();
+        c.fencing = true;
+        c.ttl_granularity = Duration::from_millis(1);
+        c.shared_across_processes = true;
+        c.atomic_take_over = true;
+        c
+    }
+
+    async fn acquire(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
+        self.create(key, data, ttl, None).await
+    }
+
+    async fn extend(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        owner_hash: &str,
+    ) -> Result<ExtendOutcome> {
+        check_key(key)?;
+        let ttl = ttl_ms(ttl)? as f64;
+        let record = stored_record(data);
+        let row = self
+            .compare_and_set(
+                &self.sql.extend,
+                |q| q.bind(key).bind(&record).bind(ttl).bind(owner_hash),
+                false,
+            )
+            .await?;
+        match row {
+            None => Ok(ExtendOutcome::NoKey),
+            Some(row) if row.won => Ok(ExtendOutcome::Extended(row.lock(key)?)),
+            Some(row) if row.owner_hash == owner_hash => Err(Error::unavailable(
+                "the lock row changed during the extension; try again",
+            )),
+            Some(row) => Ok(ExtendOutcome::Held(row.lock(key)?)),
+        }
+    }
+
+    async fn release(&self, key: &str, owner_hash: &str) -> Result<ReleaseOutcome> {
+        check_key(key)?;
+        let row = self
+            .compare_and_set(&self.sql.release, |q| q.bind(key).bind(owner_hash), false)
+            .await?;
+        match row {
+            None => Ok(ReleaseOutcome::NoKey),
+            Some(row) if row.won => Ok(ReleaseOutcome::Released),
+            Some(row) if row.owner_hash == owner_hash => Err(Error::unavailable(
+                "the lock row changed during the release; try again",
+            )),
+            Some(row) => Ok(ReleaseOutcome::Held(row.lock(key)?)),
+        }
+    }
+
+    async fn take_over(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        dead_owner_hash: &str,
+    ) -> Result<AcquireOutcome> {
+        self.create(key, data, ttl, Some(dead_owner_hash)).await
+    }
+
+    async fn ping(&self, process_hash: &str, data: &ProcessData, ttl: Duration) -> Result<()> {
+        let ttl = ttl_ms(ttl)? as f64;
+        self.timed(
+            sqlx::query(&self.sql.ping)
+                .bind(process_hash)
+                .bind(data.to_json())
+                .bind(ttl)
+                .persistent(false)
+                .execute(&self.pool),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<LockData>> {
+        check_key(key)?;
+        let row = self
+            .timed(
+                sqlx::query(&self.sql.read)
+                    .bind(key)
+                    .persistent(false)
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
+        match row {
+            None => Ok(None),
+            Some(row) => {
+                let record: String = row.try_get("record").map_err(map_error)?;
+                let token: i64 = row.try_get("fencing_token").map_err(map_error)?;
+                lock_from_row(key, &record, Some(token)).map(Some)
+            }
+        }
+    }
+
+    async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {
+        let row = self
+            .timed(
+                sqlx::query(&self.sql.read_process)
+                    .bind(process_hash)
+                    .persistent(false)
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
+        match row {
+            None => Ok(None),
+            Some(row) => {
+                let record: String = row.try_get("record").map_err(map_error)?;
+                ProcessData::from_json(&record).map(Some)
+            }
+        }
+    }
+
+    async fn forget_process(&self, process_hash: &str) -> Result<()> {
+        self.timed(
+            sqlx::query(&self.sql.forget_process)
+                .bind(process_hash)
+                .persistent(false)
+                .execute(&self.pool),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+impl fmt::Debug for PostgresBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresBackend")
+            .field("config", &self.config)
+            .field("pool_size", &self.pool.size())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl BackendFactory for PostgresConfig {
+    async fn connect(&self) -> Result<Arc<dyn LockBackend>> {
+        Ok(Arc::new(PostgresBackend::connect(self).await?))
+    }
+}

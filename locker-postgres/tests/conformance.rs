@@ -1,0 +1,64 @@
+//! The shared conformance suite against a PostgreSQL started by the harness, fault cases
+//! included.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use locker_conformance::servers::{self, ServerKind};
+use locker_conformance::{PrivateServer, RawAccess, ServerError, Setup};
+use locker_core::BackendFactory;
+use locker_postgres::{PostgresBackend, PostgresConfig};
+
+fn config_for(url: &str) -> PostgresConfig {
+    PostgresConfig::from_url(url)
+        .expect("harness URL")
+        .into_builder()
+        .connect_timeout(Duration::from_secs(2))
+        .command_timeout(Duration::from_secs(2))
+        .max_connections(4)
+        .build()
+        .expect("config")
+}
+
+struct Raw(PostgresConfig);
+
+#[async_trait::async_trait]
+impl RawAccess for Raw {
+    async fn put_lock_raw(&self, key: &str, raw: &str, ttl: Duration) -> locker_core::Result<()> {
+        PostgresBackend::connect(&self.0)
+            .await?
+            .raw_put(key, raw, ttl)
+            .await
+    }
+
+    async fn get_lock_raw(&self, key: &str) -> locker_core::Result<Option<String>> {
+        PostgresBackend::connect(&self.0).await?.raw_get(key).await
+    }
+}
+
+async fn setup() -> Setup {
+    let server = servers::shared(ServerKind::Postgres).unwrap_or_else(|e| panic!("{e}"));
+    let config = config_for(server.url());
+    let unreachable = PostgresConfig::from_url("postgres://postgres@127.0.0.1:1/postgres")
+        .expect("url")
+        .into_builder()
+        .connect_timeout(Duration::from_millis(500))
+        .build()
+        .expect("config");
+    Setup::new("postgres", config.clone())
+        .with_raw_access(Raw(config))
+        .with_unreachable(unreachable)
+        .with_private_server(|| async {
+            let server =
+                tokio::task::spawn_blocking(|| servers::start_process(ServerKind::Postgres))
+                    .await
+                    .map_err(|e| ServerError::Failed(e.to_string()))??;
+            Ok(PrivateServer {
+                factory: Arc::new(config_for(server.url())) as Arc<dyn BackendFactory>,
+                control: server.control().expect("harness-started"),
+                keep_alive: Box::new(server),
+            })
+        })
+}
+
+locker_conformance::conformance_suite!(postgres, setup());

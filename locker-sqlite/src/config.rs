@@ -1,0 +1,209 @@
+//! [`SqliteConfig`]: a database file, from a `sqlite://` URL or a builder.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use locker_core::{Error, Result};
+use locker_sql::Tables;
+
+/// How long a statement waits for another process's write to finish (SQLite's busy timeout).
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one statement may take in all, busy waiting included.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections per pool. SQLite writes one at a time anyway; a few readers are enough.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
+
+/// A SQLite database file shared by the processes of one machine; a
+/// [`BackendFactory`](locker_core::BackendFactory).
+///
+/// URLs: `sqlite:///absolute/path.db`, `sqlite://relative/path.db` or `sqlite:path.db`, with
+/// optional `?table_prefix=...&busy_timeout=5s`. In-memory databases are refused: the locker's
+/// two connections would see two different databases.
+///
+/// ```
+/// use locker_sqlite::SqliteConfig;
+///
+/// let config = SqliteConfig::from_url("sqlite:///var/lib/myapp/locks.db?busy_timeout=2s")?;
+/// assert_eq!(config.path().to_str(), Some("/var/lib/myapp/locks.db"));
+/// # Ok::<(), locker_core::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct SqliteConfig {
+    pub(crate) path: PathBuf,
+    pub(crate) tables: Tables,
+    pub(crate) busy_timeout: Duration,
+    pub(crate) command_timeout: Duration,
+    pub(crate) max_connections: u32,
+}
+
+impl SqliteConfig {
+    /// Parses a `sqlite:` URL.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`](locker_core::ErrorKind::InvalidInput) naming the problem.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let bad = |why: String| Error::invalid_input(format!("bad SQLite URL {url:?}: {why}"));
+        let rest = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .ok_or_else(|| bad("expected sqlite://path".into()))?;
+        let (path, query) = match rest.split_once('?') {
+            Some((p, q)) => (p, q),
+            None => (rest, ""),
+        };
+        if path.is_empty() || path == ":memory:" || path.starts_with(":memory:") {
+            return Err(bad(
+                "an in-memory database cannot be shared by the locker's connections".into(),
+            ));
+        }
+        let mut builder = SqliteConfig::builder(path);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            builder = match name {
+                "table_prefix" => builder.table_prefix(value),
+                "busy_timeout" => builder.busy_timeout(parse_duration(value).map_err(bad)?),
+                "command_timeout" => builder.command_timeout(parse_duration(value).map_err(bad)?),
+                "max_connections" => builder.max_connections(
+                    value
+                        .parse()
+                        .map_err(|_| bad(format!("max_connections {value:?} is not a number")))?,
+                ),
+                // SQLite's own mode parameter: files are always opened read-write-create.
+                "mode" => builder,
+                other => return Err(bad(format!("unknown parameter {other:?}"))),
+            };
+        }
+        builder.build()
+    }
+
+    /// A builder for the database at `path` (created when missing).
+    pub fn builder(path: impl AsRef<Path>) -> SqliteConfigBuilder {
+        SqliteConfigBuilder {
+            path: path.as_ref().to_owned(),
+            table_prefix: "locker_".to_owned(),
+            busy_timeout: DEFAULT_BUSY_TIMEOUT,
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// `5`, `5s` or `250ms`.
+fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let bad = || format!("duration {s:?} is not seconds or a number with ms/s");
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.parse().map(Duration::from_millis).map_err(|_| bad());
+    }
+    let secs = s.strip_suffix('s').unwrap_or(s);
+    secs.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0 && *v < 1e9)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(bad)
+}
+
+impl fmt::Debug for SqliteConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteConfig")
+            .field("path", &self.path)
+            .field("locks_table", &self.tables.locks)
+            .field("busy_timeout", &self.busy_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// Builds a [`SqliteConfig`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct SqliteConfigBuilder {
+    path: PathBuf,
+    table_prefix: String,
+    busy_timeout: Duration,
+    command_timeout: Duration,
+    max_connections: u32,
+}
+
+impl SqliteConfigBuilder {
+    /// The prefix of the table names; `locker_` by default.
+    pub fn table_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.table_prefix = prefix.into();
+        self
+    }
+
+    /// See [`DEFAULT_BUSY_TIMEOUT`].
+    pub fn busy_timeout(mut self, d: Duration) -> Self {
+        self.busy_timeout = d;
+        self
+    }
+
+    /// See [`DEFAULT_COMMAND_TIMEOUT`].
+    pub fn command_timeout(mut self, d: Duration) -> Self {
+        self.command_timeout = d;
+        self
+    }
+
+    /// See [`DEFAULT_MAX_CONNECTIONS`].
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// Checks and builds.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`](locker_core::ErrorKind::InvalidInput) for a prefix that is not
+    /// a plain identifier, zero connections or zero timeouts.
+    pub fn build(self) -> Result<SqliteConfig> {
+        if self.max_connections == 0 {
+            return Err(Error::invalid_input("max_connections must be at least 1"));
+        }
+        if self.busy_timeout.is_zero() || self.command_timeout.is_zero() {
+            return Err(Error::invalid_input("timeouts must be greater than zero"));
+        }
+        Ok(SqliteConfig {
+            path: self.path,
+            tables: Tables::new(None, &self.table_prefix)?,
+            busy_timeout: self.busy_timeout,
+            command_timeout: self.command_timeout,
+            max_connections: self.max_connections,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use locker_core::ErrorKind;
+
+    #[test]
+    fn urls_parse() {
+        let c = SqliteConfig::from_url("sqlite:///tmp/x.db?table_prefix=t_&busy_timeout=250ms")
+            .expect("url");
+        assert_eq!(c.path(), Path::new("/tmp/x.db"));
+        assert_eq!(c.busy_timeout, Duration::from_millis(250));
+        assert_eq!(c.tables.locks, "\"t_locks\"");
+        let c = SqliteConfig::from_url("sqlite:relative.db").expect("url");
+        assert_eq!(c.path(), Path::new("relative.db"));
+        for bad in [
+            "sqlite::memory:",
+            "sqlite://",
+            "postgres://x",
+            "sqlite://x.db?busy_timeout=soon",
+            "sqlite://x.db?table_prefix=a-b",
+            "sqlite://x.db?what=1",
+        ] {
+            let e = SqliteConfig::from_url(bad).expect_err(bad);
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}");
+        }
+    }
+}
