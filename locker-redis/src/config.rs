@@ -169,14 +169,16 @@ impl RedisConfig {
                 )))
             }
         };
+        // The user info ends at the last '@': a password may hold '/', '?', '#' or '@'. Errors
+        // below quote only what comes after it.
+        let (userinfo, rest) = match rest.rfind('@') {
+            Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
+            None => (None, rest),
+        };
         let rest = rest.split(['?', '#']).next().unwrap_or_default();
-        let (authority, path) = match rest.find('/') {
+        let (hosts, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i + 1..]),
             None => (rest, ""),
-        };
-        let (userinfo, hosts) = match authority.rfind('@') {
-            Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
-            None => (None, authority),
         };
         let decode = |s: &str| -> Result<String> {
             percent_decode_str(s)
@@ -228,7 +230,21 @@ fn parse_host(host: &str) -> std::result::Result<(String, u16), String> {
         let (addr, rest) = v6
             .split_once(']')
             .ok_or_else(|| format!("bad IPv6 host {host:?}"))?;
-        (addr.to_owned(), rest.strip_prefix(':'))
+        let port = match rest {
+            "" => None,
+            _ => Some(
+                rest.strip_prefix(':')
+                    .ok_or_else(|| format!("unexpected {rest:?} after the IPv6 address"))?,
+            ),
+        };
+        let addr = percent_decode_str(addr)
+            .decode_utf8()
+            .map_err(|_| format!("bad IPv6 host {host:?}"))?;
+        (addr.into_owned(), port)
+    } else if host.matches(':').count() > 1 {
+        return Err(format!(
+            "IPv6 address {host:?} must be in brackets: [addr]:port"
+        ));
     } else {
         match host.rsplit_once(':') {
             Some((h, p)) => (h.to_owned(), Some(p)),
@@ -474,10 +490,30 @@ mod tests {
             "redis+cluster://a:1,b:2/1",
             "no scheme",
             "redis://user:hunter2@host:99999",
+            "redis://::1",
+            "redis://[::1]x",
         ] {
             let e = RedisConfig::from_url(bad).expect_err(bad);
             assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}");
             assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+        // Passwords with URL delimiters are the password's, and never shown.
+        for (url, password) in [
+            ("redis://u:s3cr/et@host", "s3cr/et"),
+            ("redis://u:p?w@h", "p?w"),
+            ("redis://u:12/3@h/4", "12/3"),
+            ("redis://u:a@b@h", "a@b"),
+        ] {
+            let c = RedisConfig::from_url(url).expect(url);
+            assert_eq!(c.password.as_deref(), Some(password));
+        }
+        for bad in ["redis://u:s3cr/et@host:x", "redis://u:p?w@h/notadb"] {
+            let e = RedisConfig::from_url(bad).expect_err(bad);
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}");
+            assert!(
+                !e.to_string().contains("s3cr") && !e.to_string().contains("p?w"),
+                "{e}"
+            );
         }
     }
 

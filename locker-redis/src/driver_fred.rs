@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use fred::prelude::{
@@ -90,23 +91,28 @@ impl FredDriver {
             .with_connection_config(|c| {
                 c.connection_timeout = connect_timeout;
                 c.internal_command_timeout = command_timeout;
-                // Never replay a script after a reconnect: the first attempt may have landed.
-                c.max_command_attempts = 1;
+                // Room to follow MOVED/ASK redirections (each counts as an attempt). A script
+                // replayed after a reconnect is harmless: the locker recognises its own lock.
+                c.max_command_attempts = 3;
             })
             .with_performance_config(|p| p.default_command_timeout = command_timeout)
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
             .build()
             .map_err(map_error)?;
         // `init` fails fast (with the first connection error) when no server answers.
-        tokio::time::timeout(connect_timeout * 3, client.init())
-            .await
-            .map_err(|_| {
-                Error::new(
-                    ErrorKind::Timeout,
-                    format!("no answer from {config} within {:?}", connect_timeout * 3),
-                )
-            })?
-            .map_err(map_error)?;
+        let started = match tokio::time::timeout(connect_timeout * 3, client.init()).await {
+            Ok(Ok(_task)) => Ok(()),
+            Ok(Err(e)) => Err(map_error(e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("no answer from {config} within {:?}", connect_timeout * 3),
+            )),
+        };
+        if let Err(e) = started {
+            // Otherwise fred's connection task would go on reconnecting with nobody to use it.
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.quit()).await;
+            return Err(e);
+        }
         Ok(FredDriver {
             client,
             scripts: ScriptName::ALL
@@ -194,32 +200,39 @@ impl fmt::Debug for FredDriver {
 /// The one mapping of `fred`'s errors to the project's.
 pub(crate) fn map_error(e: FredError) -> Error {
     let details = e.details();
-    let kind = match e.kind() {
-        FredKind::Auth => ErrorKind::Auth,
-        FredKind::Timeout => ErrorKind::Timeout,
-        FredKind::IO | FredKind::Canceled | FredKind::Routing | FredKind::Cluster => {
-            ErrorKind::Unavailable
+    let starts = |prefixes: &[&str]| prefixes.iter().any(|p| details.starts_with(p));
+    let kind = if starts(&["WRONGTYPE"]) {
+        // Someone stored a non-string value under a lock key.
+        ErrorKind::Corrupt
+    } else if starts(&["WRONGPASS", "NOAUTH", "NOPERM"]) {
+        ErrorKind::Auth
+    } else if starts(&[
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "LOADING",
+        "MASTERDOWN",
+        "READONLY",
+        "BUSY",
+        "MOVED",
+        "ASK",
+    ]) || details.contains("Too many failed write attempts")
+        || details.contains("Max attempts")
+        || details.contains("Failed to send command")
+    {
+        ErrorKind::Unavailable
+    } else {
+        match e.kind() {
+            FredKind::Auth => ErrorKind::Auth,
+            FredKind::Timeout => ErrorKind::Timeout,
+            FredKind::IO
+            | FredKind::Canceled
+            | FredKind::Routing
+            | FredKind::Cluster
+            | FredKind::Backpressure => ErrorKind::Unavailable,
+            FredKind::Config | FredKind::Url | FredKind::InvalidArgument => ErrorKind::InvalidInput,
+            FredKind::Parse => ErrorKind::Corrupt,
+            _ => ErrorKind::Other,
         }
-        FredKind::Config | FredKind::Url | FredKind::InvalidArgument => ErrorKind::InvalidInput,
-        FredKind::Unknown
-            if [
-                "TRYAGAIN",
-                "CLUSTERDOWN",
-                "LOADING",
-                "MASTERDOWN",
-                "READONLY",
-            ]
-            .iter()
-            .any(|p| details.starts_with(p)) =>
-        {
-            ErrorKind::Unavailable
-        }
-        FredKind::Unknown if details.starts_with("WRONGPASS") || details.starts_with("NOAUTH") => {
-            ErrorKind::Auth
-        }
-        _ if details.starts_with("WRONGTYPE") => ErrorKind::Corrupt,
-        _ if details.contains("Failed to send command") => ErrorKind::Unavailable,
-        _ => ErrorKind::Other,
     };
     Error::new(kind, "redis (fred)").with_source(e)
 }

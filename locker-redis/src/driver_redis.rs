@@ -215,8 +215,12 @@ pub(crate) fn map_error(e: RedisError) -> Error {
             | ServerErrorKind::ReadOnly,
         ) => ErrorKind::Unavailable,
         K::InvalidClientConfig => ErrorKind::InvalidInput,
+        // A stored value that is not text (or not what a script returns).
+        K::Parse | K::UnexpectedReturnType => ErrorKind::Corrupt,
         _ => match e.code() {
             Some("WRONGPASS" | "NOAUTH") => ErrorKind::Auth,
+            // Another client's long script; it ends.
+            Some("BUSY") => ErrorKind::Unavailable,
             // Someone stored a non-string value under a lock key.
             Some("WRONGTYPE") => ErrorKind::Corrupt,
             _ => ErrorKind::Other,

@@ -11,10 +11,13 @@
 
 use locker_core::{Error, ErrorKind, LockData, Result};
 
-/// Decodes the current value into `d`, or answers CORRUPT.
+/// Decodes the current value into `d`, or answers CORRUPT when it is not a whole lock record
+/// (so a value that merely names the caller's owner hash is never deleted or overwritten).
 const DECODE: &str = r#"
 local ok, d = pcall(cjson.decode, cur)
-if not ok or type(d) ~= 'table' or type(d.ownerHash) ~= 'string' then
+if not ok or type(d) ~= 'table' or type(d.ownerHash) ~= 'string'
+    or type(d.processHash) ~= 'string' or type(d.acquiredAt) ~= 'string'
+    or type(d.extendedAt) ~= 'string' then
   return {'CORRUPT', cur}
 end
 "#;

@@ -225,14 +225,16 @@ pub async fn backend_liveness_write_read_expiry(fx: &Fixture) -> Verdict {
     let process = format!("{}proc/1.2", fx.prefix.replace('/', "_"));
     assert_eq!(b.read_process(&process).await.expect("read"), None);
     let alive = ProcessData::now();
-    let ttl = fx.timing.liveness_ttl;
+    // At least a second, so the re-arm below has room on a busy machine.
+    let ttl = fx.timing.liveness_ttl.max(Duration::from_secs(1));
     b.ping(&process, &alive, ttl).await.expect("ping");
     assert_eq!(b.read_process(&process).await.expect("read"), Some(alive));
     // A second ping re-arms the TTL.
     tokio::time::sleep(ttl / 2).await;
     let later = ProcessData::now();
     b.ping(&process, &later, ttl).await.expect("ping");
-    tokio::time::sleep(ttl * 3 / 4).await;
+    // Past the first write's expiry, well before the second's.
+    tokio::time::sleep(ttl * 5 / 8).await;
     assert_eq!(
         b.read_process(&process).await.expect("read"),
         Some(later),
@@ -398,15 +400,23 @@ pub async fn backend_corrupt_record_is_a_typed_error(fx: &Fixture) -> Verdict {
         "{\"foo\":\"bar\"}",
         "\"just a string\"",
         "{\"ownerHash\":42,\"processHash\":\"p\"}",
+        "CLAIMS_MINE",
     ]
     .into_iter()
     .enumerate()
     {
         let key = fx.key(&format!("corrupt-{i}"));
+        let mine = record(&key, 1);
+        // A value that names the caller as owner but is not a whole record is not ours either.
+        let claims_mine = format!("{{\"ownerHash\":{:?}}}", mine.owner_hash);
+        let garbage = if garbage == "CLAIMS_MINE" {
+            claims_mine.as_str()
+        } else {
+            garbage
+        };
         raw.put_lock_raw(&key, garbage, TTL)
             .await
             .expect("write raw");
-        let mine = record(&key, 1);
         let corrupt = |r: locker_core::Result<()>, what: &str| {
             let e = r.expect_err(&format!("{what} accepted {garbage:?}"));
             assert_eq!(e.kind(), ErrorKind::Corrupt, "{what} on {garbage:?}: {e}");
@@ -418,6 +428,10 @@ pub async fn backend_corrupt_record_is_a_typed_error(fx: &Fixture) -> Verdict {
             "extend",
         );
         corrupt(b.release(&key, &mine.owner_hash).await.map(drop), "release");
+        corrupt(
+            b.take_over(&key, &mine, TTL, "nobody").await.map(drop),
+            "take_over",
+        );
         assert_eq!(
             raw.get_lock_raw(&key).await.expect("read raw").as_deref(),
             Some(garbage),
@@ -457,5 +471,53 @@ pub async fn backend_unknown_fields_survive_extend(fx: &Fixture) -> Verdict {
         after.contains("\"futureField\":{\"nested\":[1,2]}"),
         "unknown field lost: {after}"
     );
+    Verdict::Passed
+}
+
+/// Records carry the client's wall-clock times, but TTLs are the store's: a client whose clock
+/// is minutes off can neither steal a live lock nor keep a dead one.
+pub async fn backend_client_clock_skew_changes_nothing(fx: &Fixture) -> Verdict {
+    let b = fx.backend().await;
+    let skewed = |key: &str, n: u32, minutes: i64| {
+        let mut d = record(key, n);
+        d.acquired_at += chrono::Duration::minutes(minutes);
+        d.extended_at += chrono::Duration::minutes(minutes);
+        d
+    };
+    // A live lock, and a client 10 minutes ahead (whose records look newer) or behind.
+    let key = fx.key("skew-live");
+    let holder = must_acquire(&*b, &key, &record(&key, 1)).await;
+    for minutes in [10, -10] {
+        match b
+            .acquire(&key, &skewed(&key, 2, minutes), TTL)
+            .await
+            .expect("acquire")
+        {
+            AcquireOutcome::Held(h) => assert_eq!(h.owner_hash, holder.owner_hash),
+            AcquireOutcome::Acquired(_) => panic!("a skewed clock ({minutes} min) stole a lock"),
+        }
+    }
+    // A dead lock, written by a client 10 minutes behind (its records look old) or ahead
+    // (they look fresh): it expires by the store's clock all the same.
+    for minutes in [-10, 10] {
+        let key = fx.key(&format!("skew-dead{minutes}"));
+        let ttl = fx.timing.short_lock_ttl;
+        let late = skewed(&key, 3, minutes);
+        match b.acquire(&key, &late, ttl).await.expect("acquire") {
+            AcquireOutcome::Acquired(_) => {}
+            AcquireOutcome::Held(h) => panic!("held by {}", h.owner_hash),
+        }
+        tokio::time::sleep(fx.timing.expiry_of(ttl)).await;
+        let outcome = b
+            .extend(&key, &late.extended_now(), ttl, &late.owner_hash)
+            .await
+            .expect("extend");
+        assert_eq!(
+            outcome,
+            ExtendOutcome::NoKey,
+            "a skewed clock ({minutes} min) kept a dead lock"
+        );
+        must_acquire(&*b, &key, &record(&key, 4)).await;
+    }
     Verdict::Passed
 }

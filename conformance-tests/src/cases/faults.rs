@@ -118,7 +118,14 @@ pub async fn fault_server_restarted_locker_recovers(fx: &Fixture) -> Verdict {
         Ok(()) => assert_eq!(held(&c, &key).await.owner_hash, guard.owner_hash()),
         Err(e) => {
             assert_eq!(e.kind(), ErrorKind::LockLost, "{e}");
-            let _other = acquired(&c, &key).await;
+            let other = acquired(&c, &key).await;
+            // The store forgot the lock, but not the order of its tokens.
+            assert!(
+                other.fencing_token() > guard.fencing_token(),
+                "token {:?} after {:?} across a restart",
+                other.fencing_token(),
+                guard.fencing_token()
+            );
         }
     }
     drop(new);

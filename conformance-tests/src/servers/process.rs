@@ -28,10 +28,15 @@ if read -r _line; then
   wait "$pid"
   exit 0
 fi
-# End of input: the test process is gone. Stop the server and delete its files.
-kill -CONT "$pid" 2>/dev/null
+# End of input: the test process is gone. Wake the server's whole group (it may have been
+# paused), stop it, and after 10 s kill whatever is left; then delete its files.
+kill -CONT -- "-$pid" 2>/dev/null
 kill "-$LOCKER_TEST_STOP_SIGNAL" "$pid" 2>/dev/null
+( sleep 10; kill -KILL -- "-$pid" 2>/dev/null ) &
+killer=$!
 wait "$pid"
+kill -KILL -- "-$pid" 2>/dev/null
+kill "$killer" 2>/dev/null
 if [ -n "$LOCKER_TEST_CLEANUP" ]; then rm -rf "$LOCKER_TEST_CLEANUP"; fi
 "#;
 
@@ -143,7 +148,12 @@ impl ServerProcess {
         let start = Instant::now();
         loop {
             if (self.ready)() {
-                return Ok(());
+                // A server that could not bind its port exits at once; make sure the answer
+                // came from ours and not from another test process's server on that port.
+                std::thread::sleep(Duration::from_millis(50));
+                if self.is_alive() {
+                    return Ok(());
+                }
             }
             if !self.is_alive() {
                 return Err(ServerError::failed(format!(
@@ -347,37 +357,34 @@ impl RunAs {
 }
 
 /// A loopback port that is free now, and, with `plus` (Redis Cluster's bus port offset), whose
-/// `port + plus` is free too. Ports come from below the kernel's ephemeral range, so that
-/// client connections never take them.
+/// `port + plus` is free too. Ports come from below the kernel's ephemeral range (32768 and up),
+/// bus ports included, so that client connections never take them.
 pub(crate) fn free_port(plus: u16) -> Result<u16, ServerError> {
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    if NEXT.load(Ordering::Relaxed) == 0 {
-        let seed = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or_default()
-            ^ std::process::id();
-        let _ = NEXT.compare_exchange(
-            0,
-            20_000 + (seed % 10_000) as u16,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-    }
+    const LOW: u16 = 20_000;
+    let high: u16 = if plus == 0 { 32_000 } else { 32_000 - plus };
+    let span = high - LOW;
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default()
+        ^ std::process::id();
+    let _ = NEXT.compare_exchange(
+        0,
+        (seed % 10_000) as u16 + 1,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
     for _ in 0..2000 {
-        let mut port = NEXT.fetch_add(1, Ordering::Relaxed);
-        if !(20_000..32_000).contains(&port) {
-            let _ = NEXT.compare_exchange(port + 1, 20_001, Ordering::Relaxed, Ordering::Relaxed);
-            port = 20_000;
-        }
+        let port = LOW + NEXT.fetch_add(1, Ordering::Relaxed) % span;
         let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
         if free(port) && (plus == 0 || free(port + plus)) {
             return Ok(port);
         }
     }
-    Err(ServerError::failed(
-        "no free loopback port between 20000 and 32000",
-    ))
+    Err(ServerError::failed(format!(
+        "no free loopback port between {LOW} and {high}"
+    )))
 }
 
 /// Sends `request` to a loopback port and returns what came back within a second, reading
