@@ -1,0 +1,516 @@
+//! [`EtcdBackend`]: each record on a lease of its own TTL (rounded up to whole seconds), each
+//! compare-and-set one transaction, fencing tokens from revisions.
+//!
+//! - acquire: grant a lease, then one transaction "if the key does not exist, put it on the
+//!   lease, else read it" (a lost race revokes the unused lease);
+//! - extend: read, renew the lease (one keep-alive), then "if the key's modification revision is
+//!   still the one read, put the new record on the same lease";
+//! - release: read, then "if unchanged, delete", and revoke the lease so nothing lingers;
+//! - take-over: "if the dead owner's record is unchanged, delete it", then acquire, so that the
+//!   new lock has a new creation revision;
+//! - the fencing token is the key's creation revision, which only grows.
+//!
+//! Liveness: the first write of a process grants a lease and puts the record on it; later
+//! writes renew that lease (one keep-alive) and put the new record on it (two requests, the
+//! fewest that both re-arm the TTL and store the record the caller gave). A lease that expired
+//! while the process was cut off is replaced by a new one, never reused.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetResponse, KeyValue, PutOptions,
+    TlsOptions, Txn, TxnOp, TxnOpResponse,
+};
+use locker_core::{
+    validate_key, AcquireOutcome, BackendFactory, Capabilities, Error, ErrorKind, ExtendOutcome,
+    LockBackend, LockData, ProcessData, ReleaseOutcome, Result,
+};
+
+use crate::config::EtcdConfig;
+use crate::error::map_error;
+
+/// A connection to an etcd cluster; made by [`EtcdConfig`], which is the [`BackendFactory`].
+pub struct EtcdBackend {
+    config: EtcdConfig,
+    client: Client,
+    /// The lease of each liveness record this connection keeps, with its TTL in seconds.
+    process_leases: Mutex<HashMap<String, ProcessLease>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ProcessLease {
+    id: i64,
+    ttl: i64,
+}
+
+/// A TTL in whole seconds, rounded up (etcd's lease granularity).
+fn ttl_secs(ttl: Duration) -> Result<i64> {
+    if ttl.is_zero() {
+        return Err(Error::invalid_input("TTL must be greater than zero"));
+    }
+    let secs = ttl.as_nanos().div_ceil(1_000_000_000);
+    i64::try_from(secs)
+        .ok()
+        .filter(|s| *s <= 100 * 365 * 24 * 3600)
+        .ok_or_else(|| Error::invalid_input(format!("TTL of {ttl:?} is too long")))
+}
+
+fn lock_from_kv(key: &str, kv: &KeyValue) -> Result<LockData> {
+    let text = std::str::from_utf8(kv.value())
+        .map_err(|_| Error::corrupt("the stored value is not UTF-8").with_key(key))?;
+    let mut data = LockData::from_json(text).map_err(|e| e.with_key(key))?;
+    data.fencing_token = u64::try_from(kv.create_revision()).ok();
+    Ok(data)
+}
+
+fn first_kv(resp: &GetResponse) -> Option<&KeyValue> {
+    resp.kvs().first()
+}
+
+/// The record as stored: the token is the key's creation revision, not part of the value.
+fn stored(data: &LockData) -> String {
+    LockData {
+        fencing_token: None,
+        ..data.clone()
+    }
+    .to_json()
+}
+
+impl EtcdBackend {
+    /// Connects (authenticating when a user is set) and checks that the cluster answers, so
+    /// that an unreachable cluster fails here, within the timeouts.
+    pub async fn connect(config: &EtcdConfig) -> Result<Self> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(config.connect_timeout)
+            .with_timeout(config.command_timeout);
+        if let Some((user, password)) = &config.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        if config.tls {
+            let mut tls = TlsOptions::new();
+            if let Some(pem) = &config.ca_pem {
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            options = options.with_tls(tls);
+        }
+        let connect = async {
+            let mut client = Client::connect(&config.endpoints, Some(options))
+                .await
+                .map_err(map_error)?;
+            client
+                .get(format!("{}probe", config.prefix), None)
+                .await
+                .map_err(map_error)?;
+            Ok::<_, Error>(client)
+        };
+        let client = tokio::time::timeout(config.connect_timeout * 2, connect)
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "no answer from {config} within {:?}",
+                        config.connect_timeout * 2
+                    ),
+                )
+            })??;
+        Ok(EtcdBackend {
+            config: config.clone(),
+            client,
+            process_leases: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock_key(&self, key: &str) -> String {
+        format!("{}lock/{key}", self.config.prefix)
+    }
+
+    fn process_key(&self, process_hash: &str) -> String {
+        format!("{}proc/{process_hash}", self.config.prefix)
+    }
+
+    /// Runs one request, within the command timeout. A request that could not even connect
+    /// (the member it was routed to is down) was never sent, so it is tried again until a live
+    /// member takes it; the timeout bounds the whole.
+    async fn call<T, F, Fut>(&self, request: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let attempts = async {
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match request(self.client.clone()).await {
+                    // The balancer may pick the dead member again (it looks idle): keep trying,
+                    // within the command timeout, until a live one takes the request.
+                    Err(e) if never_sent(&e) => {
+                        tokio::time::sleep(Duration::from_millis(5 * tries.min(10))).await;
+                    }
+                    other => return other.map_err(map_error),
+                }
+            }
+        };
+        match tokio::time::timeout(self.config.command_timeout, attempts).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "etcd did not answer within {:?}",
+                    self.config.command_timeout
+                ),
+            )),
+        }
+    }
+
+    async fn get(&self, full_key: &str) -> Result<Option<KeyValue>> {
+        let resp = self
+            .call(|mut c| {
+                let key = full_key.to_owned();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        Ok(first_kv(&resp).cloned())
+    }
+
+    /// Revokes a lease, ignoring failures: an unrevoked lease only lives out its TTL.
+    async fn revoke(&self, lease: i64) {
+        if lease != 0 {
+            let _ = self
+                .call(|mut c| async move { c.lease_revoke(lease).await })
+                .await;
+        }
+    }
+
+    /// Renews a lease once; `false` when it no longer exists.
+    async fn renew(&self, lease: i64) -> Result<bool> {
+        let resp = self
+            .call(|mut c| async move {
+                let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+                keeper.keep_alive().await?;
+                stream.message().await
+            })
+            .await?;
+        Ok(resp.is_some_and(|r| r.ttl() > 0))
+    }
+
+    async fn grant(&self, secs: i64) -> Result<i64> {
+        Ok(self
+            .call(|mut c| async move { c.lease_grant(secs, None).await })
+            .await?
+            .id())
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse> {
+        self.call(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+    }
+
+    async fn put_on_lease(&self, full_key: &str, value: String, lease: i64) -> Result<()> {
+        self.call(|mut c| {
+            let (key, value) = (full_key.to_owned(), value.clone());
+            async move {
+                c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn create(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
+        let full = self.lock_key(key);
+        let secs = ttl_secs(ttl)?;
+        let lease = self.grant(secs).await?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(full.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                full.as_str(),
+                stored(data),
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(full.as_str(), None)]);
+        let resp = match self.txn(txn).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                self.revoke(lease).await;
+                return Err(e);
+            }
+        };
+        if resp.succeeded() {
+            let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+            let mut stored = data.clone();
+            stored.fencing_token = u64::try_from(revision).ok();
+            return Ok(AcquireOutcome::Acquired(stored));
+        }
+        self.revoke(lease).await;
+        match held_kv(&resp.op_responses()) {
+            Some(kv) => Ok(AcquireOutcome::Held(lock_from_kv(key, &kv)?)),
+            // Deleted between the two branches' evaluation: the caller tries again.
+            None => Err(Error::unavailable(
+                "the lock changed during the acquire; try again",
+            )),
+        }
+    }
+}
+
+/// A request that failed before reaching any server (connection refused or reset while
+/// connecting): safe to send again.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::Unavailable && status.message().contains("connect")
+        }
+        _ => false,
+    }
+}
+
+fn held_kv(ops: &[TxnOpResponse]) -> Option<KeyValue> {
+    ops.iter().find_map(|op| match op {
+        TxnOpResponse::Get(get) => first_kv(get).cloned(),
+        _ => None,
+    })
+}
+
+#[async_trait]
+impl LockBackend for EtcdBackend {
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::default();
+        c.fencing = true;
+        c.ttl_granularity = Duration::from_secs(1);
+        c.shared_across_processes = true;
+        c.atomic_take_over = false;
+        c
+    }
+
+    async fn acquire(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
+        validate_key(key)?;
+        self.create(key, data, ttl).await
+    }
+
+    async fn extend(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        owner_hash: &str,
+    ) -> Result<ExtendOutcome> {
+        validate_key(key)?;
+        ttl_secs(ttl)?;
+        let full = self.lock_key(key);
+        for _ in 0..5 {
+            let Some(kv) = self.get(&full).await? else {
+                return Ok(ExtendOutcome::NoKey);
+            };
+            let current = lock_from_kv(key, &kv)?;
+            if current.owner_hash != owner_hash {
+                return Ok(ExtendOutcome::Held(current));
+            }
+            // The lease carries the TTL: renew it, then rewrite the record on it.
+            if !self.renew(kv.lease()).await? {
+                return Ok(ExtendOutcome::NoKey);
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    full.as_str(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                )])
+                .and_then([TxnOp::put(
+                    full.as_str(),
+                    stored(data),
+                    Some(PutOptions::new().with_lease(kv.lease())),
+                )]);
+            if self.txn(txn).await?.succeeded() {
+                let mut stored = data.clone();
+                stored.fencing_token = current.fencing_token;
+                return Ok(ExtendOutcome::Extended(stored));
+            }
+        }
+        Err(Error::unavailable(
+            "the lock kept changing during the extension; try again",
+        ))
+    }
+
+    async fn release(&self, key: &str, owner_hash: &str) -> Result<ReleaseOutcome> {
+        validate_key(key)?;
+        let full = self.lock_key(key);
+        for _ in 0..5 {
+            let Some(kv) = self.get(&full).await? else {
+                return Ok(ReleaseOutcome::NoKey);
+            };
+            let current = lock_from_kv(key, &kv)?;
+            if current.owner_hash != owner_hash {
+                return Ok(ReleaseOutcome::Held(current));
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    full.as_str(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                )])
+                .and_then([TxnOp::delete(full.as_str(), None)]);
+            if self.txn(txn).await?.succeeded() {
+                self.revoke(kv.lease()).await;
+                return Ok(ReleaseOutcome::Released);
+            }
+        }
+        Err(Error::unavailable(
+            "the lock kept changing during the release; try again",
+        ))
+    }
+
+    async fn take_over(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        dead_owner_hash: &str,
+    ) -> Result<AcquireOutcome> {
+        validate_key(key)?;
+        let full = self.lock_key(key);
+        if let Some(kv) = self.get(&full).await? {
+            let current = lock_from_kv(key, &kv)?;
+            if current.owner_hash != dead_owner_hash {
+                return Ok(AcquireOutcome::Held(current));
+            }
+            // Delete the dead owner's record only if it is unchanged; a new record gets a new
+            // creation revision, hence a greater fencing token.
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    full.as_str(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                )])
+                .and_then([TxnOp::delete(full.as_str(), None)]);
+            if self.txn(txn).await?.succeeded() {
+                self.revoke(kv.lease()).await;
+            }
+        }
+        self.create(key, data, ttl).await
+    }
+
+    async fn ping(&self, process_hash: &str, data: &ProcessData, ttl: Duration) -> Result<()> {
+        let secs = ttl_secs(ttl)?;
+        let full = self.process_key(process_hash);
+        let known = self
+            .process_leases
+            .lock()
+            .ok()
+            .and_then(|m| m.get(process_hash).copied());
+        if let Some(lease) = known.filter(|l| l.ttl == secs) {
+            if self.renew(lease.id).await? {
+                self.put_on_lease(&full, data.to_json(), lease.id).await?;
+                return Ok(());
+            }
+            // The lease expired (the process was cut off for a whole TTL): never reuse it.
+            tracing::warn!(process_hash, "liveness lease expired; granting a new one");
+        }
+        let id = self.grant(secs).await?;
+        let put = self.put_on_lease(&full, data.to_json(), id).await;
+        if let Err(e) = put {
+            self.revoke(id).await;
+            return Err(e);
+        }
+        let previous =
+            self.process_leases.lock().ok().and_then(|mut m| {
+                m.insert(process_hash.to_owned(), ProcessLease { id, ttl: secs })
+            });
+        if let Some(old) = previous {
+            self.revoke(old.id).await;
+        }
+        Ok(())
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<LockData>> {
+        validate_key(key)?;
+        match self.get(&self.lock_key(key)).await? {
+            Some(kv) => lock_from_kv(key, &kv).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {
+        match self.get(&self.process_key(process_hash)).await? {
+            Some(kv) => {
+                let text = std::str::from_utf8(kv.value())
+                    .map_err(|_| Error::corrupt("liveness record is not UTF-8"))?;
+                ProcessData::from_json(text).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn forget_process(&self, process_hash: &str) -> Result<()> {
+        let full = self.process_key(process_hash);
+        if let Ok(mut map) = self.process_leases.lock() {
+            map.remove(process_hash);
+        }
+        if let Some(kv) = self.get(&full).await? {
+            // Revoking the lease deletes the record and stops its renewals from doing anything.
+            self.revoke(kv.lease()).await;
+            self.call(|mut c| {
+                let key = full.clone();
+                async move { c.delete(key, None).await }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+impl EtcdBackend {
+    /// Stores any text under the lock key of `key` on a lease of `ttl` (for corruption tests).
+    #[doc(hidden)]
+    pub async fn raw_put(&self, key: &str, raw: &str, ttl: Duration) -> Result<()> {
+        let lease = self.grant(ttl_secs(ttl)?).await?;
+        self.put_on_lease(&self.lock_key(key), raw.to_owned(), lease)
+            .await
+    }
+
+    /// The raw value under the lock key of `key`.
+    #[doc(hidden)]
+    pub async fn raw_get(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .get(&self.lock_key(key))
+            .await?
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+}
+
+impl fmt::Debug for EtcdBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdBackend")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl BackendFactory for EtcdConfig {
+    async fn connect(&self) -> Result<Arc<dyn LockBackend>> {
+        Ok(Arc::new(EtcdBackend::connect(self).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_round_up_to_seconds() {
+        assert_eq!(ttl_secs(Duration::from_millis(1)).expect("ok"), 1);
+        assert_eq!(ttl_secs(Duration::from_millis(2001)).expect("ok"), 3);
+        assert_eq!(ttl_secs(Duration::from_secs(300)).expect("ok"), 300);
+        assert!(ttl_secs(Duration::ZERO).is_err());
+        assert!(ttl_secs(Duration::MAX).is_err());
+    }
+}
