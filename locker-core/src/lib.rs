@@ -35,8 +35,3 @@ pub use record::{LockData, ProcessData};
 
 /// Re-exported so that backend crates implement [`LockBackend`] with the same macro version.
 pub use async_trait::async_trait;
-
-/// The workspace README's examples, compiled and run as doctests.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-pub struct WorkspaceReadmeDoctests;

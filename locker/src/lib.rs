@@ -224,3 +224,8 @@ mod tests {
         assert!(connect("memory://a").is_ok());
     }
 }
+
+/// The workspace README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct WorkspaceReadmeDoctests;
