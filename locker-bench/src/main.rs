@@ -1,0 +1,446 @@
+//! `locker-bench`: the lock against the raw protocol of each backend, side by side in one run, and
+//! the figures behind the liveness design's promises (takeover latency, background cost).
+//!
+//! `cargo run --release -p locker-bench -- [--backends redis,fred,postgres,sqlite,etcd]`
+//!
+//! Servers are started the way the test harness starts them (local binaries, free loopback
+//! ports). Output is Markdown, for BENCHMARKS.md.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use locker::{LockAttempt, Locker};
+use locker_conformance::servers::{self, ServerKind};
+
+mod counting;
+mod raw;
+
+#[derive(Parser, Debug)]
+#[command(name = "locker-bench")]
+struct Cli {
+    /// Backends to measure.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "redis,fred,postgres,sqlite,etcd"
+    )]
+    backends: Vec<String>,
+    /// Length of each throughput measurement.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Concurrent tasks for the concurrent and contention figures.
+    #[arg(long, default_value_t = 64)]
+    tasks: usize,
+    /// Takeover trials per backend (0 to skip).
+    #[arg(long, default_value_t = 20)]
+    takeover_trials: usize,
+    /// Locks held for the background-cost figures (empty to skip).
+    #[arg(long, value_delimiter = ',', default_value = "1,100,10000", num_args = 0..)]
+    held: Vec<usize>,
+    /// Observation window of the background cost.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    window: Duration,
+    #[command(subcommand)]
+    hold: Option<Hold>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Hold {
+    /// (internal) Acquire KEY on URL, say so, and wait to be killed.
+    Hold { url: String, key: String },
+}
+
+/// Timings of the takeover figures: a short liveness TTL, as a latency-sensitive deployment
+/// would set.
+const TAKEOVER_LIVENESS: Duration = Duration::from_secs(2);
+const TAKEOVER_REPORT: Duration = Duration::from_millis(400);
+/// `locker run --wait` polls every 200 ms.
+const POLL: Duration = Duration::from_millis(200);
+
+fn takeover_locker(url: &str) -> Locker {
+    Locker::builder(locker::connect(url).expect("url"))
+        .liveness_ttl(TAKEOVER_LIVENESS)
+        .report_every(TAKEOVER_REPORT)
+        .build()
+        .expect("locker")
+}
+
+struct Stats {
+    cycles_per_sec: f64,
+    hist: Histogram<u64>,
+}
+
+impl Stats {
+    fn latency(&self) -> String {
+        format!(
+            "{} / {} / {}",
+            self.hist.value_at_quantile(0.5),
+            self.hist.value_at_quantile(0.99),
+            self.hist.value_at_quantile(0.999)
+        )
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+async fn run_tasks<F, Fut>(tasks: usize, duration: Duration, cycle: F) -> Stats
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let started = Instant::now();
+    let deadline = started + duration;
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let cycle = cycle.clone();
+            tokio::spawn(async move {
+                let mut hist = histogram();
+                let mut i = 0u64;
+                while Instant::now() < deadline {
+                    let t0 = Instant::now();
+                    cycle(t, i).await;
+                    let _ = hist.record(t0.elapsed().as_micros().max(1) as u64);
+                    i += 1;
+                }
+                hist
+            })
+        })
+        .collect();
+    let mut hist = histogram();
+    for h in handles {
+        let _ = hist.add(h.await.expect("task"));
+    }
+    Stats {
+        cycles_per_sec: hist.len() as f64 / started.elapsed().as_secs_f64(),
+        hist,
+    }
+}
+
+async fn lock_cycles(locker: &Locker, tag: &str, tasks: usize, duration: Duration) -> Stats {
+    let locker = locker.clone();
+    let tag = tag.to_owned();
+    run_tasks(tasks, duration, move |t, i| {
+        let (locker, key) = (locker.clone(), format!("bench/{tag}/{t}/{i}"));
+        async move {
+            match locker.acquire(key.as_str()).await.expect("acquire") {
+                LockAttempt::Acquired(g) => {
+                    let _ = g.release().await.expect("release");
+                }
+                LockAttempt::Held(h) => panic!("a fresh key was held by {}", h.owner_hash),
+            }
+        }
+    })
+    .await
+}
+
+async fn raw_cycles(raw: &Arc<raw::Raw>, tag: &str, tasks: usize, duration: Duration) -> Stats {
+    let raw = raw.clone();
+    let tag = tag.to_owned();
+    run_tasks(tasks, duration, move |t, i| {
+        let (raw, key) = (raw.clone(), format!("raw/{tag}/{t}/{i}"));
+        async move {
+            assert!(raw.acquire(&key, "owner").await.expect("raw acquire"));
+            raw.release(&key, "owner").await.expect("raw release");
+        }
+    })
+    .await
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i]
+}
+
+async fn bench_backend(cli: &Cli, name: &str, url: &str) {
+    println!("\n### {name}\n\n`{url}`\n");
+    let locker = Locker::builder(locker::connect(url).expect("url"))
+        .build()
+        .expect("locker");
+    let raw = raw::Raw::connect(name, url).await.expect("raw client");
+    // Warm up both (connections, scripts, the reporter).
+    let _ = lock_cycles(&locker, "warm", 4, Duration::from_millis(300)).await;
+    let _ = raw_cycles(&raw, "warm", 4, Duration::from_millis(300)).await;
+
+    println!("| cycle (acquire + release) | lock cycles/s | raw cycles/s | lock/raw | lock p50/p99/p999 µs | raw p50/p99/p999 µs |");
+    println!("|---|---|---|---|---|---|");
+    let mut server_cost = Vec::new();
+    for (label, tasks) in [("sequential", 1), ("concurrent", cli.tasks)] {
+        let tag = format!("{label}{}", std::process::id());
+        // Interleave, so that both see the same machine.
+        raw.reset_server_stats().await;
+        let lock = lock_cycles(&locker, &tag, tasks, cli.duration).await;
+        let lock_cost = raw.server_stats().await;
+        raw.reset_server_stats().await;
+        let rawr = raw_cycles(&raw, &tag, tasks, cli.duration).await;
+        let raw_cost = raw.server_stats().await;
+        if !lock_cost.is_empty() {
+            server_cost.push(format!("{label}: lock {lock_cost}; raw {raw_cost}"));
+        }
+        println!(
+            "| {label} ({tasks} task{}) | {:.0} | {:.0} | {:.2} | {} | {} |",
+            if tasks == 1 { "" } else { "s" },
+            lock.cycles_per_sec,
+            rawr.cycles_per_sec,
+            lock.cycles_per_sec / rawr.cycles_per_sec,
+            lock.latency(),
+            rawr.latency()
+        );
+    }
+
+    if !server_cost.is_empty() {
+        println!("\nServer CPU per command (`INFO commandstats`, µs per call):\n");
+        for line in server_cost {
+            println!("- {line}");
+        }
+    }
+
+    // Contention: one live holder, many tries.
+    let holder = Locker::builder(locker::connect(url).expect("url"))
+        .build()
+        .expect("locker");
+    let key = format!("bench/contended/{}", std::process::id());
+    let guard = match holder.acquire(key.as_str()).await.expect("acquire") {
+        LockAttempt::Acquired(g) => g,
+        LockAttempt::Held(_) => panic!("fresh key held"),
+    };
+    let contender = locker.clone();
+    let contended = run_tasks(cli.tasks, cli.duration, move |_, _| {
+        let (locker, key) = (contender.clone(), key.clone());
+        async move {
+            assert!(matches!(
+                locker.acquire(key.as_str()).await.expect("acquire"),
+                LockAttempt::Held(_)
+            ));
+        }
+    })
+    .await;
+    println!(
+        "\n| contention ({} tasks, one key, live holder) | attempts/s | \"held\" p50 / p99 µs |\n|---|---|---|\n| try-once | {:.0} | {} / {} |",
+        cli.tasks,
+        contended.cycles_per_sec,
+        contended.hist.value_at_quantile(0.5),
+        contended.hist.value_at_quantile(0.99)
+    );
+    drop(guard);
+    holder.shutdown().await;
+
+    if cli.takeover_trials > 0 {
+        takeover(cli, url).await;
+    }
+    if !cli.held.is_empty() {
+        background(cli, url).await;
+    }
+    locker.shutdown().await;
+}
+
+async fn takeover(cli: &Cli, url: &str) {
+    let exe = std::env::current_exe().expect("own path");
+    let taker = takeover_locker(url);
+    let mut times = Vec::new();
+    for trial in 0..cli.takeover_trials {
+        let key = format!("bench/takeover/{}/{trial}", std::process::id());
+        let mut child = Command::new(&exe)
+            .args(["hold", url, &key])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("holder process");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("holder output");
+        assert_eq!(line.trim(), "acquired", "holder failed");
+        child.kill().expect("SIGKILL");
+        let killed = Instant::now();
+        let _ = child.wait();
+        loop {
+            match taker.acquire(key.as_str()).await.expect("acquire") {
+                LockAttempt::Acquired(g) => {
+                    times.push(killed.elapsed().as_secs_f64());
+                    let _ = g.release().await.expect("release");
+                    break;
+                }
+                LockAttempt::Held(_) => tokio::time::sleep(POLL).await,
+            }
+        }
+    }
+    taker.shutdown().await;
+    times.sort_by(f64::total_cmp);
+    println!(
+        "\n| takeover after SIGKILL ({} trials, poll {:?}) | p50 s | p99 s | max s | liveness TTL |\n|---|---|---|---|---|\n| holder process killed | {:.2} | {:.2} | {:.2} | {:?} |",
+        times.len(),
+        POLL,
+        percentile(&times, 0.5),
+        percentile(&times, 0.99),
+        times.last().copied().unwrap_or_default(),
+        TAKEOVER_LIVENESS
+    );
+}
+
+async fn background(cli: &Cli, url: &str) {
+    println!(
+        "\n| locks held, beating (defaults: report {:?}, recheck {:?}, extend {:?}) | commands/s: ping / read / extend / other | expected (ping + read + extend) | memory per lock |",
+        locker::DEFAULT_REPORT_EVERY,
+        locker::DEFAULT_RECHECK_EVERY,
+        locker::DEFAULT_EXTEND_EVERY
+    );
+    println!("|---|---|---|---|");
+    for &n in &cli.held {
+        let counts = Arc::new(counting::Counts::default());
+        let factory = counting::CountingFactory {
+            inner: locker::connect(url).expect("url"),
+            counts: counts.clone(),
+        };
+        let locker = Locker::builder(factory).build().expect("locker");
+        let rss_before = rss_bytes();
+        let mut guards = Vec::with_capacity(n);
+        let mut beats = Vec::with_capacity(n);
+        for i in 0..n {
+            let key = format!("bench/held/{}/{n}/{i}", std::process::id());
+            match locker.acquire(key.as_str()).await.expect("acquire") {
+                LockAttempt::Acquired(g) => {
+                    beats.push(tokio::spawn(g.heartbeat().lost()));
+                    guards.push(g);
+                }
+                LockAttempt::Held(_) => panic!("fresh key held"),
+            }
+        }
+        let per_lock = rss_bytes().saturating_sub(rss_before) / n as u64;
+        // Steady state: every lock has passed its first recheck before counting starts.
+        tokio::time::sleep(locker::DEFAULT_RECHECK_EVERY).await;
+        let before = counts.snapshot();
+        tokio::time::sleep(cli.window).await;
+        let after = counts.snapshot();
+        let rate = |i: usize| (after[i] - before[i]) as f64 / cli.window.as_secs_f64();
+        let expected = 1.0 / locker::DEFAULT_REPORT_EVERY.as_secs_f64()
+            + n as f64 / locker::DEFAULT_RECHECK_EVERY.as_secs_f64()
+            + n as f64 / locker::DEFAULT_EXTEND_EVERY.as_secs_f64();
+        println!(
+            "| {n} | {:.1} / {:.1} / {:.1} / {:.1} | {expected:.1} | {} B |",
+            rate(4),
+            rate(3),
+            rate(1),
+            rate(0) + rate(2) + rate(5),
+            per_lock
+        );
+        for b in beats {
+            b.abort();
+        }
+        drop(guards);
+        locker.shutdown().await;
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let version = |cmd: &str, arg: &str| {
+        Command::new(cmd)
+            .arg(arg)
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+    format!(
+        "{cores} cores ({cpu}); {}; {}",
+        version("redis-server", "--version"),
+        version("etcd", "--version")
+    )
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if let Some(Hold::Hold { url, key }) = &cli.hold {
+        runtime.block_on(async {
+            let locker = takeover_locker(url);
+            match locker.acquire(key.as_str()).await.expect("acquire") {
+                LockAttempt::Acquired(g) => {
+                    println!("acquired");
+                    std::mem::forget(g);
+                    std::future::pending::<()>().await;
+                }
+                LockAttempt::Held(_) => println!("held"),
+            }
+        });
+        return;
+    }
+    println!(
+        "## Run of {}\n\nMachine: {}\n",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+        machine()
+    );
+    println!("Command: `cargo run --release -p locker-bench -- --backends {} --duration {:?} --tasks {} --takeover-trials {}`", cli.backends.join(","), cli.duration, cli.tasks, cli.takeover_trials);
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut keep = Vec::new();
+    for backend in &cli.backends {
+        let url = match backend.as_str() {
+            "redis" | "fred" => {
+                let server = servers::start_process(ServerKind::Redis).expect("redis-server");
+                let url = if backend == "fred" {
+                    format!("{}?client=fred", server.url())
+                } else {
+                    server.url().to_owned()
+                };
+                keep.push(server);
+                url
+            }
+            "postgres" => {
+                let server = servers::start_process(ServerKind::Postgres).expect("postgres");
+                let url = server.url().to_owned();
+                keep.push(server);
+                url
+            }
+            "sqlite" => format!("sqlite://{}/locks.db", dir.path().display()),
+            "etcd" => {
+                let server = servers::start_process(ServerKind::Etcd).expect("etcd");
+                let url = format!("etcd://{}", server.url().trim_start_matches("http://"));
+                keep.push(server);
+                url
+            }
+            other => {
+                eprintln!("unknown backend {other}");
+                continue;
+            }
+        };
+        runtime.block_on(bench_backend(&cli, backend, &url));
+    }
+}
