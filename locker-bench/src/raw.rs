@@ -14,7 +14,7 @@ pub(crate) enum Raw {
     Fred(fred::prelude::Client, String),
     Postgres(sqlx::PgPool),
     Sqlite(sqlx::SqlitePool),
-    Etcd(etcd_client::Client),
+    Etcd(Box<etcd_client::Client>),
 }
 
 type Res<T> = Result<T, String>;
@@ -84,11 +84,11 @@ impl Raw {
                     .split(',')
                     .map(|h| format!("http://{h}"))
                     .collect();
-                Raw::Etcd(
+                Raw::Etcd(Box::new(
                     etcd_client::Client::connect(endpoints, None)
                         .await
                         .map_err(err)?,
-                )
+                ))
             }
             other => return Err(format!("no raw baseline for {other}")),
         };
@@ -99,7 +99,10 @@ impl Raw {
     pub(crate) async fn reset_server_stats(&self) {
         if let Raw::Redis(conn, _) = self {
             let mut c = conn.clone();
-            let _: Result<(), _> = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut c).await;
+            let _: Result<(), _> = redis::cmd("CONFIG")
+                .arg("RESETSTAT")
+                .query_async(&mut c)
+                .await;
         }
     }
 
@@ -122,7 +125,9 @@ impl Raw {
                     return None;
                 }
                 let calls = rest.split(',').find_map(|f| f.strip_prefix("calls="))?;
-                let per = rest.split(',').find_map(|f| f.strip_prefix("usec_per_call="))?;
+                let per = rest
+                    .split(',')
+                    .find_map(|f| f.strip_prefix("usec_per_call="))?;
                 Some(format!("{name} {per} ({calls} calls)"))
             })
             .collect::<Vec<_>>()
@@ -185,7 +190,7 @@ impl Raw {
                 let txn = Txn::new()
                     .when([Compare::create_revision(key, CompareOp::Equal, 0)])
                     .and_then([TxnOp::put(key, owner, None)]);
-                Ok(client.clone().txn(txn).await.map_err(err)?.succeeded())
+                Ok((**client).clone().txn(txn).await.map_err(err)?.succeeded())
             }
         }
     }
@@ -230,7 +235,7 @@ impl Raw {
                 let txn = Txn::new()
                     .when([Compare::value(key, CompareOp::Equal, owner)])
                     .and_then([TxnOp::delete(key, None)]);
-                client.clone().txn(txn).await.map_err(err)?;
+                (**client).clone().txn(txn).await.map_err(err)?;
             }
         }
         Ok(())

@@ -2,6 +2,9 @@
 //!
 //! `cargo bench -p locker-core --bench beat`
 
+// The macros below generate undocumented public items.
+#![allow(missing_docs)]
+
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
