@@ -17,6 +17,7 @@ use hdrhistogram::Histogram;
 use locker::{LockAttempt, Locker};
 use locker_conformance::servers::{self, ServerKind};
 
+mod chaos;
 mod counting;
 mod raw;
 
@@ -46,13 +47,39 @@ struct Cli {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     window: Duration,
     #[command(subcommand)]
-    hold: Option<Hold>,
+    hold: Option<Sub>,
 }
 
 #[derive(Subcommand, Debug)]
-enum Hold {
+enum Sub {
     /// (internal) Acquire KEY on URL, say so, and wait to be killed.
     Hold { url: String, key: String },
+    /// The chaos test: workers, a fenced resource, kills, freezes, server pauses and restarts.
+    Chaos {
+        /// redis, fred, postgres, sqlite or etcd.
+        #[arg(long)]
+        backend: String,
+        /// How long the controller injects faults.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+        #[arg(long, default_value_t = 4)]
+        keys: usize,
+        /// Redis without persistence: restarts lose the locks (overlaps right after them are
+        /// then reported apart).
+        #[arg(long)]
+        volatile: bool,
+    },
+    /// (internal) One chaos worker.
+    ChaosWorker {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        keys: usize,
+    },
 }
 
 /// Timings of the takeover figures: a short liveness TTL, as a latency-sensitive deployment
@@ -389,7 +416,30 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    if let Some(Hold::Hold { url, key }) = &cli.hold {
+    match &cli.hold {
+        Some(Sub::Chaos {
+            backend,
+            duration,
+            workers,
+            keys,
+            volatile,
+        }) => {
+            let ok = runtime.block_on(chaos::run(chaos::Run {
+                backend: backend.clone(),
+                duration: *duration,
+                workers: *workers,
+                keys: *keys,
+                volatile: *volatile,
+            }));
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+        Some(Sub::ChaosWorker { url, dir, keys }) => {
+            runtime.block_on(chaos::worker(url, dir, *keys));
+            return;
+        }
+        _ => {}
+    }
+    if let Some(Sub::Hold { url, key }) = &cli.hold {
         runtime.block_on(async {
             let locker = takeover_locker(url);
             match locker.acquire(key.as_str()).await.expect("acquire") {

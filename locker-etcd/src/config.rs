@@ -69,12 +69,12 @@ impl EtcdConfig {
         for host in hosts.split(',').filter(|h| !h.is_empty()) {
             let (name, port) = host
                 .rsplit_once(':')
-                .ok_or_else(|| bad(format!("{host:?} has no port")))?;
+                .ok_or_else(|| bad("a host has no port".into()))?;
             let port: u16 = port
                 .parse()
-                .map_err(|_| bad(format!("port {port:?} is not a number")))?;
+                .map_err(|_| bad("a port is not a number from 0 to 65535".into()))?;
             if name.is_empty() || name.contains('/') {
-                return Err(bad(format!("bad host {host:?}")));
+                return Err(bad("a host is empty or has a path".into()));
             }
             builder = builder.endpoint(name, port);
         }

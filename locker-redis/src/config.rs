@@ -229,22 +229,20 @@ fn parse_host(host: &str) -> std::result::Result<(String, u16), String> {
     let (name, port) = if let Some(v6) = host.strip_prefix('[') {
         let (addr, rest) = v6
             .split_once(']')
-            .ok_or_else(|| format!("bad IPv6 host {host:?}"))?;
+            .ok_or_else(|| "an IPv6 host lacks its closing bracket".to_owned())?;
         let port = match rest {
             "" => None,
             _ => Some(
                 rest.strip_prefix(':')
-                    .ok_or_else(|| format!("unexpected {rest:?} after the IPv6 address"))?,
+                    .ok_or_else(|| "unexpected text after an IPv6 address".to_owned())?,
             ),
         };
         let addr = percent_decode_str(addr)
             .decode_utf8()
-            .map_err(|_| format!("bad IPv6 host {host:?}"))?;
+            .map_err(|_| "an IPv6 host is not UTF-8".to_owned())?;
         (addr.into_owned(), port)
     } else if host.matches(':').count() > 1 {
-        return Err(format!(
-            "IPv6 address {host:?} must be in brackets: [addr]:port"
-        ));
+        return Err("an IPv6 address must be in brackets: [addr]:port".to_owned());
     } else {
         match host.rsplit_once(':') {
             Some((h, p)) => (h.to_owned(), Some(p)),
@@ -252,13 +250,13 @@ fn parse_host(host: &str) -> std::result::Result<(String, u16), String> {
         }
     };
     if name.is_empty() {
-        return Err(format!("empty host in {host:?}"));
+        return Err("a host is empty".to_owned());
     }
     let port = match port {
         None | Some("") => 6379,
         Some(p) => p
             .parse()
-            .map_err(|_| format!("port {p:?} is not a number"))?,
+            .map_err(|_| "a port is not a number from 0 to 65535".to_owned())?,
     };
     Ok((name, port))
 }
