@@ -107,7 +107,7 @@ pub(crate) async fn worker(url: &str, dir: &Path, keys: usize) {
         };
         let token = guard.fencing_token().unwrap_or(0);
         let hb = guard.heartbeat();
-        log(dir, &format!("start {key} {token}"));
+        log(dir, &format!("start {key} {token} {}", guard.owner_hash()));
         // Register the token with the resource at once: from here on it refuses older holders.
         let ok = fenced_write(&pool, &key, token).await;
         log(

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use locker_core::{
-    validate_key, AcquireOutcome, BackendFactory, Capabilities, Error, ErrorKind, ExtendOutcome,
-    LockBackend, LockData, ProcessData, ReleaseOutcome, Result,
+    validate_key, AcquireOutcome, BackendFactory, Capabilities, Error, ExtendOutcome, LockBackend,
+    LockData, ProcessData, ReleaseOutcome, Result,
 };
 use locker_sql::{lock_from_row, stored_record, ttl_ms, Tables};
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
@@ -243,16 +243,7 @@ impl PostgresBackend {
         &self,
         query: impl std::future::Future<Output = std::result::Result<T, sqlx::Error>>,
     ) -> Result<T> {
-        match tokio::time::timeout(self.config.command_timeout, query).await {
-            Ok(result) => result.map_err(map_error),
-            Err(_) => Err(Error::new(
-                ErrorKind::Timeout,
-                format!(
-                    "PostgreSQL did not answer within {:?}",
-                    self.config.command_timeout
-                ),
-            )),
-        }
+        locker_sql::within(self.config.command_timeout, "PostgreSQL", query, map_error).await
     }
 
     /// Runs a compare-and-set statement. In READ COMMITTED, a row committed by another

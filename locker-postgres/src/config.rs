@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use locker_core::{Error, Result};
-use locker_sql::Tables;
+use locker_sql::{parse_duration, Tables};
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
 /// Connections in the main pool by default. Lock calls are short; a handful is plenty.
@@ -149,20 +149,6 @@ fn ssl_mode_name(mode: PgSslMode) -> &'static str {
         PgSslMode::VerifyCa => "verify-ca",
         PgSslMode::VerifyFull => "verify-full",
     }
-}
-
-/// `5`, `5s` or `250ms`.
-fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let bad = || format!("duration {s:?} is not seconds or a number with ms/s");
-    if let Some(ms) = s.strip_suffix("ms") {
-        return ms.parse().map(Duration::from_millis).map_err(|_| bad());
-    }
-    let secs = s.strip_suffix('s').unwrap_or(s);
-    secs.parse::<f64>()
-        .ok()
-        .filter(|v| v.is_finite() && *v > 0.0 && *v < 1e9)
-        .map(Duration::from_secs_f64)
-        .ok_or_else(bad)
 }
 
 impl fmt::Debug for PostgresConfig {

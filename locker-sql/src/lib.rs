@@ -10,9 +10,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+use std::future::Future;
 use std::time::Duration;
 
-use locker_core::{Error, LockData, Result};
+use locker_core::{Error, ErrorKind, LockData, Result};
 
 /// The tables of one store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +101,40 @@ pub fn ttl_ms(ttl: Duration) -> Result<i64> {
         .ok()
         .filter(|ms| *ms <= 100 * 365 * 24 * 3600 * 1000)
         .ok_or_else(|| Error::invalid_input(format!("TTL of {ttl:?} is too long")))
+}
+
+/// A duration from a URL parameter: `5` (seconds), `5s` or `250ms`.
+///
+/// # Errors
+/// A message naming the value, for an `InvalidInput` error.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let bad = || format!("duration {s:?} is not seconds or a number with ms/s");
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.parse().map(Duration::from_millis).map_err(|_| bad());
+    }
+    let secs = s.strip_suffix('s').unwrap_or(s);
+    secs.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0 && *v < 1e9)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(bad)
+}
+
+/// Runs one database call within `limit`, mapping its error with `map`; past the limit, a
+/// retryable [`ErrorKind::Timeout`] naming `store`.
+pub async fn within<T, E>(
+    limit: Duration,
+    store: &str,
+    call: impl Future<Output = std::result::Result<T, E>>,
+    map: impl FnOnce(E) -> Error,
+) -> Result<T> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result.map_err(map),
+        Err(_) => Err(Error::new(
+            ErrorKind::Timeout,
+            format!("{store} did not answer within {limit:?}"),
+        )),
+    }
 }
 
 /// The JSON stored in the `record` column: the record without its fencing token.

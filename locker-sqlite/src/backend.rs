@@ -277,16 +277,7 @@ impl SqliteBackend {
         &self,
         query: impl std::future::Future<Output = std::result::Result<T, sqlx::Error>>,
     ) -> Result<T> {
-        match tokio::time::timeout(self.config.command_timeout, query).await {
-            Ok(result) => result.map_err(map_error),
-            Err(_) => Err(Error::new(
-                ErrorKind::Timeout,
-                format!(
-                    "SQLite did not answer within {:?}",
-                    self.config.command_timeout
-                ),
-            )),
-        }
+        locker_sql::within(self.config.command_timeout, "SQLite", query, map_error).await
     }
 
     async fn read_row(&self, key: &str) -> Result<Option<LockRow>> {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use locker_core::{Error, Result};
-use locker_sql::Tables;
+use locker_sql::{parse_duration, Tables};
 
 /// How long a statement waits for another process's write to finish (SQLite's busy timeout).
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -94,20 +94,6 @@ impl SqliteConfig {
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-/// `5`, `5s` or `250ms`.
-fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let bad = || format!("duration {s:?} is not seconds or a number with ms/s");
-    if let Some(ms) = s.strip_suffix("ms") {
-        return ms.parse().map(Duration::from_millis).map_err(|_| bad());
-    }
-    let secs = s.strip_suffix('s').unwrap_or(s);
-    secs.parse::<f64>()
-        .ok()
-        .filter(|v| v.is_finite() && *v > 0.0 && *v < 1e9)
-        .map(Duration::from_secs_f64)
-        .ok_or_else(bad)
 }
 
 impl fmt::Debug for SqliteConfig {
