@@ -36,7 +36,7 @@ impl Tables {
     /// Names under `schema` (if any) with `prefix` (for example `locker_`).
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidInput`](locker_core::ErrorKind::InvalidInput) unless the schema and the
+    /// [`ErrorKind::InvalidInput`] unless the schema and the
     /// prefix are plain identifiers (`[A-Za-z_][A-Za-z0-9_]*`, the prefix may be empty), so that
     /// names never need escaping tricks and always mean the same table.
     pub fn new(schema: Option<&str>, prefix: &str) -> Result<Self> {
@@ -149,7 +149,7 @@ pub fn stored_record(data: &LockData) -> String {
 /// A lock record from its row: the `record` JSON plus the `fencing_token` column.
 ///
 /// # Errors
-/// [`ErrorKind::Corrupt`](locker_core::ErrorKind::Corrupt) when the JSON is not a lock record
+/// [`ErrorKind::Corrupt`] when the JSON is not a lock record
 /// or the token is negative.
 pub fn lock_from_row(key: &str, record: &str, fencing_token: Option<i64>) -> Result<LockData> {
     let mut data = LockData::from_json(record).map_err(|e| e.with_key(key))?;
