@@ -131,6 +131,7 @@ pub(crate) async fn worker(url: &str, dir: &Path, keys: usize) {
                 lost = true;
                 break;
             }
+            log(dir, &format!("beat {key} {token}"));
         }
         if !lost {
             log(dir, &format!("end {key} {token}"));
@@ -318,7 +319,7 @@ fn read_events(dir: &Path) -> Vec<Event> {
 }
 
 /// A critical section: from `start` to its end, seppuku, or its worker's death; `active_to` is
-/// its last write or end, each of which follows a successful beat (what the lock promises).
+/// its last successful beat (the lock promises ownership at each successful beat).
 #[derive(Debug, Clone)]
 struct Section {
     pid: u32,
@@ -372,12 +373,11 @@ fn check(dir: &Path, loses_data: bool) -> bool {
             "end" | "seppuku" => {
                 if let Some(i) = open.remove(&(e.pid, e.key.clone())) {
                     sections[i].to = e.at;
-                    if e.kind == "end" {
-                        sections[i].active_to = e.at;
-                    }
                 }
             }
-            "write-ok" | "write-refused" => {
+            // Ownership is what a successful beat proves, at that moment; writes between beats
+            // are the fenced resource's business.
+            "beat" => {
                 if let Some(&i) = open.get(&(e.pid, e.key.clone())) {
                     sections[i].active_to = e.at;
                 }
@@ -463,6 +463,7 @@ fn check(dir: &Path, loses_data: bool) -> bool {
     // 3. Seppuku: frozen holders whose lock was taken over during the freeze.
     let mut taken_over_while_frozen = 0;
     let mut seppukus = 0;
+    let mut ended_on_waking = 0;
     for s in sections.iter().filter(|s| s.frozen) {
         let Some(freeze) = freezes
             .get(&s.pid)
@@ -478,10 +479,19 @@ fn check(dir: &Path, loses_data: bool) -> bool {
                 && o.token > s.token
         });
         if taken && died_at(s.pid).map_or(true, |d| d > freeze.1) {
+            let after_thaw: Vec<&Event> = events
+                .iter()
+                .filter(|e| e.pid == s.pid && e.key == s.key && e.token == s.token)
+                .filter(|e| e.at >= freeze.1)
+                .collect();
+            // Frozen after its last beat, it only logs its end on waking and touches nothing:
+            // nothing to stop.
+            if !after_thaw.is_empty() && after_thaw.iter().all(|e| e.kind == "end") {
+                ended_on_waking += 1;
+                continue;
+            }
             taken_over_while_frozen += 1;
-            if events.iter().any(|e| {
-                e.kind == "seppuku" && e.pid == s.pid && e.key == s.key && e.token == s.token
-            }) {
+            if after_thaw.iter().any(|e| e.kind == "seppuku") {
                 seppukus += 1;
             } else {
                 println!("  no seppuku: {s:?} (frozen {freeze:?})");
@@ -515,7 +525,7 @@ fn check(dir: &Path, loses_data: bool) -> bool {
     println!("  stale writes (a newer holder had started): refused {stale_refused}, accepted {stale_accepted} (fencing violations; {stale_accepted_after_data_loss} more right after a restart that lost the store's data, before the new holder's first write)");
     println!("  writes of a current holder refused: {fresh_refused}");
     println!("  overlapping sections among processes not frozen: {overlaps} (and {overlaps_after_data_loss} right after a restart that lost the server's data)");
-    println!("  frozen holders taken over: {taken_over_while_frozen}; seppukus at their next beat: {seppukus}");
+    println!("  frozen holders taken over: {taken_over_while_frozen}; seppukus at their next beat: {seppukus} (and {ended_on_waking} frozen after their last beat, which ended without touching the resource)");
     if takeover_ms.is_empty() {
         println!("  jobs of killed holders picked up again: none killed while holding");
     } else {
