@@ -44,7 +44,9 @@ fn event(dir: &Path, line: &str) {
         .append(true)
         .open(dir.join("events"))
     {
-        let _ = writeln!(log, "{} {} {line}", millis(), std::process::id());
+        // One write(2) per line: with O_APPEND, lines of concurrent workers never interleave.
+        let entry = format!("{} {} {line}\n", millis(), std::process::id());
+        let _ = log.write_all(entry.as_bytes());
     }
 }
 
