@@ -1,6 +1,7 @@
 //! The chaos test, short form, per backend (the long form: `locker-bench chaos --duration 10m`).
 //! Runs one backend at a time: the machine has two cores and the test measures timing behaviour.
 
+use std::io::Write;
 use std::process::Command;
 use std::sync::Mutex;
 
@@ -13,8 +14,9 @@ fn chaos(backend: &str) {
         .output()
         .expect("run locker-bench chaos");
     let report = String::from_utf8_lossy(&out.stdout);
-    // The figures go to the test output (shown with --nocapture) and into failures.
-    println!("{report}");
+    // The figures go straight to the test process's stderr, past the harness's capture, so that
+    // every run (CI's included) shows them.
+    let _ = std::io::stderr().write_all(report.as_bytes());
     assert!(
         out.status.success() && report.contains("verdict: PASS"),
         "{report}\n{}",
