@@ -307,9 +307,20 @@ impl PostgresBackend {
     }
 }
 
-/// PostgreSQL `text` cannot hold NUL; say so instead of letting the server refuse it.
+/// The longest key, in bytes: a btree index row holds at most about 2.7 KB, so longer keys
+/// are refused up front with a clear error instead of by the server.
+pub const MAX_KEY_LEN: usize = 2048;
+
+/// PostgreSQL `text` cannot hold NUL, and the key's index limits its length; say so instead of
+/// letting the server refuse it.
 fn check_key(key: &str) -> Result<()> {
     validate_key(key)?;
+    if key.len() > MAX_KEY_LEN {
+        return Err(Error::invalid_input(format!(
+            "lock key is {} bytes, more than PostgreSQL's index allows ({MAX_KEY_LEN})",
+            key.len()
+        )));
+    }
     if key.contains('\0') {
         return Err(Error::invalid_input(
             "PostgreSQL text cannot hold NUL characters (in the lock key)",
@@ -326,6 +337,7 @@ impl LockBackend for PostgresBackend {
         c.ttl_granularity = Duration::from_millis(1);
         c.shared_across_processes = true;
         c.atomic_take_over = true;
+        c.max_key_len = Some(MAX_KEY_LEN);
         c
     }
 

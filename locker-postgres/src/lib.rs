@@ -7,7 +7,7 @@ mod config;
 mod error;
 pub mod migrations;
 
-pub use backend::PostgresBackend;
+pub use backend::{PostgresBackend, MAX_KEY_LEN};
 pub use config::{
     PostgresConfig, PostgresConfigBuilder, DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,

@@ -62,3 +62,29 @@ async fn setup() -> Setup {
 }
 
 locker_conformance::conformance_suite!(postgres, setup());
+
+#[test]
+fn keys_longer_than_the_index_allows_are_typed_errors() {
+    use locker_core::{ErrorKind, LockBackend, LockData, Locker};
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let server = servers::shared(ServerKind::Postgres).unwrap_or_else(|e| panic!("{e}"));
+        let config = config_for(server.url());
+        let backend = PostgresBackend::connect(&config).await.expect("connect");
+        assert_eq!(
+            backend.capabilities().max_key_len,
+            Some(locker_postgres::MAX_KEY_LEN)
+        );
+        let key = "k".repeat(locker_postgres::MAX_KEY_LEN + 1);
+        let data = LockData::new(format!("{key}@h/1.2.3"), "h/1.2".into(), None);
+        let e = backend
+            .acquire(&key, &data, Duration::from_secs(10))
+            .await
+            .expect_err("too long");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        let locker = Locker::builder(config).build().expect("locker");
+        let e = locker.acquire(key.as_str()).await.expect_err("too long");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        locker.shutdown().await;
+    });
+}
