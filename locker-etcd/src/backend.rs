@@ -101,10 +101,19 @@ impl EtcdBackend {
             let mut client = Client::connect(&config.endpoints, Some(options))
                 .await
                 .map_err(map_error)?;
-            client
-                .get(format!("{}probe", config.prefix), None)
-                .await
-                .map_err(map_error)?;
+            // The probe may be routed to a member that is down: like any request that was never
+            // sent, it is tried again until a live member answers (bounded by the timeout below).
+            let mut tries: u64 = 0;
+            loop {
+                tries += 1;
+                match client.get(format!("{}probe", config.prefix), None).await {
+                    Ok(_) => break,
+                    Err(e) if never_sent(&e) => {
+                        tokio::time::sleep(Duration::from_millis(5 * tries.min(10))).await;
+                    }
+                    Err(e) => return Err(map_error(e)),
+                }
+            }
             Ok::<_, Error>(client)
         };
         let client = tokio::time::timeout(config.connect_timeout * 2, connect)
