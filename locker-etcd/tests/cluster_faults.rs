@@ -21,7 +21,7 @@ fn locker(config: &EtcdConfig) -> Locker {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locks_survive_the_loss_of_one_member() {
-    let server = tokio::task::spawn_blocking(|| servers::start_process(ServerKind::EtcdCluster))
+    let server = tokio::task::spawn_blocking(|| servers::start_private(ServerKind::EtcdCluster))
         .await
         .expect("task")
         .unwrap_or_else(|e| panic!("{e}"));

@@ -50,7 +50,7 @@ async fn setup() -> Setup {
         .with_unreachable(unreachable)
         .with_private_server(|| async {
             let server =
-                tokio::task::spawn_blocking(|| servers::start_process(ServerKind::Postgres))
+                tokio::task::spawn_blocking(|| servers::start_private(ServerKind::Postgres))
                     .await
                     .map_err(|e| ServerError::Failed(e.to_string()))??;
             Ok(PrivateServer {

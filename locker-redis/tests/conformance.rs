@@ -61,7 +61,7 @@ async fn setup(kind: ServerKind, client: ClientLibrary) -> Setup {
         .with_raw_access(Raw(config))
         .with_unreachable(unreachable)
         .with_private_server(move || async move {
-            let server = tokio::task::spawn_blocking(move || servers::start_process(kind))
+            let server = tokio::task::spawn_blocking(move || servers::start_private(kind))
                 .await
                 .map_err(|e| ServerError::Failed(e.to_string()))??;
             let config = config_for(&server, client);

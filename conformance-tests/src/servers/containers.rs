@@ -1,135 +1,537 @@
-//! The `testcontainers` provider: the same servers from container images, for hosts with a
-//! Docker engine. Image names and tags come from `LOCKER_TEST_<KIND>_IMAGE` (`name:tag`); the
-//! defaults are the official images.
+//! The `testcontainers` provider: the same servers, clusters included, from container images,
+//! for hosts with a Docker engine.
 //!
-//! Pause, resume, stop and start go through the Docker command line (`docker pause` ...).
-//! Clusters are not offered by this provider yet: use the `process` provider for them.
+//! - **Images.** `LOCKER_TEST_REDIS_IMAGE`, `LOCKER_TEST_POSTGRES_IMAGE` and
+//!   `LOCKER_TEST_ETCD_IMAGE` (`name:tag`) choose them; the defaults are the official images
+//!   ([`DEFAULT_REDIS_IMAGE`], [`DEFAULT_POSTGRES_IMAGE`], [`DEFAULT_ETCD_IMAGE`]). On a host that
+//!   reaches no registry, `scripts/build-test-images` builds small images from the Debian
+//!   binaries and prints the variables that select them.
+//! - **Network.** Every container runs on the host's network and binds 127.0.0.1 on a free port
+//!   the harness picks, so no test traffic leaves the loopback interface and an engine started
+//!   with `--bridge=none` is enough. (On Docker Desktop, host networking must be enabled.)
+//! - **Control.** Pause, resume, stop and start go through the engine's API (`docker pause`, ...);
+//!   readiness is probed from the host over the server's own protocol, after every start.
+//! - **Cleanup.** A dropped server's containers are removed at once. Containers that outlive
+//!   their handle (a [`shared`](super::shared) server, a killed test process) are removed when the
+//!   test process exits, by a small reaper process that waits for the end of its standard input
+//!   and then runs `docker rm -f`. Every container carries the label [`LABEL`] (value: the test
+//!   process's pid), so a leftover can be found with `docker ps -a --filter label=...`.
 
-use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::io::Write;
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use testcontainers::core::{IntoContainerPort, WaitFor};
 use testcontainers::runners::SyncRunner;
-use testcontainers::{GenericImage, ImageExt};
+use testcontainers::{Container, GenericImage, ImageExt};
 
-use super::{Provider, Server, ServerControl, ServerError, ServerKind};
+use super::process::{free_port, which};
+use super::{
+    etcd, postgres, redis, Member, Provider, Server, ServerControl, ServerError, ServerKind,
+};
 
-fn image(kind: ServerKind, default: &str) -> (String, String) {
-    let var = match kind {
+/// The label on every container the harness starts; its value is the test process's pid.
+pub const LABEL: &str = "org.distributed-locker.test";
+
+/// The default Redis image (the official one).
+pub const DEFAULT_REDIS_IMAGE: &str = "redis:7.4";
+/// The default PostgreSQL image (the official one).
+pub const DEFAULT_POSTGRES_IMAGE: &str = "postgres:17";
+/// The default etcd image (the etcd project's).
+pub const DEFAULT_ETCD_IMAGE: &str = "quay.io/coreos/etcd:v3.5.17";
+
+/// The environment variable that chooses the image of `kind` (clusters use the image of their
+/// single-server kind).
+pub fn image_var(kind: ServerKind) -> &'static str {
+    match kind {
         ServerKind::Redis | ServerKind::RedisCluster => "LOCKER_TEST_REDIS_IMAGE",
         ServerKind::Postgres => "LOCKER_TEST_POSTGRES_IMAGE",
         ServerKind::Etcd | ServerKind::EtcdCluster => "LOCKER_TEST_ETCD_IMAGE",
-    };
-    let spec = std::env::var(var).unwrap_or_else(|_| default.to_owned());
-    match spec.rsplit_once(':') {
-        Some((name, tag)) if !tag.contains('/') => (name.to_owned(), tag.to_owned()),
-        _ => (spec, "latest".to_owned()),
     }
 }
 
-fn failed(kind: ServerKind, e: impl std::fmt::Display) -> ServerError {
-    ServerError::failed(format!(
-        "{kind} container: {e} (is a Docker engine running?)"
-    ))
+/// The image servers of `kind` start from: its variable's value, or the official image.
+pub fn image(kind: ServerKind) -> String {
+    let default = match kind {
+        ServerKind::Redis | ServerKind::RedisCluster => DEFAULT_REDIS_IMAGE,
+        ServerKind::Postgres => DEFAULT_POSTGRES_IMAGE,
+        ServerKind::Etcd | ServerKind::EtcdCluster => DEFAULT_ETCD_IMAGE,
+    };
+    std::env::var(image_var(kind))
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| default.to_owned())
 }
 
-/// Starts a server of `kind` in a container.
-pub(super) fn start(kind: ServerKind) -> Result<Server, ServerError> {
-    let (name, tag) = match kind {
-        ServerKind::Redis => image(kind, "redis:7"),
-        ServerKind::Postgres => image(kind, "postgres:16"),
-        ServerKind::Etcd => image(kind, "quay.io/coreos/etcd:v3.5.17"),
-        ServerKind::RedisCluster | ServerKind::EtcdCluster => {
-            return Err(ServerError::NotAvailable {
-                what: format!("{kind} from testcontainers"),
-                how: "use LOCKER_TEST_PROVIDER=process (local binaries) for clusters".into(),
-            })
+/// `name:tag` split at the tag's colon (not a registry's port); no tag means `latest`.
+fn split_image(spec: &str) -> (String, String) {
+    match spec.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name.to_owned(), tag.to_owned()),
+        _ => (spec.to_owned(), "latest".to_owned()),
+    }
+}
+
+/// Whether a Docker engine answers a ping at `DOCKER_HOST` (a `unix://` or `tcp://` address),
+/// or at `/var/run/docker.sock` when that is unset, within a second.
+pub fn engine_answers() -> bool {
+    use std::io::Read;
+    let host =
+        std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+    let timeout = Some(Duration::from_secs(1));
+    let ping = |mut stream: Box<dyn ReadWrite>| {
+        let mut reply = String::new();
+        stream
+            .write_all(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            .is_ok()
+            && stream.read_to_string(&mut reply).is_ok()
+            && reply.starts_with("HTTP/1.")
+            && reply.contains(" 200 ")
+    };
+    if let Some(path) = host.strip_prefix("unix://") {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => {
+                let _ = s.set_read_timeout(timeout);
+                let _ = s.set_write_timeout(timeout);
+                ping(Box::new(s))
+            }
+            Err(_) => false,
         }
-    };
-    let (port, endpoint): (u16, fn(u16) -> String) = match kind {
-        ServerKind::Redis => (6379, |p| format!("redis://127.0.0.1:{p}")),
-        ServerKind::Postgres => (5432, |p| {
-            format!("postgres://postgres@127.0.0.1:{p}/postgres")
-        }),
-        _ => (2379, |p| format!("http://127.0.0.1:{p}")),
-    };
-    let image = GenericImage::new(name, tag).with_exposed_port(port.tcp());
-    let request = match kind {
-        ServerKind::Redis => image
-            .with_wait_for(WaitFor::message_on_stdout("Ready to accept connections"))
-            .with_cmd(["redis-server", "--save", "", "--appendonly", "no"]),
-        ServerKind::Postgres => image
-            .with_wait_for(WaitFor::message_on_stderr(
-                "database system is ready to accept connections",
-            ))
-            .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust"),
-        _ => image
-            .with_wait_for(WaitFor::message_on_stderr("ready to serve client requests"))
-            .with_cmd([
-                "etcd",
-                "--listen-client-urls=http://0.0.0.0:2379",
-                "--advertise-client-urls=http://127.0.0.1:2379",
-            ]),
-    };
-    let container = request.start().map_err(|e| failed(kind, e))?;
-    let host_port = container
-        .get_host_port_ipv4(port)
-        .map_err(|e| failed(kind, e))?;
-    let control: Arc<dyn ServerControl> = Arc::new(DockerControl {
-        id: container.id().to_owned(),
-    });
-    Ok(Server {
+    } else if let Some(addr) = host.strip_prefix("tcp://") {
+        match std::net::TcpStream::connect(addr) {
+            Ok(s) => {
+                let _ = s.set_read_timeout(timeout);
+                let _ = s.set_write_timeout(timeout);
+                ping(Box::new(s))
+            }
+            Err(_) => false,
+        }
+    } else {
+        false
+    }
+}
+
+trait ReadWrite: std::io::Read + Write {}
+impl<T: std::io::Read + Write> ReadWrite for T {}
+
+/// Starts a server (or cluster) of `kind` in containers.
+pub(super) fn start(kind: ServerKind) -> Result<Server, ServerError> {
+    match kind {
+        ServerKind::Redis => {
+            let port = free_port(0)?;
+            let node = redis_node(kind, port, false)?;
+            Server::from_nodes(
+                kind,
+                Provider::Testcontainers,
+                vec![format!("redis://127.0.0.1:{port}")],
+                vec![node],
+                None,
+                Vec::new(),
+            )
+        }
+        ServerKind::RedisCluster => {
+            let mut ports = Vec::new();
+            let mut nodes = Vec::new();
+            for _ in 0..3 {
+                let port = free_port(redis::BUS_OFFSET)?;
+                nodes.push(redis_node(kind, port, true)?);
+                ports.push(port);
+            }
+            let endpoints = ports
+                .iter()
+                .map(|p| format!("redis://127.0.0.1:{p}"))
+                .collect();
+            Server::from_nodes(
+                kind,
+                Provider::Testcontainers,
+                endpoints,
+                nodes,
+                Some(Box::new(move || redis::form_cluster(&ports))),
+                Vec::new(),
+            )
+        }
+        ServerKind::Postgres => {
+            let port = free_port(0)?;
+            let node = ContainerNode::create(
+                kind,
+                port,
+                GenericImage::new("", "")
+                    .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
+                    .with_env_var("PGPORT", port.to_string()),
+                &[
+                    "postgres",
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=300",
+                    "-c",
+                    "jit=off",
+                ],
+                Box::new(move || postgres::accepts(port)),
+            )?;
+            Server::from_nodes(
+                kind,
+                Provider::Testcontainers,
+                vec![format!("postgres://postgres@127.0.0.1:{port}/postgres")],
+                vec![node],
+                None,
+                Vec::new(),
+            )
+        }
+        ServerKind::Etcd | ServerKind::EtcdCluster => {
+            let members = if kind == ServerKind::Etcd { 1 } else { 3 };
+            let mut ports = Vec::new();
+            for _ in 0..members {
+                ports.push((free_port(0)?, free_port(0)?));
+            }
+            let token = etcd::cluster_token();
+            let mut nodes = Vec::new();
+            for (i, &(client, _)) in ports.iter().enumerate() {
+                let mut cmd = vec!["etcd".to_owned()];
+                cmd.extend(etcd::member_args(
+                    i,
+                    &ports,
+                    &format!("/var/lib/etcd/m{i}"),
+                    &token,
+                ));
+                let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+                nodes.push(ContainerNode::create(
+                    kind,
+                    client,
+                    GenericImage::new("", "").into(),
+                    &cmd,
+                    Box::new(move || etcd::healthy(client)),
+                )?);
+            }
+            let endpoints = ports
+                .iter()
+                .map(|(client, _)| format!("http://127.0.0.1:{client}"))
+                .collect();
+            Server::from_nodes(
+                kind,
+                Provider::Testcontainers,
+                endpoints,
+                nodes,
+                None,
+                Vec::new(),
+            )
+        }
+    }
+}
+
+fn redis_node(kind: ServerKind, port: u16, cluster: bool) -> Result<ContainerNode, ServerError> {
+    let port_arg = port.to_string();
+    let mut cmd = vec![
+        "redis-server",
+        "--port",
+        &port_arg,
+        "--bind",
+        "127.0.0.1",
+        "--protected-mode",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        "/data",
+    ];
+    if cluster {
+        cmd.extend([
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+        ]);
+    }
+    ContainerNode::create(
         kind,
-        provider: Provider::Testcontainers,
-        endpoints: vec![endpoint(host_port)],
-        nodes: vec![control.clone()],
-        control: Some(control),
-        _keep_alive: vec![Box::new(Mutex::new(container))],
+        port,
+        GenericImage::new("", "").into(),
+        &cmd,
+        Box::new(move || redis::answers(port)),
+    )
+}
+
+type Probe = Box<dyn Fn() -> bool + Send + Sync>;
+type Request = testcontainers::ContainerRequest<GenericImage>;
+
+/// One server in one container.
+struct ContainerNode {
+    label: String,
+    container: Mutex<Option<Container<GenericImage>>>,
+    running: AtomicBool,
+    paused: AtomicBool,
+    ready: Probe,
+}
+
+impl std::fmt::Debug for ContainerNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label)
+    }
+}
+
+/// Runs `f` on a thread of its own: testcontainers' blocking calls run their own runtime, which
+/// tokio forbids on a thread that is already inside one (a test's async setup, a fault case).
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
     })
 }
 
-/// Controls a container through the `docker` command line.
-#[derive(Debug)]
-struct DockerControl {
-    id: String,
+impl ContainerNode {
+    /// Creates and starts (without waiting until ready) a container of `kind`'s image, on the
+    /// host's network, running `cmd`. `request` carries the environment (its image name is
+    /// replaced by the configured one).
+    fn create(
+        kind: ServerKind,
+        port: u16,
+        request: Request,
+        cmd: &[&str],
+        ready: Probe,
+    ) -> Result<Self, ServerError> {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let spec = image(kind);
+        let (name, tag) = split_image(&spec);
+        let slug = kind.to_string().to_lowercase().replace(' ', "-");
+        let pid = std::process::id();
+        let container_name = format!(
+            "locker-test-{slug}-{pid}-{}",
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let request = request
+            .with_name(name)
+            .with_tag(tag)
+            .with_network("host")
+            .with_label(LABEL, pid.to_string())
+            .with_container_name(&container_name)
+            .with_cmd(cmd.iter().copied());
+        let container = off_runtime(|| request.start()).map_err(|e| {
+            ServerError::failed(format!(
+                "{kind}: start a container from image {spec}: {e}. Is a Docker engine running \
+                 (DOCKER_HOST)? With no image registry, build local images with \
+                 `scripts/build-test-images` and set {} to the tag it prints",
+                image_var(kind)
+            ))
+        })?;
+        let id = container.id().to_owned();
+        let node = ContainerNode {
+            label: format!(
+                "{kind} in container {container_name} (image {spec}) on 127.0.0.1:{port}"
+            ),
+            container: Mutex::new(Some(container)),
+            running: AtomicBool::new(true),
+            paused: AtomicBool::new(false),
+            ready,
+        };
+        // On failure `node` is dropped here, which removes the container.
+        reap_at_exit(&id)?;
+        let line = format!("locker-conformance: started {}\n", node.label);
+        let _ = std::io::stderr().write_all(line.as_bytes());
+        Ok(node)
+    }
+
+    /// Runs `op` on the container, off any runtime.
+    fn with<T: Send>(
+        &self,
+        what: &str,
+        op: impl FnOnce(&Container<GenericImage>) -> testcontainers::core::error::Result<T> + Send,
+    ) -> Result<T, ServerError> {
+        let guard = self.container.lock().unwrap_or_else(|p| p.into_inner());
+        let container = guard
+            .as_ref()
+            .ok_or_else(|| ServerError::failed(format!("{}: removed", self.label)))?;
+        off_runtime(|| op(container))
+            .map_err(|e| ServerError::failed(format!("{}: {what}: {e}", self.label)))
+    }
+
+    fn is_running(&self) -> bool {
+        self.with("inspect", |c| c.is_running()).unwrap_or(false)
+    }
+
+    /// The last lines of the container's output, for error messages.
+    fn log_tail(&self) -> String {
+        let out = self
+            .with("read its logs", |c| {
+                let mut all = c.stdout_to_vec()?;
+                all.extend(c.stderr_to_vec()?);
+                Ok(all)
+            })
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&out);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
 }
 
-impl DockerControl {
-    fn docker(&self, verb: &str) -> Result<(), ServerError> {
-        let out = Command::new("docker")
-            .args([verb, &self.id])
-            .output()
-            .map_err(|e| ServerError::io(format!("docker {verb}"), e))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(ServerError::failed(format!(
-                "docker {verb} {}: {}",
-                self.id,
-                String::from_utf8_lossy(&out.stderr)
-            )))
+impl Member for ContainerNode {
+    fn spawn(&self) -> Result<(), ServerError> {
+        if self.running.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.with("start", |c| c.start()).inspect_err(|_| {
+            self.running.store(false, Ordering::SeqCst);
+        })
+    }
+
+    fn wait_ready(&self, limit: Duration) -> Result<(), ServerError> {
+        let start = Instant::now();
+        loop {
+            if (self.ready)() && self.is_running() {
+                return Ok(());
+            }
+            if !self.is_running() {
+                return Err(ServerError::failed(format!(
+                    "{} exited during start-up; its output ends with:\n{}",
+                    self.label,
+                    self.log_tail()
+                )));
+            }
+            if start.elapsed() > limit {
+                return Err(ServerError::failed(format!(
+                    "{} was not ready within {limit:?}; its output ends with:\n{}",
+                    self.label,
+                    self.log_tail()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
 
-impl ServerControl for DockerControl {
+impl ServerControl for ContainerNode {
     fn pause(&self) -> Result<(), ServerError> {
-        self.docker("pause")
+        self.with("pause", |c| futures::executor::block_on(c.pause()))?;
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     fn resume(&self) -> Result<(), ServerError> {
-        self.docker("unpause")
+        self.with("unpause", |c| futures::executor::block_on(c.unpause()))?;
+        self.paused.store(false, Ordering::SeqCst);
+        Ok(())
     }
 
     fn stop(&self) -> Result<(), ServerError> {
-        self.docker("stop")
+        if !self.running.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        if self.paused.load(Ordering::SeqCst) {
+            self.resume()?;
+        }
+        self.with("stop", |c| c.stop_with_timeout(Some(10)))
     }
 
     fn start(&self) -> Result<(), ServerError> {
-        self.docker("start")
+        self.spawn()?;
+        self.wait_ready(Duration::from_secs(60))
     }
 
     fn pids(&self) -> Vec<u32> {
         Vec::new()
+    }
+}
+
+impl Drop for ContainerNode {
+    fn drop(&mut self) {
+        if self.paused.load(Ordering::SeqCst) {
+            let _ = self.resume();
+        }
+        let container = self
+            .container
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        // Dropping the container removes it (`docker rm -f -v`), through the engine.
+        off_runtime(move || drop(container));
+    }
+}
+
+/// Registers a container with this process's reaper, which removes it when the process exits.
+fn reap_at_exit(id: &str) -> Result<(), ServerError> {
+    static REAPER: OnceLock<Result<Mutex<ChildStdin>, String>> = OnceLock::new();
+    let reaper = REAPER
+        .get_or_init(spawn_reaper)
+        .as_ref()
+        .map_err(|e| ServerError::failed(e.clone()))?;
+    let mut stdin = reaper.lock().unwrap_or_else(|p| p.into_inner());
+    writeln!(stdin, "{id}").map_err(|e| ServerError::io("register a container with the reaper", e))
+}
+
+/// Collects container ids, one per line, until its standard input ends (the test process is
+/// gone, however it ended), then removes them all. It ignores the terminal's signals and runs
+/// in its own session, so a Ctrl-C or a kill of the test's process group does not stop it first.
+const REAPER: &str = r#"
+trap '' INT TERM HUP
+ids=
+while read -r id; do ids="$ids $id"; done
+if [ -n "$ids" ]; then
+  docker unpause $ids >/dev/null 2>&1
+  docker rm -f -v $ids >/dev/null 2>&1
+fi
+"#;
+
+fn spawn_reaper() -> Result<Mutex<ChildStdin>, String> {
+    if which("docker").is_none() {
+        return Err(
+            "the `docker` command is not in PATH: the harness uses it to remove its \
+                    containers when the test process exits (install docker.io)"
+                .into(),
+        );
+    }
+    let mut cmd = match which("setsid") {
+        Some(setsid) => {
+            let mut cmd = Command::new(setsid);
+            cmd.arg("sh");
+            cmd
+        }
+        None => Command::new("sh"),
+    };
+    let mut child = cmd
+        .arg("-c")
+        .arg(REAPER)
+        .arg("locker-test-reaper")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start the container reaper (sh): {e}"))?;
+    child
+        .stdin
+        .take()
+        .map(Mutex::new)
+        .ok_or_else(|| "the container reaper has no standard input".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_image;
+
+    #[test]
+    fn image_specs_split_at_the_tag() {
+        let s = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+        assert_eq!(split_image("redis:7.4"), s("redis", "7.4"));
+        assert_eq!(split_image("redis"), s("redis", "latest"));
+        assert_eq!(
+            split_image("quay.io/coreos/etcd:v3.5.17"),
+            s("quay.io/coreos/etcd", "v3.5.17")
+        );
+        assert_eq!(
+            split_image("localhost:5000/redis"),
+            s("localhost:5000/redis", "latest")
+        );
+        assert_eq!(
+            split_image("localhost:5000/redis:7"),
+            s("localhost:5000/redis", "7")
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use nix::sys::signal::Signal;
 
 use super::process::{free_port, tcp_exchange, temp_dir, which, ServerProcess};
-use super::{Server, ServerError, ServerKind};
+use super::{Provider, Server, ServerError, ServerKind};
 
 /// Starts an etcd cluster of `members` members (1 for a single server).
 pub(super) fn start(members: usize) -> Result<Server, ServerError> {
@@ -23,44 +23,17 @@ pub(super) fn start(members: usize) -> Result<Server, ServerError> {
     for _ in 0..members {
         ports.push((free_port(0)?, free_port(0)?));
     }
-    let initial_cluster = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let token = format!(
-        "locker-test-{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default()
-    );
+    let token = cluster_token();
     let mut processes = Vec::new();
     let mut dirs: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
     let mut endpoints = Vec::new();
-    for (i, (client, peer)) in ports.iter().copied().enumerate() {
+    for (i, (client, _)) in ports.iter().copied().enumerate() {
         let dir = temp_dir("etcd")?;
-        let client_url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let args: Vec<OsString> = [
-            format!("--name=m{i}"),
-            format!("--data-dir={}", dir.path().join("data").display()),
-            format!("--listen-client-urls={client_url}"),
-            format!("--advertise-client-urls={client_url}"),
-            format!("--listen-peer-urls={peer_url}"),
-            format!("--initial-advertise-peer-urls={peer_url}"),
-            format!("--initial-cluster={initial_cluster}"),
-            format!("--initial-cluster-token={token}"),
-            "--initial-cluster-state=new".into(),
-            "--heartbeat-interval=50".into(),
-            "--election-timeout=500".into(),
-            "--logger=zap".into(),
-            "--log-level=warn".into(),
-        ]
-        .map(OsString::from)
-        .into();
+        let data = dir.path().join("data");
+        let args: Vec<OsString> = member_args(i, &ports, &data.to_string_lossy(), &token)
+            .into_iter()
+            .map(OsString::from)
+            .collect();
         processes.push(
             ServerProcess::new(
                 format!("etcd member m{i} on 127.0.0.1:{client}"),
@@ -69,19 +42,69 @@ pub(super) fn start(members: usize) -> Result<Server, ServerError> {
                 None,
                 dir.path().join("server.log"),
                 Signal::SIGTERM,
-                move || {
-                    tcp_exchange(
-                        client,
-                        b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n",
-                        |b| b.ends_with(b"}") || b.ends_with(b"}\n"),
-                    )
-                    .is_some_and(|r| r.contains("\"health\":\"true\""))
-                },
+                move || healthy(client),
             )
             .cleanup_on_exit(dir.path().to_owned()),
         );
         dirs.push(Box::new(dir));
-        endpoints.push(client_url);
+        endpoints.push(format!("http://127.0.0.1:{client}"));
     }
-    Server::from_processes(kind, endpoints, processes, None, dirs)
+    Server::from_nodes(kind, Provider::Process, endpoints, processes, None, dirs)
+}
+
+/// Whether the etcd member whose client port is `port` reports itself healthy (it has a
+/// leader).
+pub(super) fn healthy(port: u16) -> bool {
+    tcp_exchange(
+        port,
+        b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n",
+        |b| b.ends_with(b"}") || b.ends_with(b"}\n"),
+    )
+    .is_some_and(|r| r.contains("\"health\":\"true\""))
+}
+
+/// A cluster token no other cluster of this machine has.
+pub(super) fn cluster_token() -> String {
+    format!(
+        "locker-test-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    )
+}
+
+/// The flags of member `i` of a cluster whose members have the `(client, peer)` loopback
+/// `ports`, with its data in `data_dir`.
+pub(super) fn member_args(
+    i: usize,
+    ports: &[(u16, u16)],
+    data_dir: &str,
+    token: &str,
+) -> Vec<String> {
+    let initial_cluster = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let (client, peer) = ports[i];
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    vec![
+        format!("--name=m{i}"),
+        format!("--data-dir={data_dir}"),
+        format!("--listen-client-urls={client_url}"),
+        format!("--advertise-client-urls={client_url}"),
+        format!("--listen-peer-urls={peer_url}"),
+        format!("--initial-advertise-peer-urls={peer_url}"),
+        format!("--initial-cluster={initial_cluster}"),
+        format!("--initial-cluster-token={token}"),
+        "--initial-cluster-state=new".into(),
+        "--heartbeat-interval=50".into(),
+        "--election-timeout=500".into(),
+        "--logger=zap".into(),
+        "--log-level=warn".into(),
+    ]
 }

@@ -8,7 +8,9 @@
 //!   the Debian binaries (`redis-server`, `/usr/lib/postgresql/*/bin/postgres`, `etcd`) on free
 //!   loopback ports in a temporary directory, waited for until ready, and stopped when dropped.
 //!   A wrapper stops it too when the test process exits, so no server outlives its tests;
-//! - `testcontainers` (with the crate feature of that name): started from container images.
+//! - `testcontainers` (with the crate feature of that name): started from container images on
+//!   the host's network ([`containers`]); the default when the kind's local binaries are
+//!   missing and a Docker engine answers.
 //!
 //! When no server can be had, [`start`] and [`shared`] fail with a message that says how to get
 //! one.
@@ -243,18 +245,31 @@ impl Drop for Server {
     }
 }
 
-/// Extra readiness of a whole group (a Redis Cluster's slots all served).
-type GroupReady = fn(&[Arc<process::ServerProcess>]) -> Result<(), ServerError>;
+/// Extra readiness of a whole group (a Redis Cluster's slots all assigned and served).
+pub(crate) type GroupReady = Box<dyn Fn() -> Result<(), ServerError> + Send + Sync>;
+
+/// A node the harness starts in two steps, so that the members of a cluster, which wait for
+/// each other, can all be started before any is waited for.
+pub(crate) trait Member: ServerControl {
+    /// Starts the node without waiting for it to be ready.
+    fn spawn(&self) -> Result<(), ServerError>;
+    /// Waits until the node answers, failing early if it died.
+    fn wait_ready(&self, limit: std::time::Duration) -> Result<(), ServerError>;
+}
 
 /// Stops, pauses and starts several nodes as one.
-#[derive(Debug)]
-struct Group {
-    nodes: Vec<Arc<process::ServerProcess>>,
-    /// Extra readiness of the whole group (a Redis Cluster's slots all served).
+struct Group<M> {
+    nodes: Vec<Arc<M>>,
     ready: Option<GroupReady>,
 }
 
-impl ServerControl for Group {
+impl<M: fmt::Debug> fmt::Debug for Group<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Group").field("nodes", &self.nodes).finish()
+    }
+}
+
+impl<M: Member> ServerControl for Group<M> {
     fn pause(&self) -> Result<(), ServerError> {
         self.nodes.iter().try_for_each(|n| n.pause())
     }
@@ -273,8 +288,8 @@ impl ServerControl for Group {
         for n in &self.nodes {
             n.wait_ready(std::time::Duration::from_secs(60))?;
         }
-        match self.ready {
-            Some(ready) => ready(&self.nodes),
+        match &self.ready {
+            Some(ready) => ready(),
             None => Ok(()),
         }
     }
@@ -285,21 +300,24 @@ impl ServerControl for Group {
 }
 
 impl Server {
-    fn from_processes(
+    /// A server made of `nodes`, started (all nodes, then the group's readiness) before it is
+    /// returned.
+    pub(crate) fn from_nodes<M: Member + 'static>(
         kind: ServerKind,
+        provider: Provider,
         endpoints: Vec<String>,
-        nodes: Vec<process::ServerProcess>,
+        nodes: Vec<M>,
         ready: Option<GroupReady>,
         keep_alive: Vec<Box<dyn std::any::Any + Send + Sync>>,
     ) -> Result<Server, ServerError> {
-        let nodes: Vec<Arc<process::ServerProcess>> = nodes.into_iter().map(Arc::new).collect();
+        let nodes: Vec<Arc<M>> = nodes.into_iter().map(Arc::new).collect();
         let group = Arc::new(Group {
             nodes: nodes.clone(),
             ready,
         });
         let server = Server {
             kind,
-            provider: Provider::Process,
+            provider,
             endpoints,
             nodes: nodes
                 .into_iter()
@@ -329,15 +347,42 @@ impl Server {
     }
 }
 
+/// Whether the local binaries for `kind` are installed (what the `process` provider needs).
+pub fn local_binaries(kind: ServerKind) -> bool {
+    match kind {
+        ServerKind::Redis | ServerKind::RedisCluster => process::which("redis-server").is_some(),
+        ServerKind::Postgres => postgres::installed(),
+        ServerKind::Etcd | ServerKind::EtcdCluster => process::which("etcd").is_some(),
+    }
+}
+
+/// Whether the `testcontainers` provider can run here: the crate feature is on and a Docker
+/// engine answers.
+pub fn containers_available() -> bool {
+    #[cfg(feature = "testcontainers")]
+    {
+        containers::engine_answers()
+    }
+    #[cfg(not(feature = "testcontainers"))]
+    {
+        false
+    }
+}
+
+/// The provider `LOCKER_TEST_PROVIDER` (`provider`) chooses for `kind`. Unset: `env` when the
+/// kind's variable is set, else `process` when the local binaries are installed, else
+/// `testcontainers` when a Docker engine answers (and the feature is on), else `process`, which
+/// then fails saying how to get a server.
 fn provider_for(
     kind: ServerKind,
     provider: Option<&str>,
     env_set: bool,
 ) -> Result<Provider, ServerError> {
-    let _ = kind;
-    match provider {
+    match provider.map(str::trim) {
         None | Some("") => Ok(if env_set {
             Provider::Env
+        } else if !local_binaries(kind) && containers_available() {
+            Provider::Testcontainers
         } else {
             Provider::Process
         }),
@@ -380,8 +425,23 @@ pub fn start_with(
     }
 }
 
-/// Starts a private server of `kind` from local binaries, whatever the environment says: what
-/// the fault cases use, since they pause and restart it.
+/// Starts a private server of `kind` that the harness controls (pause, restart): what the fault
+/// cases use. It comes from the provider `LOCKER_TEST_PROVIDER` selects, except that `env` (a
+/// server the harness cannot control) falls back to the default choice between `process` and
+/// `testcontainers`, ignoring the kind's variable.
+pub fn start_private(kind: ServerKind) -> Result<Server, ServerError> {
+    let chosen = std::env::var("LOCKER_TEST_PROVIDER").ok();
+    match provider_for(kind, chosen.as_deref(), false)? {
+        Provider::Testcontainers => start_container(kind),
+        Provider::Env => match provider_for(kind, None, false)? {
+            Provider::Testcontainers => start_container(kind),
+            _ => start_process(kind),
+        },
+        Provider::Process => start_process(kind),
+    }
+}
+
+/// Starts a private server of `kind` from local binaries, whatever the environment says.
 pub fn start_process(kind: ServerKind) -> Result<Server, ServerError> {
     match kind {
         ServerKind::Redis => redis::start(),

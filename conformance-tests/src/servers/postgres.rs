@@ -7,7 +7,7 @@ use std::process::Command;
 use nix::sys::signal::Signal;
 
 use super::process::{free_port, temp_dir, RunAs, ServerProcess};
-use super::{Server, ServerError, ServerKind};
+use super::{Provider, Server, ServerError, ServerKind};
 
 /// The newest installed PostgreSQL's `bin` directory.
 fn bin_dir() -> Result<PathBuf, ServerError> {
@@ -124,11 +124,35 @@ pub(super) fn start() -> Result<Server, ServerError> {
         },
     )
     .cleanup_on_exit(dir.path().to_owned());
-    Server::from_processes(
+    Server::from_nodes(
         ServerKind::Postgres,
+        Provider::Process,
         vec![format!("postgres://postgres@127.0.0.1:{port}/postgres")],
         vec![process],
         None,
         vec![Box::new(dir)],
     )
+}
+
+/// Whether a PostgreSQL server on a loopback port accepts a session for user `postgres` now: it
+/// answers a startup message with an authentication request (`R`), not with an error (`E`, for
+/// example "the database system is starting up").
+pub(super) fn accepts(port: u16) -> bool {
+    let mut body = Vec::new();
+    body.extend(196_608_u32.to_be_bytes()); // protocol 3.0
+    for s in ["user", "postgres", "database", "postgres"] {
+        body.extend(s.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let len = u32::try_from(body.len() + 4).unwrap_or(u32::MAX);
+    let mut message = len.to_be_bytes().to_vec();
+    message.extend(body);
+    super::process::tcp_exchange(port, &message, |b| !b.is_empty())
+        .is_some_and(|r| r.starts_with('R'))
+}
+
+/// Whether a PostgreSQL server binary is installed under `/usr/lib/postgresql`.
+pub(super) fn installed() -> bool {
+    bin_dir().is_ok()
 }

@@ -14,7 +14,7 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
-use super::{ServerControl, ServerError};
+use super::{Member, ServerControl, ServerError};
 
 /// Runs the server in the background, prints its pid, and stops it when its standard input
 /// closes, which the kernel does when the test process exits for any reason (a panic, a
@@ -93,10 +93,6 @@ impl ServerProcess {
     pub(crate) fn cleanup_on_exit(mut self, dir: PathBuf) -> Self {
         self.cleanup = Some(dir);
         self
-    }
-
-    pub(crate) fn label(&self) -> &str {
-        &self.label
     }
 
     /// Starts the process (without waiting for it to be ready).
@@ -250,6 +246,16 @@ impl ServerControl for ServerProcess {
             .and_then(|p| u32::try_from(p.as_raw()).ok())
             .into_iter()
             .collect()
+    }
+}
+
+impl Member for ServerProcess {
+    fn spawn(&self) -> Result<(), ServerError> {
+        ServerProcess::spawn(self)
+    }
+
+    fn wait_ready(&self, limit: Duration) -> Result<(), ServerError> {
+        ServerProcess::wait_ready(self, limit)
     }
 }
 

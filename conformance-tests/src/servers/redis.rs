@@ -2,17 +2,15 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
 use super::process::{free_port, tcp_exchange, temp_dir, which, ServerProcess};
-use super::{Server, ServerError, ServerKind};
+use super::{Provider, Server, ServerError, ServerKind};
 
 /// Redis Cluster nodes talk on `port + 10000`.
-const BUS_OFFSET: u16 = 10_000;
+pub(super) const BUS_OFFSET: u16 = 10_000;
 
 fn binary(kind: ServerKind) -> Result<PathBuf, ServerError> {
     which("redis-server").ok_or_else(|| ServerError::NotAvailable {
@@ -88,9 +86,7 @@ fn custom_node(
             if tls {
                 std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
             } else {
-                // Any answer will do: with ACLs, PING may be refused (`-NOAUTH`).
-                tcp_exchange(port, b"PING\r\n", |b| b.ends_with(b"\r\n"))
-                    .is_some_and(|r| r.starts_with('+') || r.starts_with('-'))
+                answers(port)
             }
         },
     )
@@ -102,8 +98,9 @@ fn custom_node(
 pub(super) fn start() -> Result<Server, ServerError> {
     let port = free_port(0)?;
     let (process, dir) = node(port, false, ServerKind::Redis)?;
-    Server::from_processes(
+    Server::from_nodes(
         ServerKind::Redis,
+        Provider::Process,
         vec![format!("redis://127.0.0.1:{port}")],
         vec![process],
         None,
@@ -117,8 +114,9 @@ pub(super) fn start_custom(extra: Vec<OsString>, tls: bool) -> Result<Server, Se
     let port = free_port(0)?;
     let (process, dir) = custom_node(port, false, ServerKind::Redis, extra, tls)?;
     let scheme = if tls { "rediss" } else { "redis" };
-    Server::from_processes(
+    Server::from_nodes(
         ServerKind::Redis,
+        Provider::Process,
         vec![format!("{scheme}://127.0.0.1:{port}")],
         vec![process],
         None,
@@ -131,58 +129,92 @@ pub(super) fn start_cluster() -> Result<Server, ServerError> {
     let mut processes = Vec::new();
     let mut dirs: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
     let mut endpoints = Vec::new();
+    let mut ports = Vec::new();
     for _ in 0..3 {
         let port = free_port(BUS_OFFSET)?;
+        ports.push(port);
         let (process, dir) = node(port, true, ServerKind::RedisCluster)?;
         processes.push(process);
         dirs.push(Box::new(dir));
         endpoints.push(format!("redis://127.0.0.1:{port}"));
     }
-    Server::from_processes(
+    Server::from_nodes(
         ServerKind::RedisCluster,
+        Provider::Process,
         endpoints,
         processes,
-        Some(form_cluster),
+        Some(Box::new(move || form_cluster(&ports))),
         dirs,
     )
 }
 
-fn port_of(node: &ServerProcess) -> Option<String> {
-    node.label().rsplit(':').next().map(str::to_owned)
+/// Sends one command to the Redis server on a loopback port and returns its reply (RESP text),
+/// or `None` when nothing whole came back within a second.
+pub(super) fn command(port: u16, args: &[&str]) -> Option<String> {
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    tcp_exchange(port, request.as_bytes(), reply_complete)
 }
 
-/// Assigns the slots on first start (a restart keeps them in `nodes.conf`), then waits until
-/// every node reports `cluster_state:ok`.
-fn form_cluster(nodes: &[Arc<ServerProcess>]) -> Result<(), ServerError> {
-    let ports: Vec<String> = nodes.iter().filter_map(|n| port_of(n)).collect();
-    let info = |port: &str| {
-        Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", port, "cluster", "info"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
+/// Whether `b` holds a whole RESP reply of one of the kinds cluster formation gets: a simple
+/// string, an error, an integer or a bulk string.
+fn reply_complete(b: &[u8]) -> bool {
+    let Some(end) = b.windows(2).position(|w| w == b"\r\n") else {
+        return false;
     };
-    let assigned = info(&ports[0]).contains("cluster_slots_assigned:16384");
-    if !assigned {
-        let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .map_err(|e| {
-                ServerError::io("run redis-cli --cluster create (package redis-tools)", e)
-            })?;
-        if !out.status.success() {
-            return Err(ServerError::failed(format!(
-                "redis-cli --cluster create failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )));
+    if b.first() != Some(&b'$') {
+        return true;
+    }
+    match std::str::from_utf8(&b[1..end])
+        .ok()
+        .and_then(|n| n.parse::<i64>().ok())
+    {
+        Some(n) if n >= 0 => b.len() >= end + 2 + n as usize + 2,
+        _ => true,
+    }
+}
+
+/// Whether a Redis server answers on `port`. Any answer will do: with ACLs, PING may be
+/// refused (`-NOAUTH`).
+pub(super) fn answers(port: u16) -> bool {
+    tcp_exchange(port, b"PING\r\n", |b| b.ends_with(b"\r\n"))
+        .is_some_and(|r| r.starts_with('+') || r.starts_with('-'))
+}
+
+/// Makes 3 (or more) cluster-enabled Redis servers on loopback `ports` one cluster on first
+/// start (each takes an equal share of the 16384 slots and its own config epoch, then the first
+/// meets the others: what `redis-cli --cluster create` does), and waits until every node reports
+/// `cluster_state:ok`. A restart keeps the slots in each node's `nodes.conf`.
+pub(super) fn form_cluster(ports: &[u16]) -> Result<(), ServerError> {
+    let info = |port: u16| command(port, &["CLUSTER", "INFO"]).unwrap_or_default();
+    let expect_ok = |port: u16, args: &[&str]| match command(port, args) {
+        Some(r) if r.starts_with("+OK") => Ok(()),
+        other => Err(ServerError::failed(format!(
+            "Redis on 127.0.0.1:{port}: {} answered {other:?}",
+            args.join(" ")
+        ))),
+    };
+    let first = *ports
+        .first()
+        .ok_or_else(|| ServerError::failed("a Redis Cluster needs nodes"))?;
+    if !info(first).contains("cluster_slots_assigned:16384") {
+        let n = ports.len();
+        for (i, &port) in ports.iter().enumerate() {
+            let (lo, hi) = (16384 * i / n, 16384 * (i + 1) / n - 1);
+            expect_ok(
+                port,
+                &["CLUSTER", "ADDSLOTSRANGE", &lo.to_string(), &hi.to_string()],
+            )?;
+            expect_ok(port, &["CLUSTER", "SET-CONFIG-EPOCH", &(i + 1).to_string()])?;
+        }
+        for &port in &ports[1..] {
+            expect_ok(first, &["CLUSTER", "MEET", "127.0.0.1", &port.to_string()])?;
         }
     }
     let start = Instant::now();
-    while !ports.iter().all(|p| info(p).contains("cluster_state:ok")) {
+    while !ports.iter().all(|&p| info(p).contains("cluster_state:ok")) {
         if start.elapsed() > Duration::from_secs(60) {
             return Err(ServerError::failed(format!(
                 "the Redis Cluster on ports {ports:?} did not reach cluster_state:ok within 60 s"
