@@ -137,6 +137,7 @@ pub(super) fn start() -> Result<Server, ServerError> {
 /// Whether a PostgreSQL server on a loopback port accepts a session for user `postgres` now: it
 /// answers a startup message with an authentication request (`R`), not with an error (`E`, for
 /// example "the database system is starting up").
+#[cfg_attr(not(feature = "testcontainers"), allow(dead_code))]
 pub(super) fn accepts(port: u16) -> bool {
     let mut body = Vec::new();
     body.extend(196_608_u32.to_be_bytes()); // protocol 3.0
