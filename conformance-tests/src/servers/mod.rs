@@ -378,10 +378,26 @@ fn provider_for(
     provider: Option<&str>,
     env_set: bool,
 ) -> Result<Provider, ServerError> {
+    choose(
+        provider,
+        env_set,
+        || local_binaries(kind),
+        containers_available,
+    )
+}
+
+/// [`provider_for`] with the facts as functions, asked only when needed (a Docker ping costs a
+/// connection).
+fn choose(
+    provider: Option<&str>,
+    env_set: bool,
+    local: impl FnOnce() -> bool,
+    engine: impl FnOnce() -> bool,
+) -> Result<Provider, ServerError> {
     match provider.map(str::trim) {
         None | Some("") => Ok(if env_set {
             Provider::Env
-        } else if !local_binaries(kind) && containers_available() {
+        } else if !local() && engine() {
             Provider::Testcontainers
         } else {
             Provider::Process
@@ -493,4 +509,34 @@ pub fn shared(kind: ServerKind) -> Result<&'static Server, ServerError> {
         .get_or_init(|| start(kind).map_err(|e| e.to_string()))
         .as_ref()
         .map_err(|e| ServerError::failed(e.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{choose, Provider};
+
+    #[test]
+    fn the_default_provider_follows_what_the_host_has() {
+        let pick = |provider, env_set, local, engine| {
+            choose(provider, env_set, || local, || engine).expect("valid")
+        };
+        // A variable naming a server wins.
+        assert_eq!(pick(None, true, false, true), Provider::Env);
+        // Local binaries come first; containers when they are missing and an engine answers.
+        assert_eq!(pick(None, false, true, true), Provider::Process);
+        assert_eq!(pick(None, false, false, true), Provider::Testcontainers);
+        // Neither: process, which fails saying how to install the server.
+        assert_eq!(pick(None, false, false, false), Provider::Process);
+        // An explicit choice is obeyed, whatever the host has.
+        assert_eq!(
+            pick(Some("testcontainers"), true, true, false),
+            Provider::Testcontainers
+        );
+        assert_eq!(
+            pick(Some(" process "), true, false, true),
+            Provider::Process
+        );
+        assert_eq!(pick(Some("env"), false, true, true), Provider::Env);
+        assert!(choose(Some("podman"), false, || true, || true).is_err());
+    }
 }
