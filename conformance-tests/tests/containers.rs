@@ -72,12 +72,21 @@ fn answers(kind: ServerKind, endpoint: &str) -> bool {
     }
 }
 
-/// The ids of this process's containers, by the harness's label.
-fn our_containers() -> Vec<String> {
+/// The names of this process's containers of `kind` (other tests, running at the same time,
+/// start other kinds).
+fn our_containers(kind: ServerKind) -> Vec<String> {
+    let prefix = format!(
+        "locker-test-{}-{}-",
+        kind.to_string().to_lowercase().replace(' ', "-"),
+        std::process::id()
+    );
     let out = Command::new("docker")
+        .env("DOCKER_HOST", containers::docker_host())
         .args([
             "ps",
-            "-aq",
+            "-a",
+            "--format",
+            "{{.Names}}",
             "--filter",
             &format!("label={}={}", containers::LABEL, std::process::id()),
         ])
@@ -86,6 +95,7 @@ fn our_containers() -> Vec<String> {
     assert!(out.status.success(), "docker ps: {out:?}");
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
+        .filter(|name| name.trim_start_matches('/').starts_with(&prefix))
         .map(str::to_owned)
         .collect()
 }
@@ -122,8 +132,8 @@ fn lifecycle(kind: ServerKind) {
         _ => 1,
     };
     assert_eq!(server.endpoints().len(), nodes, "{server:?}");
-    let ids = our_containers();
-    assert!(ids.len() >= nodes, "{ids:?}");
+    let names = our_containers(kind);
+    assert_eq!(names.len(), nodes, "{names:?}");
     assert!(
         server.endpoints().iter().all(|e| answers(kind, e)),
         "{server:?}"
@@ -155,14 +165,12 @@ fn lifecycle(kind: ServerKind) {
         assert!(all_answer_soon(&server), "after one node's restart");
     }
 
-    let before = our_containers();
     drop(control);
     drop(server);
-    let after = our_containers();
-    assert_eq!(
-        before.len() - after.len(),
-        nodes,
-        "dropping the server removes its containers: {before:?} -> {after:?}"
+    let after = our_containers(kind);
+    assert!(
+        after.is_empty(),
+        "dropping the server removes its containers: {names:?} -> {after:?}"
     );
 }
 
@@ -227,6 +235,7 @@ fn containers_are_removed_when_the_test_process_exits() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let ps = Command::new("docker")
+            .env("DOCKER_HOST", containers::docker_host())
             .args(["ps", "-aq", "--filter", &filter])
             .output()
             .expect("docker ps");

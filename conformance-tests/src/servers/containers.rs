@@ -19,7 +19,7 @@
 
 use std::io::Write;
 use std::process::{ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,10 @@ use super::{
 
 /// The label on every container the harness starts; its value is the test process's pid.
 pub const LABEL: &str = "org.distributed-locker.test";
+
+/// A second label, with the value of `LOCKER_TEST_RUN_ID` when that is set, so that a test
+/// command can find its own run's containers on a shared engine.
+pub const RUN_LABEL: &str = "org.distributed-locker.test.run";
 
 /// The default Redis image (the official one).
 pub const DEFAULT_REDIS_IMAGE: &str = "redis:7.4";
@@ -72,13 +76,38 @@ fn split_image(spec: &str) -> (String, String) {
     }
 }
 
-/// Whether a Docker engine answers a ping at `DOCKER_HOST` (a `unix://` or `tcp://` address),
-/// or at `/var/run/docker.sock` when that is unset, within a second.
+/// The engine's address as testcontainers finds it: `DOCKER_HOST`, else the first socket that
+/// exists of `/var/run/docker.sock`, `$XDG_RUNTIME_DIR/.docker/run/docker.sock`,
+/// `~/.docker/run/docker.sock` and `~/.docker/desktop/docker.sock` (testcontainers also reads
+/// `~/.testcontainers.properties`, which this ignores: set `DOCKER_HOST` instead).
+pub fn docker_host() -> String {
+    if let Ok(host) = std::env::var("DOCKER_HOST") {
+        if !host.trim().is_empty() {
+            return host;
+        }
+    }
+    let mut candidates = vec![std::path::PathBuf::from("/var/run/docker.sock")];
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
+        candidates.push(std::path::Path::new(&dir).join(".docker/run/docker.sock"));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        let home = std::path::Path::new(&home);
+        candidates.push(home.join(".docker/run/docker.sock"));
+        candidates.push(home.join(".docker/desktop/docker.sock"));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .map(|p| format!("unix://{}", p.display()))
+        .unwrap_or_else(|| "unix:///var/run/docker.sock".to_owned())
+}
+
+/// Whether a Docker engine answers a ping at [`docker_host`] (a `unix://` or `tcp://` address)
+/// within about a second.
 pub fn engine_answers() -> bool {
     use std::io::Read;
-    let host =
-        std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
-    let timeout = Some(Duration::from_secs(1));
+    let host = docker_host();
+    let timeout = Duration::from_secs(1);
     let ping = |mut stream: Box<dyn ReadWrite>| {
         let mut reply = String::new();
         stream
@@ -91,17 +120,21 @@ pub fn engine_answers() -> bool {
     if let Some(path) = host.strip_prefix("unix://") {
         match std::os::unix::net::UnixStream::connect(path) {
             Ok(s) => {
-                let _ = s.set_read_timeout(timeout);
-                let _ = s.set_write_timeout(timeout);
+                let _ = s.set_read_timeout(Some(timeout));
+                let _ = s.set_write_timeout(Some(timeout));
                 ping(Box::new(s))
             }
             Err(_) => false,
         }
     } else if let Some(addr) = host.strip_prefix("tcp://") {
-        match std::net::TcpStream::connect(addr) {
+        use std::net::ToSocketAddrs;
+        let Some(addr) = addr.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+            return false;
+        };
+        match std::net::TcpStream::connect_timeout(&addr, timeout) {
             Ok(s) => {
-                let _ = s.set_read_timeout(timeout);
-                let _ = s.set_write_timeout(timeout);
+                let _ = s.set_read_timeout(Some(timeout));
+                let _ = s.set_write_timeout(Some(timeout));
                 ping(Box::new(s))
             }
             Err(_) => false,
@@ -267,10 +300,16 @@ type Request = testcontainers::ContainerRequest<GenericImage>;
 /// One server in one container.
 struct ContainerNode {
     label: String,
-    container: Mutex<Option<Container<GenericImage>>>,
-    running: AtomicBool,
-    paused: AtomicBool,
+    /// The container and what the harness did to it, changed only after the engine agreed, and
+    /// under one lock, so that a pause and a stop never interleave.
+    state: Mutex<State>,
     ready: Probe,
+}
+
+struct State {
+    container: Option<Container<GenericImage>>,
+    running: bool,
+    paused: bool,
 }
 
 impl std::fmt::Debug for ContainerNode {
@@ -308,14 +347,21 @@ impl ContainerNode {
             "locker-test-{slug}-{pid}-{}",
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
-        let request = request
+        let mut request = request
             .with_name(name)
             .with_tag(tag)
             .with_network("host")
             .with_label(LABEL, pid.to_string())
             .with_container_name(&container_name)
             .with_cmd(cmd.iter().copied());
+        if let Ok(run) = std::env::var("LOCKER_TEST_RUN_ID") {
+            request = request.with_label(RUN_LABEL, run);
+        }
+        // Registered by name before it exists: testcontainers leaves a container that was
+        // created but failed to start.
+        reap_at_exit(&container_name)?;
         let container = off_runtime(|| request.start()).map_err(|e| {
+            remove_now(&container_name);
             ServerError::failed(format!(
                 "{kind}: start a container from image {spec}: {e}. Is a Docker engine running \
                  (DOCKER_HOST)? With no image registry, build local images with \
@@ -323,50 +369,56 @@ impl ContainerNode {
                 image_var(kind)
             ))
         })?;
-        let id = container.id().to_owned();
         let node = ContainerNode {
             label: format!(
                 "{kind} in container {container_name} (image {spec}) on 127.0.0.1:{port}"
             ),
-            container: Mutex::new(Some(container)),
-            running: AtomicBool::new(true),
-            paused: AtomicBool::new(false),
+            state: Mutex::new(State {
+                container: Some(container),
+                running: true,
+                paused: false,
+            }),
             ready,
         };
-        // On failure `node` is dropped here, which removes the container.
-        reap_at_exit(&id)?;
         let line = format!("locker-conformance: started {}\n", node.label);
         let _ = std::io::stderr().write_all(line.as_bytes());
         Ok(node)
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Runs `op` on the container, off any runtime.
-    fn with<T: Send>(
+    fn engine<T: Send>(
         &self,
+        state: &State,
         what: &str,
         op: impl FnOnce(&Container<GenericImage>) -> testcontainers::core::error::Result<T> + Send,
     ) -> Result<T, ServerError> {
-        let guard = self.container.lock().unwrap_or_else(|p| p.into_inner());
-        let container = guard
+        let container = state
+            .container
             .as_ref()
             .ok_or_else(|| ServerError::failed(format!("{}: removed", self.label)))?;
         off_runtime(|| op(container))
             .map_err(|e| ServerError::failed(format!("{}: {what}: {e}", self.label)))
     }
 
-    fn is_running(&self) -> bool {
-        self.with("inspect", |c| c.is_running()).unwrap_or(false)
+    fn is_running(&self) -> Result<bool, ServerError> {
+        let state = self.lock();
+        self.engine(&state, "inspect", |c| c.is_running())
     }
 
     /// The last lines of the container's output, for error messages.
     fn log_tail(&self) -> String {
+        let state = self.lock();
         let out = self
-            .with("read its logs", |c| {
+            .engine(&state, "read its logs", |c| {
                 let mut all = c.stdout_to_vec()?;
                 all.extend(c.stderr_to_vec()?);
                 Ok(all)
             })
-            .unwrap_or_default();
+            .unwrap_or_else(|e| e.to_string().into_bytes());
         let text = String::from_utf8_lossy(&out);
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
@@ -375,30 +427,38 @@ impl ContainerNode {
 
 impl Member for ContainerNode {
     fn spawn(&self) -> Result<(), ServerError> {
-        if self.running.swap(true, Ordering::SeqCst) {
-            return Ok(());
+        let mut state = self.lock();
+        if !state.running {
+            self.engine(&state, "start", |c| c.start())?;
+            state.running = true;
         }
-        self.with("start", |c| c.start()).inspect_err(|_| {
-            self.running.store(false, Ordering::SeqCst);
-        })
+        Ok(())
     }
 
     fn wait_ready(&self, limit: Duration) -> Result<(), ServerError> {
         let start = Instant::now();
+        let mut last_error = None;
         loop {
-            if (self.ready)() && self.is_running() {
-                return Ok(());
-            }
-            if !self.is_running() {
-                return Err(ServerError::failed(format!(
-                    "{} exited during start-up; its output ends with:\n{}",
-                    self.label,
-                    self.log_tail()
-                )));
+            // An engine error may pass (a busy engine): only a container that is known to
+            // have stopped ends the wait early.
+            match self.is_running() {
+                Ok(true) if (self.ready)() => return Ok(()),
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(ServerError::failed(format!(
+                        "{} exited during start-up; its output ends with:\n{}",
+                        self.label,
+                        self.log_tail()
+                    )))
+                }
+                Err(e) => last_error = Some(e),
             }
             if start.elapsed() > limit {
+                let engine = last_error
+                    .map(|e| format!(" (last engine error: {e})"))
+                    .unwrap_or_default();
                 return Err(ServerError::failed(format!(
-                    "{} was not ready within {limit:?}; its output ends with:\n{}",
+                    "{} was not ready within {limit:?}{engine}; its output ends with:\n{}",
                     self.label,
                     self.log_tail()
                 )));
@@ -410,25 +470,39 @@ impl Member for ContainerNode {
 
 impl ServerControl for ContainerNode {
     fn pause(&self) -> Result<(), ServerError> {
-        self.with("pause", |c| futures::executor::block_on(c.pause()))?;
-        self.paused.store(true, Ordering::SeqCst);
+        let mut state = self.lock();
+        if !state.paused {
+            self.engine(&state, "pause", |c| futures::executor::block_on(c.pause()))?;
+            state.paused = true;
+        }
         Ok(())
     }
 
     fn resume(&self) -> Result<(), ServerError> {
-        self.with("unpause", |c| futures::executor::block_on(c.unpause()))?;
-        self.paused.store(false, Ordering::SeqCst);
+        let mut state = self.lock();
+        if state.paused {
+            self.engine(&state, "unpause", |c| {
+                futures::executor::block_on(c.unpause())
+            })?;
+            state.paused = false;
+        }
         Ok(())
     }
 
     fn stop(&self) -> Result<(), ServerError> {
-        if !self.running.swap(false, Ordering::SeqCst) {
+        let mut state = self.lock();
+        if !state.running {
             return Ok(());
         }
-        if self.paused.load(Ordering::SeqCst) {
-            self.resume()?;
+        if state.paused {
+            self.engine(&state, "unpause", |c| {
+                futures::executor::block_on(c.unpause())
+            })?;
+            state.paused = false;
         }
-        self.with("stop", |c| c.stop_with_timeout(Some(10)))
+        self.engine(&state, "stop", |c| c.stop_with_timeout(Some(10)))?;
+        state.running = false;
+        Ok(())
     }
 
     fn start(&self) -> Result<(), ServerError> {
@@ -443,20 +517,35 @@ impl ServerControl for ContainerNode {
 
 impl Drop for ContainerNode {
     fn drop(&mut self) {
-        if self.paused.load(Ordering::SeqCst) {
-            let _ = self.resume();
-        }
-        let container = self
-            .container
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        // Dropping the container removes it (`docker rm -f -v`), through the engine.
-        off_runtime(move || drop(container));
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        let container = state.container.take();
+        let paused = state.paused;
+        // Dropping the container removes it (`docker rm -f -v`), through the engine; a paused
+        // one is unpaused first.
+        off_runtime(move || {
+            if let Some(c) = &container {
+                if paused {
+                    let _ = futures::executor::block_on(c.unpause());
+                }
+            }
+            drop(container);
+        });
     }
 }
 
-/// Registers a container with this process's reaper, which removes it when the process exits.
+/// Removes a container by name through the docker command line, now, ignoring errors (it may
+/// not exist).
+fn remove_now(name: &str) {
+    let _ = Command::new("docker")
+        .env("DOCKER_HOST", docker_host())
+        .args(["rm", "-f", "-v", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Registers a container (id or name) with this process's reaper, which removes it when the
+/// process exits.
 fn reap_at_exit(id: &str) -> Result<(), ServerError> {
     static REAPER: OnceLock<Result<Mutex<ChildStdin>, String>> = OnceLock::new();
     let reaper = REAPER
@@ -500,6 +589,7 @@ fn spawn_reaper() -> Result<Mutex<ChildStdin>, String> {
         .arg("-c")
         .arg(REAPER)
         .arg("locker-test-reaper")
+        .env("DOCKER_HOST", docker_host())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

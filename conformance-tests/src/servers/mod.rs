@@ -3,11 +3,13 @@
 //!
 //! Each comes from one of three providers, chosen by `LOCKER_TEST_PROVIDER`:
 //! - `env`: an existing server named by an environment variable ([`ServerKind::env_var`]);
-//!   the harness cannot pause or restart it, so the fault cases skip;
-//! - `process` (the default when the variable of the kind is unset): started privately from
-//!   the Debian binaries (`redis-server`, `/usr/lib/postgresql/*/bin/postgres`, `etcd`) on free
-//!   loopback ports in a temporary directory, waited for until ready, and stopped when dropped.
-//!   A wrapper stops it too when the test process exits, so no server outlives its tests;
+//!   the harness never pauses or restarts it: the fault cases get private servers from
+//!   [`start_private`];
+//! - `process` (the default when the kind's variable is unset and its binaries are installed):
+//!   started privately from the Debian binaries (`redis-server`,
+//!   `/usr/lib/postgresql/*/bin/postgres`, `etcd`) on free loopback ports in a temporary
+//!   directory, waited for until ready, and stopped when dropped. A wrapper stops it too when
+//!   the test process exits, so no server outlives its tests;
 //! - `testcontainers` (with the crate feature of that name): started from container images on
 //!   the host's network ([`containers`]); the default when the kind's local binaries are
 //!   missing and a Docker engine answers.
@@ -269,13 +271,35 @@ impl<M: fmt::Debug> fmt::Debug for Group<M> {
     }
 }
 
+impl<M: Member> Group<M> {
+    /// Runs `op` on every node at once (a `docker pause` takes tens of milliseconds; one after
+    /// the other, the first node of a cluster would stay frozen longer than the last).
+    fn all_at_once(
+        &self,
+        op: impl Fn(&M) -> Result<(), ServerError> + Sync,
+    ) -> Result<(), ServerError> {
+        std::thread::scope(|s| {
+            let op = &op;
+            let handles: Vec<_> = self.nodes.iter().map(|n| s.spawn(move || op(n))).collect();
+            handles
+                .into_iter()
+                .map(|h| match h.join() {
+                    Ok(result) => result,
+                    Err(panic) => std::panic::resume_unwind(panic),
+                })
+                .collect::<Result<Vec<()>, ServerError>>()
+                .map(drop)
+        })
+    }
+}
+
 impl<M: Member> ServerControl for Group<M> {
     fn pause(&self) -> Result<(), ServerError> {
-        self.nodes.iter().try_for_each(|n| n.pause())
+        self.all_at_once(|n| n.pause())
     }
 
     fn resume(&self) -> Result<(), ServerError> {
-        self.nodes.iter().try_for_each(|n| n.resume())
+        self.all_at_once(|n| n.resume())
     }
 
     fn stop(&self) -> Result<(), ServerError> {

@@ -149,7 +149,9 @@ pub(super) fn start_cluster() -> Result<Server, ServerError> {
 }
 
 /// Sends one command to the Redis server on a loopback port and returns its reply (RESP text),
-/// or `None` when nothing whole came back within a second.
+/// or `None` when nothing whole came back within a second. For commands whose reply is a simple
+/// string, an error, an integer or a bulk string: an array reply would be cut after its first
+/// line.
 pub(super) fn command(port: u16, args: &[&str]) -> Option<String> {
     let mut request = format!("*{}\r\n", args.len());
     for arg in args {
@@ -183,44 +185,87 @@ pub(super) fn answers(port: u16) -> bool {
         .is_some_and(|r| r.starts_with('+') || r.starts_with('-'))
 }
 
-/// Makes 3 (or more) cluster-enabled Redis servers on loopback `ports` one cluster on first
-/// start (each takes an equal share of the 16384 slots and its own config epoch, then the first
-/// meets the others: what `redis-cli --cluster create` does), and waits until every node reports
-/// `cluster_state:ok`. A restart keeps the slots in each node's `nodes.conf`.
+/// Makes 3 (or more) cluster-enabled Redis servers on loopback `ports` one cluster, and waits
+/// until every node reports `cluster_state:ok`. On first start each node takes an equal share of
+/// the 16384 slots and its own config epoch, then the first meets the others (what
+/// `redis-cli --cluster create` does); a restart keeps all that in each node's `nodes.conf`.
+/// Every step is decided from what the nodes report, so a pass that fails half-way (a node slow
+/// to answer) is simply repeated, until 60 s have passed.
 pub(super) fn form_cluster(ports: &[u16]) -> Result<(), ServerError> {
-    let info = |port: u16| command(port, &["CLUSTER", "INFO"]).unwrap_or_default();
-    let expect_ok = |port: u16, args: &[&str]| match command(port, args) {
-        Some(r) if r.starts_with("+OK") => Ok(()),
-        other => Err(ServerError::failed(format!(
-            "Redis on 127.0.0.1:{port}: {} answered {other:?}",
-            args.join(" ")
-        ))),
-    };
-    let first = *ports
-        .first()
-        .ok_or_else(|| ServerError::failed("a Redis Cluster needs nodes"))?;
-    if !info(first).contains("cluster_slots_assigned:16384") {
-        let n = ports.len();
-        for (i, &port) in ports.iter().enumerate() {
-            let (lo, hi) = (16384 * i / n, 16384 * (i + 1) / n - 1);
-            expect_ok(
-                port,
-                &["CLUSTER", "ADDSLOTSRANGE", &lo.to_string(), &hi.to_string()],
-            )?;
-            expect_ok(port, &["CLUSTER", "SET-CONFIG-EPOCH", &(i + 1).to_string()])?;
-        }
-        for &port in &ports[1..] {
-            expect_ok(first, &["CLUSTER", "MEET", "127.0.0.1", &port.to_string()])?;
-        }
-    }
     let start = Instant::now();
-    while !ports.iter().all(|&p| info(p).contains("cluster_state:ok")) {
+    let mut last = String::new();
+    loop {
+        match cluster_step(ports) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = format!(" (last: {e})"),
+        }
         if start.elapsed() > Duration::from_secs(60) {
             return Err(ServerError::failed(format!(
-                "the Redis Cluster on ports {ports:?} did not reach cluster_state:ok within 60 s"
+                "the Redis Cluster on ports {ports:?} did not reach cluster_state:ok within \
+                 60 s{last}"
             )));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Ok(())
+}
+
+/// One pass of [`form_cluster`]: `Ok(true)` once every node reports `cluster_state:ok`.
+fn cluster_step(ports: &[u16]) -> Result<bool, String> {
+    let infos = ports
+        .iter()
+        .map(|&p| {
+            command(p, &["CLUSTER", "INFO"])
+                .filter(|r| r.contains("cluster_state:"))
+                .ok_or_else(|| format!("127.0.0.1:{p} did not answer CLUSTER INFO"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if infos.iter().all(|i| i.contains("cluster_state:ok")) {
+        return Ok(true);
+    }
+    let field = |info: &str, name: &str| {
+        info.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(':')?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+    };
+    let expect_ok = |port: u16, args: &[&str]| match command(port, args) {
+        Some(r) if r.starts_with("+OK") => Ok(()),
+        other => Err(format!(
+            "127.0.0.1:{port}: CLUSTER {} answered {other:?}",
+            args.get(1).copied().unwrap_or_default()
+        )),
+    };
+    let n = ports.len();
+    for (i, (&port, info)) in ports.iter().zip(&infos).enumerate() {
+        // Only a node that has met no other is still unconfigured.
+        if field(info, "cluster_known_nodes") != Some(1) {
+            continue;
+        }
+        if field(info, "cluster_slots_assigned") == Some(0) {
+            // ADDSLOTS, not ADDSLOTSRANGE, which needs Redis 7.
+            let slots: Vec<String> = (16384 * i / n..16384 * (i + 1) / n)
+                .map(|s| s.to_string())
+                .collect();
+            let mut args = vec!["CLUSTER", "ADDSLOTS"];
+            args.extend(slots.iter().map(String::as_str));
+            expect_ok(port, &args)?;
+        }
+        if field(info, "cluster_my_epoch") == Some(0) {
+            expect_ok(port, &["CLUSTER", "SET-CONFIG-EPOCH", &(i + 1).to_string()])?;
+        }
+    }
+    let (Some(&first), Some(first_info)) = (ports.first(), infos.first()) else {
+        return Err("a Redis Cluster needs nodes".into());
+    };
+    if field(first_info, "cluster_known_nodes").is_some_and(|k| k < n as u64) {
+        // MEET of a node already known is harmless.
+        for &port in &ports[1..] {
+            expect_ok(first, &["CLUSTER", "MEET", "127.0.0.1", &port.to_string()])?;
+        }
+    }
+    Ok(false)
 }
