@@ -137,7 +137,8 @@ impl ServerKind {
         };
         format!(
             "install it with `apt-get install {package}` (or run `scripts/test`, which installs \
-             every server), or point {} at a running one",
+             every server), or run a Docker engine (with the `testcontainers` feature, the \
+             harness then starts it in a container), or point {} at a running one",
             self.env_var()
         )
     }
