@@ -22,7 +22,8 @@ pub enum ErrorKind {
     Timeout,
     /// A record in the backend is not one of ours (not JSON, or not a lock/liveness record).
     Corrupt,
-    /// The backend refused our credentials or permissions.
+    /// The backend refused our credentials or permissions, or we refused the backend's TLS
+    /// certificate. Not retryable: the configuration must change.
     Auth,
     /// The caller passed something the library cannot accept (empty key, zero TTL, ...).
     InvalidInput,

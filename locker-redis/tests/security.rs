@@ -36,58 +36,33 @@ async fn lock_cycle(config: RedisConfig, key: &str) {
     locker.shutdown().await;
 }
 
-struct Pki {
-    _dir: tempfile::TempDir,
-    ca_pem: String,
-    args: Vec<String>,
-}
-
-fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().expect("key");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).expect("CA");
-    let server_key = KeyPair::generate().expect("key");
-    let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-        .expect("params")
-        .signed_by(&server_key, &ca_cert, &ca_key)
-        .expect("server certificate");
-    let dir = tempfile::tempdir().expect("dir");
-    let write = |name: &str, pem: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, pem).expect("write");
-        path.display().to_string()
-    };
-    let ca_file = write("ca.pem", &ca_cert.pem());
-    let cert_file = write("server.pem", &server.pem());
-    let key_file = write("server.key", &server_key.serialize_pem());
-    Pki {
-        ca_pem: ca_cert.pem(),
-        args: vec![
-            "--tls-cert-file".into(),
-            cert_file,
-            "--tls-key-file".into(),
-            key_file,
-            "--tls-ca-cert-file".into(),
-            ca_file,
-            "--tls-auth-clients".into(),
-            "no".into(),
-        ],
-        _dir: dir,
-    }
+/// The CA and certificate of a test, and the `redis-server` flags that serve them.
+fn pki() -> (servers::TestPki, Vec<String>) {
+    let pki = servers::TestPki::generate().expect("certificates");
+    let path = |p: std::path::PathBuf| p.display().to_string();
+    let args = vec![
+        "--tls-cert-file".into(),
+        path(pki.cert_file()),
+        "--tls-key-file".into(),
+        path(pki.key_file()),
+        "--tls-ca-cert-file".into(),
+        path(pki.ca_file()),
+        "--tls-auth-clients".into(),
+        "no".into(),
+    ];
+    (pki, args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_self_signed_certificate() {
-    let pki = pki();
-    let server = servers::start_redis_with(&pki.args, true).expect("TLS redis-server");
+    let (pki, args) = pki();
+    let server = servers::start_redis_with(&args, true).expect("TLS redis-server");
     assert!(server.url().starts_with("rediss://"));
     for client in clients() {
         let config = RedisConfig::from_url(server.url())
             .expect("url")
             .into_builder()
-            .root_certificate_pem(pki.ca_pem.clone())
+            .root_certificate_pem(pki.ca_pem().to_owned())
             .client(client)
             .build()
             .expect("config");

@@ -10,6 +10,16 @@ use super::{Provider, Server, ServerError, ServerKind};
 
 /// Starts an etcd cluster of `members` members (1 for a single server).
 pub(super) fn start(members: usize) -> Result<Server, ServerError> {
+    start_custom(members, Vec::new(), false)
+}
+
+/// [`start`] with extra `etcd` flags; with `tls`, clients talk HTTPS (pass `--cert-file` and
+/// `--key-file` in `extra`) and the endpoints are `https://127.0.0.1:port`.
+pub(super) fn start_custom(
+    members: usize,
+    extra: Vec<String>,
+    tls: bool,
+) -> Result<Server, ServerError> {
     let kind = if members == 1 {
         ServerKind::Etcd
     } else {
@@ -30,10 +40,18 @@ pub(super) fn start(members: usize) -> Result<Server, ServerError> {
     for (i, (client, _)) in ports.iter().copied().enumerate() {
         let dir = temp_dir("etcd")?;
         let data = dir.path().join("data");
-        let args: Vec<OsString> = member_args(i, &ports, &data.to_string_lossy(), &token)
-            .into_iter()
-            .map(OsString::from)
-            .collect();
+        let mut args = member_args(i, &ports, &data.to_string_lossy(), &token);
+        if tls {
+            for arg in &mut args {
+                if arg.starts_with("--listen-client-urls=")
+                    || arg.starts_with("--advertise-client-urls=")
+                {
+                    *arg = arg.replace("=http://", "=https://");
+                }
+            }
+        }
+        args.extend(extra.iter().cloned());
+        let args: Vec<OsString> = args.into_iter().map(OsString::from).collect();
         processes.push(
             ServerProcess::new(
                 format!("etcd member m{i} on 127.0.0.1:{client}"),
@@ -42,12 +60,20 @@ pub(super) fn start(members: usize) -> Result<Server, ServerError> {
                 None,
                 dir.path().join("server.log"),
                 Signal::SIGTERM,
-                move || healthy(client),
+                move || {
+                    if tls {
+                        // The health endpoint speaks HTTPS now; a TCP accept will do.
+                        std::net::TcpStream::connect(("127.0.0.1", client)).is_ok()
+                    } else {
+                        healthy(client)
+                    }
+                },
             )
             .cleanup_on_exit(dir.path().to_owned()),
         );
         dirs.push(Box::new(dir));
-        endpoints.push(format!("http://127.0.0.1:{client}"));
+        let scheme = if tls { "https" } else { "http" };
+        endpoints.push(format!("{scheme}://127.0.0.1:{client}"));
     }
     Server::from_nodes(kind, Provider::Process, endpoints, processes, None, dirs)
 }

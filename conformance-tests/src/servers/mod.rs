@@ -21,12 +21,15 @@ use std::fmt;
 use std::sync::{Arc, OnceLock};
 
 mod etcd;
+mod pki;
 mod postgres;
 pub(crate) mod process;
 mod redis;
 
 #[cfg(feature = "testcontainers")]
 pub mod containers;
+
+pub use pki::TestPki;
 
 /// Pauses, resumes, stops and restarts a server the harness started.
 ///
@@ -502,6 +505,16 @@ pub fn start_redis_with(
     tls: bool,
 ) -> Result<Server, ServerError> {
     redis::start_custom(extra.into_iter().map(Into::into).collect(), tls)
+}
+
+/// Starts a private one-member etcd from the local `etcd` with extra flags (for example
+/// `--cert-file`/`--key-file`, or `--auth-token`). With `tls`, clients talk HTTPS and the endpoint
+/// is `https://127.0.0.1:port`.
+pub fn start_etcd_with(
+    extra: impl IntoIterator<Item = impl Into<String>>,
+    tls: bool,
+) -> Result<Server, ServerError> {
+    etcd::start_custom(1, extra.into_iter().map(Into::into).collect(), tls)
 }
 
 #[cfg(feature = "testcontainers")]
