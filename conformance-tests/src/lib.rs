@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
-use locker_core::{BackendFactory, Capabilities, LockBackend, Locker, LockerBuilder};
+use locker_core::{
+    BackendFactory, Capabilities, LockAttempt, LockBackend, Locker, LockerBuilder, ReleaseOutcome,
+};
 
 pub mod cases;
 mod memory;
@@ -227,6 +229,33 @@ pub fn builder_with(factory: Arc<dyn BackendFactory>, timing: &Timing) -> Locker
         .reporter_start_timeout(Duration::from_secs(10))
         .lock_ttl(Duration::from_secs(30))
         .extend_every(Duration::from_secs(10))
+}
+
+/// One whole cycle through a locker over `factory`, with the timings for the backend's TTL
+/// granularity: acquire the free `key` (with a fencing token), beat, release, shut down. It
+/// panics at the first step that fails: a helper for a backend crate's own tests of how it
+/// connects (TLS, authentication).
+pub async fn lock_cycle(factory: Arc<dyn BackendFactory>, key: &str) {
+    let granularity = factory
+        .connect()
+        .await
+        .expect("connect")
+        .capabilities()
+        .ttl_granularity;
+    let locker = builder_with(factory, &Timing::for_granularity(granularity))
+        .build()
+        .expect("locker");
+    let guard = match locker.acquire(key).await.expect("acquire") {
+        LockAttempt::Acquired(g) => g,
+        LockAttempt::Held(h) => panic!("held by {}", h.owner_hash),
+    };
+    assert!(guard.fencing_token().is_some());
+    guard.heartbeat().beat().await.expect("beat");
+    assert_eq!(
+        guard.release().await.expect("release"),
+        ReleaseOutcome::Released
+    );
+    locker.shutdown().await;
 }
 
 impl fmt::Debug for Fixture {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, ConnectOptions, Permission};
 use locker_conformance::servers::{self, Server, TestPki};
-use locker_core::{BackendFactory, ErrorKind, LockAttempt, Locker, ReleaseOutcome};
+use locker_core::{BackendFactory, ErrorKind};
 use locker_etcd::EtcdConfig;
 
 fn port(server: &Server) -> u16 {
@@ -26,24 +26,9 @@ fn builder(server: &Server, tls: bool) -> locker_etcd::EtcdConfigBuilder {
         .command_timeout(Duration::from_secs(3))
 }
 
-/// A full cycle through a locker: acquire, beat, release, shutdown.
+/// A full cycle through a locker over `config` (see [`locker_conformance::lock_cycle`]).
 async fn lock_cycle(config: EtcdConfig, key: &str) {
-    let locker = Locker::builder(config)
-        .report_every(Duration::from_millis(500))
-        .liveness_ttl(Duration::from_secs(3))
-        .build()
-        .expect("locker");
-    let guard = match locker.acquire(key).await.expect("acquire") {
-        LockAttempt::Acquired(g) => g,
-        LockAttempt::Held(h) => panic!("held by {}", h.owner_hash),
-    };
-    assert!(guard.fencing_token().is_some());
-    guard.heartbeat().beat().await.expect("beat");
-    assert_eq!(
-        guard.release().await.expect("release"),
-        ReleaseOutcome::Released
-    );
-    locker.shutdown().await;
+    locker_conformance::lock_cycle(std::sync::Arc::new(config), key).await;
 }
 
 /// Connecting with `config` fails within 10 s; the error's kind.

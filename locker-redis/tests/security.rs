@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use locker_conformance::servers;
-use locker_core::{BackendFactory, ErrorKind, LockAttempt, Locker, ReleaseOutcome};
+use locker_core::{BackendFactory, ErrorKind};
 use locker_redis::{ClientLibrary, RedisConfig};
 
 fn clients() -> Vec<ClientLibrary> {
@@ -16,24 +16,9 @@ fn clients() -> Vec<ClientLibrary> {
     ]
 }
 
-/// A full cycle through a locker: acquire, beat, release, shutdown.
+/// A full cycle through a locker over `config` (see [`locker_conformance::lock_cycle`]).
 async fn lock_cycle(config: RedisConfig, key: &str) {
-    let locker = Locker::builder(config)
-        .report_every(Duration::from_millis(100))
-        .liveness_ttl(Duration::from_secs(1))
-        .build()
-        .expect("locker");
-    let guard = match locker.acquire(key).await.expect("acquire") {
-        LockAttempt::Acquired(g) => g,
-        LockAttempt::Held(h) => panic!("held by {}", h.owner_hash),
-    };
-    assert!(guard.fencing_token().is_some());
-    guard.heartbeat().beat().await.expect("beat");
-    assert_eq!(
-        guard.release().await.expect("release"),
-        ReleaseOutcome::Released
-    );
-    locker.shutdown().await;
+    locker_conformance::lock_cycle(std::sync::Arc::new(config), key).await;
 }
 
 /// The CA and certificate of a test, and the `redis-server` flags that serve them.

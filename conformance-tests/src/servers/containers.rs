@@ -28,7 +28,8 @@ use testcontainers::{Container, GenericImage, ImageExt};
 
 use super::process::{free_port, which};
 use super::{
-    etcd, postgres, redis, Member, Provider, Server, ServerControl, ServerError, ServerKind,
+    etcd, postgres, redis, GroupReady, Member, Provider, Server, ServerControl, ServerError,
+    ServerKind,
 };
 
 /// The label on every container the harness starts; its value is the test process's pid.
@@ -153,13 +154,11 @@ pub(super) fn start(kind: ServerKind) -> Result<Server, ServerError> {
         ServerKind::Redis => {
             let port = free_port(0)?;
             let node = redis_node(kind, port, false)?;
-            Server::from_nodes(
+            server(
                 kind,
-                Provider::Testcontainers,
                 vec![format!("redis://127.0.0.1:{port}")],
                 vec![node],
                 None,
-                Vec::new(),
             )
         }
         ServerKind::RedisCluster => {
@@ -174,14 +173,8 @@ pub(super) fn start(kind: ServerKind) -> Result<Server, ServerError> {
                 .iter()
                 .map(|p| format!("redis://127.0.0.1:{p}"))
                 .collect();
-            Server::from_nodes(
-                kind,
-                Provider::Testcontainers,
-                endpoints,
-                nodes,
-                Some(Box::new(move || redis::form_cluster(&ports))),
-                Vec::new(),
-            )
+            let ready: GroupReady = Box::new(move || redis::form_cluster(&ports));
+            server(kind, endpoints, nodes, Some(ready))
         }
         ServerKind::Postgres => {
             let port = free_port(0)?;
@@ -208,14 +201,8 @@ pub(super) fn start(kind: ServerKind) -> Result<Server, ServerError> {
                 ],
                 Box::new(move || postgres::accepts(port)),
             )?;
-            Server::from_nodes(
-                kind,
-                Provider::Testcontainers,
-                vec![format!("postgres://postgres@127.0.0.1:{port}/postgres")],
-                vec![node],
-                None,
-                Vec::new(),
-            )
+            let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+            server(kind, vec![url], vec![node], None)
         }
         ServerKind::Etcd | ServerKind::EtcdCluster => {
             let members = if kind == ServerKind::Etcd { 1 } else { 3 };
@@ -246,45 +233,32 @@ pub(super) fn start(kind: ServerKind) -> Result<Server, ServerError> {
                 .iter()
                 .map(|(client, _)| format!("http://127.0.0.1:{client}"))
                 .collect();
-            Server::from_nodes(
-                kind,
-                Provider::Testcontainers,
-                endpoints,
-                nodes,
-                None,
-                Vec::new(),
-            )
+            server(kind, endpoints, nodes, None)
         }
     }
 }
 
+/// A server of `kind` made of containers, started and ready.
+fn server(
+    kind: ServerKind,
+    endpoints: Vec<String>,
+    nodes: Vec<ContainerNode>,
+    ready: Option<GroupReady>,
+) -> Result<Server, ServerError> {
+    Server::from_nodes(
+        kind,
+        Provider::Testcontainers,
+        endpoints,
+        nodes,
+        ready,
+        Vec::new(),
+    )
+}
+
 fn redis_node(kind: ServerKind, port: u16, cluster: bool) -> Result<ContainerNode, ServerError> {
-    let port_arg = port.to_string();
-    let mut cmd = vec![
-        "redis-server",
-        "--port",
-        &port_arg,
-        "--bind",
-        "127.0.0.1",
-        "--protected-mode",
-        "no",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        "/data",
-    ];
-    if cluster {
-        cmd.extend([
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            "2000",
-        ]);
-    }
+    let mut cmd = vec!["redis-server".to_owned()];
+    cmd.extend(redis::server_args(port, "/data", cluster));
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
     ContainerNode::create(
         kind,
         port,

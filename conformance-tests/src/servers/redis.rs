@@ -36,35 +36,10 @@ fn custom_node(
 ) -> Result<(ServerProcess, tempfile::TempDir), ServerError> {
     let program = binary(kind)?;
     let dir = temp_dir("redis")?;
-    let mut args: Vec<OsString> = vec![
-        "--port".into(),
-        port.to_string().into(),
-        "--bind".into(),
-        "127.0.0.1".into(),
-        "--protected-mode".into(),
-        "no".into(),
-        "--save".into(),
-        "".into(),
-        "--appendonly".into(),
-        "no".into(),
-        "--daemonize".into(),
-        "no".into(),
-        "--dir".into(),
-        dir.path().into(),
-    ];
-    if cluster {
-        args.extend(
-            [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                "2000",
-            ]
-            .map(OsString::from),
-        );
-    }
+    let mut args: Vec<OsString> = server_args(port, &dir.path().to_string_lossy(), cluster)
+        .into_iter()
+        .map(OsString::from)
+        .collect();
     if tls {
         // The TLS port replaces the plain one (a later directive wins).
         args.extend([
@@ -92,6 +67,44 @@ fn custom_node(
     )
     .cleanup_on_exit(dir.path().to_owned());
     Ok((process, dir))
+}
+
+/// The `redis-server` flags of a test server on loopback `port` with its files in `dir`, with
+/// no persistence (a restart forgets the data, as the fault cases expect), as a node of a
+/// cluster or not.
+pub(super) fn server_args(port: u16, dir: &str, cluster: bool) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--protected-mode",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--dir",
+        dir,
+    ]
+    .map(str::to_owned)
+    .into();
+    if cluster {
+        args.extend(
+            [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            ]
+            .map(str::to_owned),
+        );
+    }
+    args
 }
 
 /// Starts one Redis server.
