@@ -31,6 +31,16 @@ fn now_ms() -> u128 {
         .unwrap_or_default()
 }
 
+/// Microseconds since the epoch: the moments a call returned (an acquire, a beat), compared across
+/// processes by the checker; finer than the log lines' milliseconds so that a beat and another
+/// process's acquire a few hundred microseconds apart are told apart.
+fn now_us() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or_default()
+}
+
 fn log(dir: &Path, line: &str) {
     // One short line per write(2) with O_APPEND: lines of concurrent writers never interleave.
     if let Ok(mut f) = OpenOptions::new()
@@ -98,6 +108,8 @@ pub(crate) async fn worker(url: &str, dir: &Path, keys: usize) {
             .wrapping_add(1442695040888963407);
         let key = format!("chaos-{}", (n >> 33) as usize % keys);
         let attempt = locker.acquire(key.as_str()).await;
+        // Taken before anything else: the line below may be written much later (a freeze).
+        let acquired_us = now_us();
         let guard = match attempt {
             Ok(LockAttempt::Acquired(g)) => g,
             Ok(LockAttempt::Held(_)) | Err(_) => {
@@ -107,7 +119,10 @@ pub(crate) async fn worker(url: &str, dir: &Path, keys: usize) {
         };
         let token = guard.fencing_token().unwrap_or(0);
         let hb = guard.heartbeat();
-        log(dir, &format!("start {key} {token} {}", guard.owner_hash()));
+        log(
+            dir,
+            &format!("start {key} {token} {acquired_us} {}", guard.owner_hash()),
+        );
         // Register the token with the resource at once: from here on it refuses older holders.
         let ok = fenced_write(&pool, &key, token).await;
         log(
@@ -124,14 +139,18 @@ pub(crate) async fn worker(url: &str, dir: &Path, keys: usize) {
                 dir,
                 &format!("write-{} {key} {token}", if ok { "ok" } else { "refused" }),
             );
-            if let Err(e) = hb.beat().await {
+            let beat = hb.beat().await;
+            // The moment the beat returned, the only moment it proves ownership at; its line
+            // may be written later (a freeze right after the beat).
+            let returned_us = now_us();
+            if let Err(e) = beat {
                 if e.kind() == locker::ErrorKind::LockLost {
                     log(dir, &format!("seppuku {key} {token}"));
                 }
                 lost = true;
                 break;
             }
-            log(dir, &format!("beat {key} {token}"));
+            log(dir, &format!("beat {key} {token} {returned_us}"));
         }
         if !lost {
             log(dir, &format!("end {key} {token}"));
@@ -289,17 +308,25 @@ pub(crate) async fn run(args: Run) -> bool {
 
 #[derive(Debug)]
 struct Event {
+    /// When the line was written (ms since the epoch).
     at: u128,
     pid: u32,
     kind: String,
     key: String,
     token: u64,
+    /// `start`: when the acquire returned; `beat`: when the beat returned (µs since the epoch).
+    /// Both come before the line is written, maybe long before (a freeze in between).
+    returned_us: Option<u128>,
 }
 
 fn read_events(dir: &Path) -> Vec<Event> {
-    std::fs::read_to_string(dir.join("events"))
-        .unwrap_or_default()
-        .lines()
+    parse_events(&std::fs::read_to_string(dir.join("events")).unwrap_or_default())
+}
+
+/// Lines `{ms} {pid} {kind} [{key} [{token} [{µs} ...]]]`; the controller's lines carry the
+/// target pid as the key.
+fn parse_events(text: &str) -> Vec<Event> {
+    text.lines()
         .filter_map(|l| {
             let mut p = l.split(' ');
             let at = p.next()?.parse().ok()?;
@@ -307,12 +334,17 @@ fn read_events(dir: &Path) -> Vec<Event> {
             let kind = p.next()?.to_owned();
             let a = p.next().unwrap_or_default().to_owned();
             let b = p.next().unwrap_or_default();
+            let returned_us = match kind.as_str() {
+                "start" | "beat" => p.next().and_then(|c| c.parse().ok()),
+                _ => None,
+            };
             Some(Event {
                 at,
                 pid,
                 kind,
                 key: a,
                 token: b.parse().unwrap_or(0),
+                returned_us,
             })
         })
         .collect()
@@ -326,19 +358,100 @@ struct Section {
     key: String,
     token: u64,
     from: u128,
+    /// When its acquire returned (µs); the lock was this section's from then at the latest.
+    acquired_us: u128,
     to: u128,
     active_to: u128,
     frozen: bool,
 }
 
+/// What the checker found in a log.
+#[derive(Debug, Default)]
+struct Figures {
+    sections: usize,
+    kills: usize,
+    freezes: usize,
+    accepted: usize,
+    refused: usize,
+    stale_refused: usize,
+    stale_accepted: usize,
+    stale_accepted_after_data_loss: usize,
+    fresh_refused: usize,
+    overlaps: usize,
+    overlaps_after_data_loss: usize,
+    /// Beats that returned `Ok` when another process's acquire of the key, with a higher token,
+    /// had already returned: frozen or not, the lock promised what was no longer true.
+    beats_ok_while_held: usize,
+    beats_ok_while_held_after_data_loss: usize,
+    taken_over_while_frozen: usize,
+    seppukus: usize,
+    ended_on_waking: usize,
+    takeover_ms: Vec<u128>,
+    lost_jobs: usize,
+    /// One line per violation found, for the report.
+    notes: Vec<String>,
+}
+
+impl Figures {
+    fn ok(&self) -> bool {
+        self.stale_accepted == 0
+            && self.fresh_refused == 0
+            && self.overlaps == 0
+            && self.beats_ok_while_held == 0
+            && self.seppukus == self.taken_over_while_frozen
+            && self.lost_jobs == 0
+            && self.sections > 0
+    }
+
+    fn print(&self) {
+        for n in &self.notes {
+            println!("  {n}");
+        }
+        println!(
+            "  critical sections: {}; kills: {}; freezes: {}",
+            self.sections, self.kills, self.freezes
+        );
+        println!(
+            "  fenced writes accepted: {}; refused: {}",
+            self.accepted, self.refused
+        );
+        println!("  stale writes (a newer holder had started): refused {}, accepted {} (fencing violations; {} more right after a restart that lost the store's data, before the new holder's first write)", self.stale_refused, self.stale_accepted, self.stale_accepted_after_data_loss);
+        println!(
+            "  writes of a current holder refused: {}",
+            self.fresh_refused
+        );
+        println!("  overlapping sections among processes not frozen: {} (and {} right after a restart that lost the server's data)", self.overlaps, self.overlaps_after_data_loss);
+        println!("  beats Ok while another held the lock: {} (frozen or not; and {} right after a restart that lost the server's data)", self.beats_ok_while_held, self.beats_ok_while_held_after_data_loss);
+        println!("  frozen holders taken over: {}; seppukus at their next beat: {} (and {} frozen after their last beat, which ended without touching the resource)", self.taken_over_while_frozen, self.seppukus, self.ended_on_waking);
+        if self.takeover_ms.is_empty() {
+            println!("  jobs of killed holders picked up again: none killed while holding");
+        } else {
+            println!(
+                "  jobs of killed holders picked up again: {} of {} (takeover p50 {} ms, max {} ms)",
+                self.takeover_ms.len(),
+                self.takeover_ms.len() + self.lost_jobs,
+                self.takeover_ms[self.takeover_ms.len() / 2],
+                self.takeover_ms.last().copied().unwrap_or_default()
+            );
+        }
+        println!("  verdict: {}", if self.ok() { "PASS" } else { "FAIL" });
+    }
+}
+
 fn check(dir: &Path, loses_data: bool) -> bool {
-    let events = read_events(dir);
+    let figures = analyse(&read_events(dir), loses_data);
+    figures.print();
+    figures.ok()
+}
+
+fn analyse(events: &[Event], loses_data: bool) -> Figures {
+    let mut f = Figures::default();
     let end_of_run = events.last().map(|e| e.at).unwrap_or_default();
     // Freezes and kills, by worker pid (the controller logs the pid as the event's key).
     let mut freezes: HashMap<u32, Vec<(u128, u128)>> = HashMap::new();
     let mut kills: Vec<(u32, u128)> = Vec::new();
     let mut open_freeze: HashMap<u32, u128> = HashMap::new();
-    for e in &events {
+    for e in events {
         let target: u32 = e.key.parse().unwrap_or(0);
         match e.kind.as_str() {
             "freeze" => {
@@ -356,7 +469,7 @@ fn check(dir: &Path, loses_data: bool) -> bool {
     // Sections.
     let mut sections: Vec<Section> = Vec::new();
     let mut open: HashMap<(u32, String), usize> = HashMap::new();
-    for e in &events {
+    for e in events {
         match e.kind.as_str() {
             "start" => {
                 open.insert((e.pid, e.key.clone()), sections.len());
@@ -365,6 +478,9 @@ fn check(dir: &Path, loses_data: bool) -> bool {
                     key: e.key.clone(),
                     token: e.token,
                     from: e.at,
+                    // Without the field, the line's own time: later than the acquire's return,
+                    // so never a false violation below.
+                    acquired_us: e.returned_us.unwrap_or(e.at * 1_000),
                     to: died_at(e.pid).unwrap_or(end_of_run),
                     active_to: e.at,
                     frozen: false,
@@ -395,7 +511,7 @@ fn check(dir: &Path, loses_data: bool) -> bool {
     // recheck. Fencing must still refuse the old one once the new one has written.
     let mut data_loss: Vec<(u128, u128)> = Vec::new();
     let mut restart_began = None;
-    for e in &events {
+    for e in events {
         match e.kind.as_str() {
             "restart" => restart_began = Some(e.at),
             "restarted" => {
@@ -418,29 +534,25 @@ fn check(dir: &Path, loses_data: bool) -> bool {
             .or_default()
             .push((s.from, s.token));
     }
-    let (mut accepted, mut refused, mut stale_accepted, mut stale_refused, mut fresh_refused) =
-        (0, 0, 0, 0, 0);
-    let mut stale_accepted_after_data_loss = 0;
     for e in events.iter().filter(|e| e.kind.starts_with("write-")) {
         let ok = e.kind == "write-ok";
         let stale = starts
             .get(&e.key)
             .is_some_and(|v| v.iter().any(|(at, t)| *at < e.at && *t > e.token));
         match (ok, stale) {
-            (true, false) => accepted += 1,
-            (true, true) if in_data_loss(e.at) => stale_accepted_after_data_loss += 1,
-            (true, true) => stale_accepted += 1,
-            (false, true) => stale_refused += 1,
+            (true, false) => f.accepted += 1,
+            (true, true) if in_data_loss(e.at) => f.stale_accepted_after_data_loss += 1,
+            (true, true) => f.stale_accepted += 1,
+            (false, true) => f.stale_refused += 1,
             (false, false) => {
-                refused += 1;
-                fresh_refused += 1
+                f.refused += 1;
+                f.fresh_refused += 1
             }
         }
     }
     // 2. Overlaps of active sections among processes that were not frozen. A server restart
     //    that loses data (Redis without persistence) forgets locks: overlaps starting within a
     //    second of one are counted apart (the fencing check above must still hold).
-    let (mut overlaps, mut overlaps_after_data_loss) = (0, 0);
     for (i, a) in sections.iter().enumerate() {
         for b in &sections[i + 1..] {
             if a.key == b.key
@@ -452,18 +564,53 @@ fn check(dir: &Path, loses_data: bool) -> bool {
             {
                 let start = a.from.max(b.from);
                 if in_data_loss(start) {
-                    overlaps_after_data_loss += 1;
+                    f.overlaps_after_data_loss += 1;
                 } else {
-                    overlaps += 1;
-                    println!("  overlap: {a:?} / {b:?}");
+                    f.overlaps += 1;
+                    f.notes.push(format!("overlap: {a:?} / {b:?}"));
                 }
             }
         }
     }
-    // 3. Seppuku: frozen holders whose lock was taken over during the freeze.
-    let mut taken_over_while_frozen = 0;
-    let mut seppukus = 0;
-    let mut ended_on_waking = 0;
+    // 3. Beats Ok while another process held the lock, frozen or not: a beat of P for key K
+    //    that returned (µs, taken when the call returned, not when the line was written) at or
+    //    after the return of another process's acquire of K with a higher token. That acquire
+    //    had replaced P's lock before it returned, so the beat promised what was no longer true.
+    //    A beat that returned before the acquire did is fine, however late its line was written.
+    //    Takeovers within a second of a restart that lost the store's data are counted apart.
+    for e in events.iter().filter(|e| e.kind == "beat") {
+        let Some(returned) = e.returned_us else {
+            continue;
+        };
+        let holder = sections
+            .iter()
+            .filter(|q| {
+                q.key == e.key && q.pid != e.pid && q.token > e.token && q.acquired_us <= returned
+            })
+            .min_by_key(|q| q.acquired_us);
+        let Some(q) = holder else {
+            continue;
+        };
+        if in_data_loss(q.acquired_us / 1_000) {
+            f.beats_ok_while_held_after_data_loss += 1;
+        } else {
+            f.beats_ok_while_held += 1;
+            let frozen = freezes.get(&e.pid).is_some_and(|v| {
+                v.iter()
+                    .any(|(a, b)| *a * 1_000 <= returned && q.acquired_us <= *b * 1_000)
+            });
+            f.notes.push(format!(
+                "beat Ok while another held the lock: pid {} key {} token {} (frozen: {frozen}) beat returned at {returned} us, {} us after pid {} (token {}) acquired it",
+                e.pid,
+                e.key,
+                e.token,
+                returned - q.acquired_us,
+                q.pid,
+                q.token
+            ));
+        }
+    }
+    // 4. Seppuku: frozen holders whose lock was taken over during the freeze.
     for s in sections.iter().filter(|s| s.frozen) {
         let Some(freeze) = freezes
             .get(&s.pid)
@@ -487,20 +634,19 @@ fn check(dir: &Path, loses_data: bool) -> bool {
             // Frozen after its last beat, it only logs its end on waking and touches nothing:
             // nothing to stop.
             if !after_thaw.is_empty() && after_thaw.iter().all(|e| e.kind == "end") {
-                ended_on_waking += 1;
+                f.ended_on_waking += 1;
                 continue;
             }
-            taken_over_while_frozen += 1;
+            f.taken_over_while_frozen += 1;
             if after_thaw.iter().any(|e| e.kind == "seppuku") {
-                seppukus += 1;
+                f.seppukus += 1;
             } else {
-                println!("  no seppuku: {s:?} (frozen {freeze:?})");
+                f.notes
+                    .push(format!("no seppuku: {s:?} (frozen {freeze:?})"));
             }
         }
     }
-    // 4. Every job held by a killed worker is picked up again.
-    let mut takeover_ms = Vec::new();
-    let mut lost_jobs = 0;
+    // 5. Every job held by a killed worker is picked up again.
     for (pid, at) in &kills {
         for s in sections.iter().filter(|s| s.pid == *pid && s.to == *at) {
             match sections
@@ -509,40 +655,123 @@ fn check(dir: &Path, loses_data: bool) -> bool {
                 .map(|o| o.from)
                 .min()
             {
-                Some(next) => takeover_ms.push(next - at),
-                None => lost_jobs += 1,
+                Some(next) => f.takeover_ms.push(next - at),
+                None => f.lost_jobs += 1,
             }
         }
     }
-    takeover_ms.sort_unstable();
-    let sections_done = sections.len();
-    println!(
-        "  critical sections: {sections_done}; kills: {}; freezes: {}",
-        kills.len(),
-        freezes.values().map(Vec::len).sum::<usize>()
-    );
-    println!("  fenced writes accepted: {accepted}; refused: {refused}");
-    println!("  stale writes (a newer holder had started): refused {stale_refused}, accepted {stale_accepted} (fencing violations; {stale_accepted_after_data_loss} more right after a restart that lost the store's data, before the new holder's first write)");
-    println!("  writes of a current holder refused: {fresh_refused}");
-    println!("  overlapping sections among processes not frozen: {overlaps} (and {overlaps_after_data_loss} right after a restart that lost the server's data)");
-    println!("  frozen holders taken over: {taken_over_while_frozen}; seppukus at their next beat: {seppukus} (and {ended_on_waking} frozen after their last beat, which ended without touching the resource)");
-    if takeover_ms.is_empty() {
-        println!("  jobs of killed holders picked up again: none killed while holding");
-    } else {
-        println!(
-            "  jobs of killed holders picked up again: {} of {} (takeover p50 {} ms, max {} ms)",
-            takeover_ms.len(),
-            takeover_ms.len() + lost_jobs,
-            takeover_ms[takeover_ms.len() / 2],
-            takeover_ms.last().copied().unwrap_or_default()
-        );
+    f.takeover_ms.sort_unstable();
+    f.sections = sections.len();
+    f.kills = kills.len();
+    f.freezes = freezes.values().map(Vec::len).sum();
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The controller's pid in the synthetic logs; workers are 100 (P) and 200 (Q).
+    fn analyse_log(log: &str) -> Figures {
+        let events = parse_events(log);
+        assert!(!events.is_empty());
+        analyse(&events, false)
     }
-    let ok = stale_accepted == 0
-        && fresh_refused == 0
-        && overlaps == 0
-        && seppukus == taken_over_while_frozen
-        && lost_jobs == 0
-        && sections_done > 0;
-    println!("  verdict: {}", if ok { "PASS" } else { "FAIL" });
-    ok
+
+    #[test]
+    fn a_frozen_holders_ok_beat_after_a_takeover_is_a_violation() {
+        // P beats, is frozen, Q takes over (its acquire returns at 4,000.000 ms); P wakes and its
+        // next beat returns Ok at 4,205.000 ms (a stale reply), then its write is refused and its
+        // following beat fails. Every other check passes: only the new one sees it.
+        let f = analyse_log(
+            "1000 100 start chaos-0 5 999500 chaos-0@h/100.1.1
+1001 100 write-ok chaos-0 5
+1101 100 write-ok chaos-0 5
+1102 100 beat chaos-0 5 1101900
+1150 1 freeze 100
+4001 200 start chaos-0 6 4000000 chaos-0@h/200.1.1
+4002 200 write-ok chaos-0 6
+4102 200 write-ok chaos-0 6
+4103 200 beat chaos-0 6 4102900
+4200 1 thaw 100
+4203 200 write-ok chaos-0 6
+4204 200 beat chaos-0 6 4203900
+4206 100 beat chaos-0 5 4205000
+4306 100 write-refused chaos-0 5
+4307 100 seppuku chaos-0 5
+4308 200 write-ok chaos-0 6
+4309 200 beat chaos-0 6 4308900
+4310 200 end chaos-0 6
+",
+        );
+        assert_eq!(f.beats_ok_while_held, 1, "{f:?}");
+        assert_eq!(f.notes.len(), 1, "{f:?}");
+        assert!(f.notes[0].contains("frozen: true"), "{f:?}");
+        assert_eq!((f.stale_accepted, f.fresh_refused, f.overlaps), (0, 0, 0));
+        assert_eq!((f.taken_over_while_frozen, f.seppukus), (1, 1));
+        assert!(!f.ok());
+    }
+
+    #[test]
+    fn a_beat_that_returned_before_the_takeover_is_fine_however_late_its_line() {
+        // P's beat returns at 1,101.900 ms, P is frozen before writing its line; Q's acquire
+        // returns at 4,000.000 ms; P wakes, writes the beat's line at 4,201 ms (after Q's start
+        // line), its write is refused, and its next beat fails. Then a plain hand-off: Q ends,
+        // P starts again with a higher token. No violation.
+        let f = analyse_log(
+            "1000 100 start chaos-0 5 999500 chaos-0@h/100.1.1
+1001 100 write-ok chaos-0 5
+1101 100 write-ok chaos-0 5
+1102 1 freeze 100
+4001 200 start chaos-0 6 4000000 chaos-0@h/200.1.1
+4002 200 write-ok chaos-0 6
+4102 200 write-ok chaos-0 6
+4103 200 beat chaos-0 6 4102900
+4200 1 thaw 100
+4201 100 beat chaos-0 5 1101900
+4203 200 write-ok chaos-0 6
+4204 200 beat chaos-0 6 4203900
+4205 200 end chaos-0 6
+4301 100 write-refused chaos-0 5
+4302 100 seppuku chaos-0 5
+4400 100 start chaos-0 7 4399800 chaos-0@h/100.1.2
+4401 100 write-ok chaos-0 7
+4501 100 write-ok chaos-0 7
+4502 100 beat chaos-0 7 4501900
+4503 100 end chaos-0 7
+",
+        );
+        assert_eq!(f.beats_ok_while_held, 0, "{f:?}");
+        assert!(f.notes.is_empty(), "{f:?}");
+        assert_eq!((f.taken_over_while_frozen, f.seppukus), (1, 1));
+        assert!(f.ok(), "{f:?}");
+    }
+
+    #[test]
+    fn after_a_restart_that_lost_the_data_it_is_counted_apart() {
+        // The store forgot P's lock in a restart; Q acquires right after; P's beat within its
+        // recheck interval returns Ok.
+        let log = "1000 100 start chaos-0 5 999500 chaos-0@h/100.1.1
+1001 100 write-ok chaos-0 5
+1100 1 restart server
+1300 1 restarted server
+1400 200 start chaos-0 6 1399000 chaos-0@h/200.1.1
+1401 200 write-ok chaos-0 6
+1402 100 beat chaos-0 5 1401500
+1450 100 write-refused chaos-0 5
+1451 100 seppuku chaos-0 5
+1501 200 write-ok chaos-0 6
+1502 200 beat chaos-0 6 1501900
+1503 200 end chaos-0 6
+";
+        let f = analyse(&parse_events(log), true);
+        assert_eq!(
+            (f.beats_ok_while_held, f.beats_ok_while_held_after_data_loss),
+            (0, 1)
+        );
+        assert!(f.ok(), "{f:?}");
+        let f = analyse(&parse_events(log), false);
+        assert_eq!(f.beats_ok_while_held, 1);
+        assert!(!f.ok());
+    }
 }
