@@ -43,7 +43,10 @@ impl RedisBackend {
     /// A retryable [`ErrorKind::Unavailable`](locker_core::ErrorKind::Unavailable) or
     /// [`ErrorKind::Timeout`](locker_core::ErrorKind::Timeout) when no server answers within the
     /// connect timeout; [`ErrorKind::Auth`](locker_core::ErrorKind::Auth) for refused
-    /// credentials.
+    /// credentials; a non-retryable
+    /// [`ErrorKind::InvalidInput`](locker_core::ErrorKind::InvalidInput) for a server older
+    /// than Redis 5.0 (the standalone server, or any primary of a cluster) or one that reports
+    /// no readable `redis_version`, naming the version found and the minimum.
     pub async fn connect(config: &RedisConfig) -> Result<Self> {
         let driver: Box<dyn Driver> = match config.client {
             #[cfg(feature = "redis")]

@@ -6,21 +6,24 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fred::prelude::{
-    Builder, ClientLike, Config, Error as FredError, ErrorKind as FredKind, Expiration,
-    KeysInterface, LuaInterface, ReconnectPolicy, Server, ServerConfig,
+    Builder, Client, ClientLike, ClusterInterface, Config, Error as FredError,
+    ErrorKind as FredKind, Expiration, KeysInterface, LuaInterface, ReconnectPolicy, Server,
+    ServerConfig,
 };
 use fred::rustls::pki_types::pem::PemObject;
 use fred::rustls::pki_types::CertificateDer;
 use fred::rustls::{ClientConfig, RootCertStore};
 use fred::types::config::{TlsConfig, TlsConnector, TlsHostMapping};
+use fred::types::{ClusterHash, CustomCommand, Value};
 use locker_core::{Error, ErrorKind, Result};
 
 use crate::backend::Driver;
 use crate::config::{RedisConfig, Topology};
 use crate::scripts::ScriptName;
+use crate::version;
 
 pub(crate) struct FredDriver {
-    client: fred::prelude::Client,
+    client: Client,
     /// Sources and SHA1s of the scripts, by `ScriptName::index`.
     scripts: Vec<(String, String)>,
     label: String,
@@ -108,6 +111,11 @@ impl FredDriver {
                 format!("no answer from {config} within {:?}", connect_timeout * 3),
             )),
         };
+        // Refuse a server too old for the scripts now, rather than at the first acquire.
+        let started = match started {
+            Ok(()) => check_versions(&client, config).await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = started {
             // Otherwise fred's connection task would go on reconnecting with nobody to use it.
             let _ = tokio::time::timeout(Duration::from_secs(1), client.quit()).await;
@@ -125,6 +133,56 @@ impl FredDriver {
                 .collect(),
             label: config.redacted_url(),
         })
+    }
+}
+
+/// Refuses a server older than [`version::MIN_VERSION`]: the server of a standalone
+/// configuration, every primary of a cluster (as the cluster state fred synced at `init`
+/// lists them).
+async fn check_versions(client: &Client, config: &RedisConfig) -> Result<()> {
+    if !client.is_clustered() {
+        return check_version(client, &config.redacted_url()).await;
+    }
+    let primaries = client
+        .cached_cluster_state()
+        .map(|state| state.unique_primary_nodes())
+        .unwrap_or_default();
+    if primaries.is_empty() {
+        return Err(Error::unavailable("the cluster reports no primary"));
+    }
+    for primary in primaries {
+        let label = primary.to_string();
+        check_version(&client.with_cluster_node(primary), &label).await?;
+    }
+    Ok(())
+}
+
+/// Reads one server's `INFO server` and checks its `redis_version`.
+async fn check_version<C: ClientLike>(client: &C, server: &str) -> Result<()> {
+    let info = CustomCommand::new_static("INFO", ClusterHash::Random, false);
+    let reply: std::result::Result<Value, FredError> = client.custom(info, vec!["server"]).await;
+    match reply {
+        Ok(value) => {
+            let text = value
+                .into_string()
+                .ok_or_else(|| version::unreadable_info(server))?;
+            version::check_info(server, &text).map(drop)
+        }
+        // ACLs (hence Redis 6.0 or newer) deny this user INFO: nothing more to learn.
+        Err(e) if e.details().starts_with("NOPERM") => {
+            tracing::debug!(
+                server,
+                "INFO denied by ACL; the server is Redis 6.0 or newer"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let e = map_error(e);
+            let message = format!("{server}: reading the server version (INFO server)");
+            Err(Error::new(e.kind(), message)
+                .set_retryable(e.is_retryable())
+                .with_source(e))
+        }
     }
 }
 

@@ -5,17 +5,18 @@ use std::fmt;
 
 use async_trait::async_trait;
 use locker_core::{Error, ErrorKind, Result};
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{
     AsyncCommands, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisError, Script,
-    ServerErrorKind, TlsCertificates,
+    ServerErrorKind, TlsCertificates, Value,
 };
 
 use crate::backend::Driver;
 use crate::config::{RedisConfig, Topology};
 use crate::scripts::ScriptName;
+use crate::version;
 
 #[derive(Clone)]
 enum Conn {
@@ -72,10 +73,11 @@ impl RedisDriver {
                         .set_connection_timeout(Some(config.connect_timeout))
                         .set_response_timeout(Some(config.command_timeout))
                         .set_number_of_retries(2);
-                    ConnectionManager::new_with_config(client, manager_config)
+                    let mut manager = ConnectionManager::new_with_config(client, manager_config)
                         .await
-                        .map(Conn::Standalone)
-                        .map_err(map_error)
+                        .map_err(map_error)?;
+                    check_standalone_version(&mut manager, &config.redacted_url()).await?;
+                    Ok(Conn::Standalone(manager))
                 }
                 Topology::Cluster { nodes } => {
                     let nodes: Vec<_> = nodes
@@ -112,11 +114,9 @@ impl RedisDriver {
                         builder = builder.certs(certs);
                     }
                     let client = builder.build().map_err(map_error)?;
-                    client
-                        .get_async_connection()
-                        .await
-                        .map(Conn::Cluster)
-                        .map_err(map_error)
+                    let mut conn = client.get_async_connection().await.map_err(map_error)?;
+                    check_cluster_versions(&mut conn).await?;
+                    Ok(Conn::Cluster(conn))
                 }
             }
         };
@@ -141,6 +141,68 @@ impl RedisDriver {
             label: config.redacted_url(),
         })
     }
+}
+
+/// `INFO server`, the reply the version check reads.
+fn info_server() -> redis::Cmd {
+    let mut cmd = redis::cmd("INFO");
+    cmd.arg("server");
+    cmd
+}
+
+/// Checks one server's `INFO server` reply (or the error it answered instead).
+fn check_info_reply(server: &str, reply: std::result::Result<Value, RedisError>) -> Result<()> {
+    match reply {
+        Ok(Value::ServerError(e)) => check_info_reply(server, Err(e.into())),
+        Ok(value) => {
+            let text: String =
+                redis::from_redis_value(value).map_err(|_| version::unreadable_info(server))?;
+            version::check_info(server, &text).map(drop)
+        }
+        // ACLs (hence Redis 6.0 or newer) deny this user INFO: nothing more to learn.
+        Err(e) if e.code() == Some("NOPERM") => {
+            tracing::debug!(
+                server,
+                "INFO denied by ACL; the server is Redis 6.0 or newer"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let e = map_error(e);
+            let message = format!("{server}: reading the server version (INFO server)");
+            Err(Error::new(e.kind(), message)
+                .set_retryable(e.is_retryable())
+                .with_source(e))
+        }
+    }
+}
+
+/// Refuses a standalone server older than [`version::MIN_VERSION`].
+async fn check_standalone_version(conn: &mut ConnectionManager, server: &str) -> Result<()> {
+    let reply = info_server().query_async::<Value>(conn).await;
+    check_info_reply(server, reply)
+}
+
+/// Refuses a cluster any of whose primaries is older than [`version::MIN_VERSION`]: the
+/// cluster connection sends `INFO` to every primary it knows and answers a map from each
+/// primary's address to its reply.
+async fn check_cluster_versions(conn: &mut ClusterConnection) -> Result<()> {
+    // The raw reply: `query_async` would turn one primary's error into an error of the whole.
+    let reply = conn
+        .req_packed_command(&info_server())
+        .await
+        .map_err(map_error)?;
+    let Value::Map(replies) = reply else {
+        return check_info_reply("the cluster", Ok(reply));
+    };
+    if replies.is_empty() {
+        return Err(Error::unavailable("the cluster reports no primary"));
+    }
+    for (node, reply) in replies {
+        let node: String = redis::from_redis_value(node).unwrap_or_else(|_| "a node".into());
+        check_info_reply(&node, Ok(reply))?;
+    }
+    Ok(())
 }
 
 #[async_trait]

@@ -15,6 +15,7 @@ mod keys;
 mod scripts;
 #[cfg(feature = "redis")]
 mod tls;
+mod version;
 
 pub use backend::RedisBackend;
 pub use config::{
