@@ -26,12 +26,46 @@ macro_rules! expires {
     };
 }
 
+/// The key's grant lock, as the first part of a `WITH`: a transaction-scoped advisory lock on
+/// (this locks table, the key `$1`), held until the statement's transaction ends. A statement
+/// that may grant the key draws its fencing token only through this CTE, so only once it holds
+/// the grant lock; see [`ACQUIRE`] for why.
+macro_rules! grant_lock {
+    () => {
+        "grant_lock AS (
+        SELECT pg_advisory_xact_lock(hashtext('distributed-locker grant {locks}'), hashtext($1))
+    )"
+    };
+}
+
+/// The next fencing token, drawn once the grant lock is held.
+macro_rules! next_token {
+    () => {
+        "(SELECT nextval('{fencing}') FROM grant_lock)"
+    };
+}
+
 /// Acquire (and, with the extra condition, take over): insert, or replace an expired row, in one
 /// statement; if neither happened, the same statement returns the live holder.
+///
+/// Fencing order: `VALUES` is computed before the row is written, so a token drawn there
+/// unguarded could be overtaken: a session stalled between the draw and the write (by the
+/// scheduler, a lock wait, a trigger) would store token 10 after another session took and
+/// released the key with 11. The token is therefore drawn under the key's grant lock, which
+/// every granting statement takes before its draw and keeps until it commits: the draws of
+/// one key happen one grant at a time, in grant order, and the sequence (`NO CYCLE CACHE 1`,
+/// migration 2) hands out ever greater values, also across deletions and upgrades. Contenders
+/// for one key queue for the lock one short statement at a time; a hash collision between two
+/// keys only makes them queue together. Release, extend and the cleanup draw no token and do
+/// not take the lock.
 const ACQUIRE: &str = concat!(
-    "WITH ins AS (
+    "WITH ",
+    grant_lock!(),
+    ", ins AS (
         INSERT INTO {locks} AS l (key, owner_hash, record, fencing_token, expires_at)
-        VALUES ($1, $2, $3, nextval('{fencing}'), ",
+        VALUES ($1, $2, $3, ",
+    next_token!(),
+    ", ",
     expires!(4),
     ")
         ON CONFLICT (key) DO UPDATE
@@ -98,8 +132,13 @@ const FORGET_PROCESS: &str = "DELETE FROM {processes} WHERE process_hash = $1";
 
 /// For tests and tools: store any record text under a key.
 const PUT_RAW: &str = concat!(
-    "INSERT INTO {locks} (key, owner_hash, record, fencing_token, expires_at)
-    VALUES ($1, $4, $2, nextval('{fencing}'), ",
+    "WITH ",
+    grant_lock!(),
+    "
+    INSERT INTO {locks} (key, owner_hash, record, fencing_token, expires_at)
+    VALUES ($1, $4, $2, ",
+    next_token!(),
+    ", ",
     expires!(3),
     ")
     ON CONFLICT (key) DO UPDATE SET owner_hash = EXCLUDED.owner_hash, record = EXCLUDED.record,

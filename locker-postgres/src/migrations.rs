@@ -7,9 +7,10 @@ use sqlx::postgres::PgPool;
 use sqlx::{Executor, Row};
 
 /// The steps, in order; never edit a published one, add a new one.
-pub const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE IF NOT EXISTS {locks} (
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE IF NOT EXISTS {locks} (
         key           text        PRIMARY KEY,
         owner_hash    text        NOT NULL,
         record        text        NOT NULL,
@@ -24,7 +25,15 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
     );
     CREATE INDEX IF NOT EXISTS {prefix}processes_expires_at ON {processes} (expires_at);
     CREATE SEQUENCE IF NOT EXISTS {fencing};",
-)];
+    ),
+    // Fencing order: tokens are drawn from the sequence under the key's grant lock, so they
+    // follow the grant order only if every `nextval`, from any session, is greater than every
+    // earlier one. That holds for the sequence as version 1 creates it; this step pins it,
+    // in case the sequence was altered by hand (a per-session CACHE hands out values out of
+    // order, CYCLE starts over). It keeps the current value: tokens already given stay below
+    // every later one.
+    (2, "ALTER SEQUENCE {fencing} NO CYCLE CACHE 1;"),
+];
 
 /// Creates the schema and applies the steps not applied yet.
 pub(crate) async fn run(pool: &PgPool, tables: &Tables) -> Result<(), sqlx::Error> {
