@@ -16,6 +16,7 @@ use locker_core::{
 };
 
 pub mod cases;
+pub mod interpose;
 mod memory;
 pub mod servers;
 
@@ -386,6 +387,10 @@ define_suite!($;
     locker_reporter_reports_errors_against_an_unreachable_server,
     locker_clean_shutdown_frees_locks_at_once,
     locker_blocked_runtime_keeps_its_lock,
+    safety_stale_recheck_after_a_freeze_fails_the_beat,
+    safety_late_acquire_reply_is_not_a_guard,
+    safety_shutdown_waits_for_running_jobs,
+    safety_cancelled_acquire_that_lands_late_is_undone,
     fault_server_paused_shorter_than_the_liveness_ttl,
     fault_server_restarted_locker_recovers,
     fault_server_unreachable_at_start,

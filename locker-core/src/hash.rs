@@ -37,11 +37,32 @@ pub fn new_process_hash() -> String {
     } else {
         host.replace(['/', '@'], "_")
     };
-    let nanos = SystemTime::now()
+    format!("{host}/{}.{}", std::process::id(), unique_nanos())
+}
+
+/// Nanoseconds since the Unix epoch, but strictly greater than every earlier value returned in
+/// this OS process: two lockers built within one clock tick (or after the wall clock stepped
+/// back) still get different process hashes, so one's shutdown never deletes the other's
+/// liveness record. The digits keep the Node format (`{pid}.{digits}`).
+fn unique_nanos() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or_default();
-    format!("{host}/{}.{nanos}", std::process::id())
+    next_unique(&LAST, now)
+}
+
+/// `now`, or one more than the last value handed out if the clock has not moved past it.
+fn next_unique(last: &AtomicU64, now: u64) -> u64 {
+    let mut seen = last.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(seen.saturating_add(1));
+        match last.compare_exchange_weak(seen, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(current) => seen = current,
+        }
+    }
 }
 
 /// Checks a lock key: not empty, at most [`MAX_KEY_LEN`] bytes. Any other content is allowed
@@ -173,6 +194,34 @@ mod tests {
         let (pid, nanos) = rest.split_once('.').expect("dot");
         assert_eq!(pid, std::process::id().to_string());
         assert!(nanos.parse::<u128>().is_ok(), "{p}");
+    }
+
+    /// Lockers built back to back (within one clock tick) on several threads never share a
+    /// process hash.
+    #[test]
+    fn process_hashes_never_repeat_within_a_process() {
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| (0..5000).map(|_| new_process_hash()).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut all = std::collections::HashSet::new();
+        for t in threads {
+            for p in t.join().expect("thread") {
+                assert!(all.insert(p.clone()), "repeated process hash {p}");
+            }
+        }
+        assert_eq!(all.len(), 20_000);
+    }
+
+    /// A clock that did not tick, or stepped back, still gives a new value.
+    #[test]
+    fn a_clock_that_does_not_tick_still_gives_unique_digits() {
+        let last = AtomicU64::new(0);
+        assert_eq!(next_unique(&last, 500), 500);
+        assert_eq!(next_unique(&last, 500), 501);
+        assert_eq!(next_unique(&last, 100), 502);
+        assert_eq!(next_unique(&last, 900), 900);
     }
 
     #[test]

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use crate::backend::ExtendOutcome;
 use crate::clock::nanos;
 use crate::error::{Error, ErrorKind, Result};
@@ -46,6 +48,8 @@ pub(crate) struct LockState {
     pub(crate) next_extend: AtomicU64,
     pub(crate) released: AtomicBool,
     loss: OnceLock<Loss>,
+    /// Turns `true` when the lock is lost, to wake [`Heartbeat::lost`] and [`Heartbeat::sleep`].
+    lost_signal: watch::Sender<bool>,
 }
 
 impl LockState {
@@ -69,6 +73,7 @@ impl LockState {
             released: AtomicBool::new(false),
             data: Mutex::new(data),
             loss: OnceLock::new(),
+            lost_signal: watch::channel(false).0,
             locker,
         }
     }
@@ -83,6 +88,7 @@ impl LockState {
     /// Marks the lock lost (the first reason wins) and returns the error for it.
     pub(crate) fn lose(&self, loss: Loss) -> Error {
         if self.loss.set(loss.clone()).is_ok() {
+            self.lost_signal.send_replace(true);
             match &loss {
                 Loss::Released | Loss::Abandoned => {}
                 Loss::TakenOver(holder) => tracing::warn!(
@@ -137,9 +143,26 @@ impl LockState {
         Some(e.with_key(self.key.clone()))
     }
 
+    /// Whether the lock may still be held at `now`, as far as the local checks tell (the
+    /// drain aside): not lost, not expired, no liveness lapse since the acquire.
+    pub(crate) fn still_held(&self, now: u64) -> bool {
+        self.loss.get().is_none()
+            && now < self.valid_until.load(Ordering::Acquire)
+            && !self
+                .locker
+                .liveness()
+                .is_some_and(|l| l.lapsed_since(self.acquired_at, now))
+    }
+
     /// The checks that need no I/O: draining, an earlier loss, expiry of the lock or of the
-    /// liveness record.
-    fn check_local(&self, now: u64) -> Result<()> {
+    /// liveness record, as of `now`.
+    ///
+    /// This is the one place where the lock's validity is decided. Every result that came from
+    /// I/O passes through it again at the moment it is returned (see [`bounded`](Self::bounded)
+    /// and [`Locker::acquire`](crate::Locker::acquire)): a reply that says "ours" is only as
+    /// fresh as the moment it is handed back, and the process may have been frozen, or its
+    /// runtime starved, for longer than the liveness TTL between the store's answer and now.
+    pub(crate) fn check_local(&self, now: u64) -> Result<()> {
         self.locker.check_draining()?;
         if let Some(e) = self.loss_error() {
             return Err(e);
@@ -249,6 +272,11 @@ impl LockState {
 
     /// Runs a backend call, but no longer than the lock is certainly ours: past that, the
     /// local checks decide (a hung store must not keep [`Heartbeat::lost`] from firing).
+    ///
+    /// Whatever the call returns, the local checks run again once it has returned, against
+    /// the clock read *then*: a reply that was ready before a freeze, or that won the race
+    /// against the timer after the runtime was starved, must not make a beat say "yours".
+    /// Every beat's I/O goes through here.
     async fn bounded<T>(&self, io: impl Future<Output = Result<T>>) -> Result<T> {
         let clock = self.locker.clock;
         let mut deadline = self.valid_until.load(Ordering::Acquire);
@@ -256,16 +284,15 @@ impl LockState {
             deadline = deadline.min(reporter.fresh_until());
         }
         let left = Duration::from_nanos(deadline.saturating_sub(clock.now()).max(1_000_000));
-        match tokio::time::timeout(left, io).await {
+        let result = match tokio::time::timeout(left, io).await {
             Ok(result) => result,
-            Err(_) => {
-                self.check_local(clock.now())?;
-                Err(Error::new(
-                    ErrorKind::Timeout,
-                    format!("the store did not answer within {left:?}"),
-                ))
-            }
-        }
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("the store did not answer within {left:?}"),
+            )),
+        };
+        self.check_local(clock.now())?;
+        result
     }
 
     /// A retryable failure is reported in the background and retried at the next recheck
@@ -295,6 +322,35 @@ impl LockState {
             due = due.min(reporter.fresh_until());
         }
         due
+    }
+}
+
+/// What cuts a heartbeat's sleep short: the lock's loss and the locker's drain.
+struct WakeSignals {
+    lost: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
+}
+
+impl WakeSignals {
+    /// Sleeps for `d`, or less if the lock is lost or the locker drains meanwhile.
+    async fn sleep(&mut self, d: Duration) {
+        let lost = &mut self.lost;
+        let drain = &mut self.drain;
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            // An error means the sender is gone, which the `Arc`s held here rule out.
+            _ = lost.wait_for(|lost| *lost) => {}
+            _ = drain.wait_for(|drain| *drain) => {}
+        }
+    }
+}
+
+impl LockState {
+    fn wake_signals(&self) -> WakeSignals {
+        WakeSignals {
+            lost: self.lost_signal.subscribe(),
+            drain: self.locker.drain_signal(),
+        }
     }
 }
 
@@ -385,22 +441,31 @@ impl Heartbeat {
 
     /// Sleeps for `d` while beating (at least every `recheck_every`), and fails as soon as a
     /// beat fails.
+    ///
+    /// A loss found by another clone of this heartbeat, or a [`drain`](crate::Locker::drain),
+    /// wakes it at once.
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`beat`](Self::beat).
     pub async fn sleep(&self, d: Duration) -> Result<()> {
         let clock = self.state.locker.clock;
         let end = clock.now().saturating_add(nanos(d));
+        let mut wake = self.state.wake_signals();
         loop {
             self.beat().await?;
             let now = clock.now();
             if now >= end {
                 return Ok(());
             }
-            let wake = end.min(self.state.next_due()).max(now + 1_000_000);
-            tokio::time::sleep(Duration::from_nanos(wake.min(end) - now)).await;
+            let next = end.min(self.state.next_due()).max(now + 1_000_000);
+            wake.sleep(Duration::from_nanos(next.min(end) - now)).await;
         }
     }
 
     /// Completes when the lock is lost (or the locker drains), with the reason; until then it
-    /// beats by itself whenever a recheck or extension is due.
+    /// beats by itself whenever a recheck or extension is due. A loss found by another clone
+    /// of this heartbeat, or a [`drain`](crate::Locker::drain) or
+    /// [`shutdown`](crate::Locker::shutdown), completes it at once.
     ///
     /// For jobs that cannot call [`beat`](Self::beat) between steps: run the work in
     /// `tokio::select!` against this future.
@@ -425,14 +490,15 @@ impl Heartbeat {
     pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
         let hb = self.clone();
         async move {
+            let mut wake = hb.state.wake_signals();
             loop {
                 if let Err(e) = hb.beat().await {
                     return e;
                 }
                 let clock = hb.state.locker.clock;
                 let now = clock.now();
-                let wake = hb.state.next_due().max(now + 1_000_000);
-                tokio::time::sleep(Duration::from_nanos(wake - now)).await;
+                let next = hb.state.next_due().max(now + 1_000_000);
+                wake.sleep(Duration::from_nanos(next - now)).await;
             }
         }
     }

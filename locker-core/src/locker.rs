@@ -6,20 +6,20 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::FutureExt;
-use tokio::sync::{broadcast, OnceCell};
+use tokio::sync::{broadcast, watch, Notify, OnceCell};
 
 use crate::backend::{AcquireOutcome, BackendFactory, LockBackend, ReleaseOutcome};
-use crate::clock::Clock;
+use crate::clock::{nanos, Clock};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{BackgroundError, BackgroundSource, Events};
 use crate::hash::{new_owner_hash, new_process_hash, parse_owner_hash, validate_key};
 use crate::heartbeat::{Heartbeat, LockState, Loss};
 use crate::options::{LockerBuilder, LockerOptions};
 use crate::record::LockData;
-use crate::reporter::{release_with_retry, Liveness, Reporter};
+use crate::reporter::{release_with_retry, Liveness, ReleaseKind, Reporter};
 
 /// What to lock: a key, and optionally a trace kept in the record and in the owner hash.
 ///
@@ -142,11 +142,15 @@ pub(crate) struct Inner {
     backend: OnceCell<Arc<dyn LockBackend>>,
     reporter: OnceCell<Reporter>,
     draining: AtomicBool,
+    /// Turns `true` on drain, to wake sleeping heartbeats at once.
+    drain_signal: watch::Sender<bool>,
     drain_reason: RwLock<Option<String>>,
     phase: RwLock<Phase>,
     held: Mutex<HashMap<u64, Weak<LockState>>>,
+    /// Notified whenever a lock leaves `held`, for `shutdown` to wait on.
+    held_changed: Notify,
     next_id: AtomicU64,
-    shutdown_done: OnceCell<()>,
+    reporter_stopped: OnceCell<()>,
 }
 
 impl Inner {
@@ -155,6 +159,10 @@ impl Inner {
             .get_or_try_init(|| self.factory.connect())
             .await
             .cloned()
+    }
+
+    pub(crate) fn drain_signal(&self) -> watch::Receiver<bool> {
+        self.drain_signal.subscribe()
     }
 
     pub(crate) fn liveness(&self) -> Option<&Liveness> {
@@ -189,6 +197,19 @@ impl Inner {
         }
     }
 
+    /// Moves from `Running` to `phase`; returns the phase found (unchanged unless `Running`).
+    fn set_phase_from_running(&self, phase: Phase) -> Phase {
+        let mut p = match self.phase.write() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let found = *p;
+        if found == Phase::Running {
+            *p = phase;
+        }
+        found
+    }
+
     fn set_phase(&self, phase: Phase) -> Phase {
         match self.phase.write() {
             Ok(mut p) => std::mem::replace(&mut *p, phase),
@@ -219,10 +240,49 @@ impl Inner {
             .await
     }
 
+    /// Forgets a lock whose job has ended (its release is done or queued). When `shutdown`
+    /// is waiting, wakes it; when a bounded shutdown gave up waiting and this was the last
+    /// lock, stops the reporter now (after the releases already queued to it).
     fn unregister(&self, id: u64) {
-        if let Ok(mut held) = self.held.lock() {
-            held.remove(&id);
+        let now_empty = match self.held.lock() {
+            Ok(mut held) => held.remove(&id).is_some() && held.is_empty(),
+            Err(_) => false,
+        };
+        self.held_changed.notify_waiters();
+        if now_empty && self.phase() == Phase::ShutDown {
+            if let Some(reporter) = self.reporter.get() {
+                reporter.stop_detached(true);
+            }
         }
+    }
+
+    /// The keys whose jobs still hold their locks. A lock already lost (taken over, expired,
+    /// or lapsed with this process's liveness) is no longer held by its job, whose next beat
+    /// fails anyway: it does not keep a shutdown waiting.
+    fn running_keys(&self) -> Vec<String> {
+        let now = self.clock.now();
+        match self.held.lock() {
+            Ok(held) => held
+                .values()
+                .filter_map(Weak::upgrade)
+                .filter(|s| s.still_held(now))
+                .map(|s| s.key.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Stops the reporter thread once, deleting this process's liveness record; concurrent
+    /// callers all wait for the one stop.
+    async fn stop_reporter(&self) {
+        self.reporter_stopped
+            .get_or_init(|| async {
+                if let Some(reporter) = self.reporter.get() {
+                    reporter.stop(true, false).await;
+                }
+                tracing::info!(process_hash = %self.process_hash, "locker shut down");
+            })
+            .await;
     }
 }
 
@@ -273,6 +333,7 @@ impl Locker {
     }
 
     pub(crate) fn from_parts(factory: Arc<dyn BackendFactory>, options: LockerOptions) -> Self {
+        tracing::debug!(clock = ?Clock::SOURCE, "local deadlines read this clock");
         Locker {
             inner: Arc::new(Inner {
                 options,
@@ -283,11 +344,13 @@ impl Locker {
                 backend: OnceCell::new(),
                 reporter: OnceCell::new(),
                 draining: AtomicBool::new(false),
+                drain_signal: watch::channel(false).0,
                 drain_reason: RwLock::new(None),
                 phase: RwLock::new(Phase::Running),
                 held: Mutex::new(HashMap::new()),
+                held_changed: Notify::new(),
                 next_id: AtomicU64::new(0),
-                shutdown_done: OnceCell::new(),
+                reporter_stopped: OnceCell::new(),
             }),
         }
     }
@@ -386,7 +449,8 @@ impl Locker {
         }
     }
 
-    /// Registers a stored lock; if the locker stopped meanwhile, releases it at once instead.
+    /// Registers a stored lock and hands out its guard, only if it is still certainly ours
+    /// now; otherwise releases it (if still ours) in the background and fails.
     async fn guard(&self, key: String, stored: LockData, sent_at: u64) -> Result<LockAttempt> {
         let inner = &self.inner;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -395,16 +459,26 @@ impl Locker {
             held.insert(id, Arc::downgrade(&state));
         }
         let guard = LockGuard { state };
-        // `shutdown` sets the phase before it collects the held locks, so a lock registered
-        // after that collection is seen here.
-        if let Err(e) = inner.check_running() {
-            if e.kind() == ErrorKind::Shutdown {
-                let _ = guard.release().await;
-                if let Some(reporter) = inner.reporter.get() {
-                    reporter.stop(true, false).await;
-                }
+        // `shutdown` sets the phase before it waits for the held locks, so a lock registered
+        // after that is seen here. Dropping the guard releases it (if still ours).
+        inner.check_running()?;
+        // The reply is only as fresh as now: if this process's liveness record may have
+        // lapsed since the call was sent (a freeze, a starved runtime), another process may
+        // already have taken the lock over; if the reply came after the lock TTL, it may have
+        // expired. The same checks as every beat's, in the same place.
+        if let Err(e) = guard.state.check_local(inner.clock.now()) {
+            if e.kind() != ErrorKind::LockLost {
                 return Err(e);
             }
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "the store's answer to the acquire came too late to be trusted ({}); the \
+                     lock was given up, try again",
+                    e.message()
+                ),
+            )
+            .with_key(guard.key().to_owned()));
         }
         Ok(LockAttempt::Acquired(guard))
     }
@@ -455,12 +529,14 @@ impl Locker {
         Fut: Future<Output = T>,
     {
         let request = request.into();
-        let started = Instant::now();
+        let clock = self.inner.clock;
+        let started = clock.now();
+        let elapsed = || Duration::from_nanos(clock.now().saturating_sub(started));
         loop {
             match self.acquire(request.clone()).await? {
                 LockAttempt::Acquired(guard) => return Ok(guard.run(job).await),
                 LockAttempt::Held(holder) => {
-                    if started.elapsed() >= timeout {
+                    if elapsed() >= timeout {
                         return Err(Error::new(
                             ErrorKind::MutexTimeout,
                             format!(
@@ -472,7 +548,7 @@ impl Locker {
                         .with_holder(holder));
                     }
                     // Never overrun the timeout by a whole delay, nor spin on a zero delay.
-                    let left = timeout.saturating_sub(started.elapsed());
+                    let left = timeout.saturating_sub(elapsed());
                     tokio::time::sleep(recheck_delay.min(left).max(Duration::from_millis(1))).await;
                 }
             }
@@ -523,6 +599,7 @@ impl Locker {
             *r = Some(reason);
         }
         self.inner.draining.store(true, Ordering::Release);
+        self.inner.drain_signal.send_replace(true);
     }
 
     /// Whether [`drain`](Self::drain) was called.
@@ -530,73 +607,93 @@ impl Locker {
         self.inner.draining.load(Ordering::Acquire)
     }
 
-    /// Stops cleanly: drains, releases every lock this locker still holds, stops the reporter
-    /// thread and deletes this process's liveness record, so others can take over at once.
-    /// Afterwards every call fails with [`ErrorKind::Shutdown`]. Idempotent; failures are sent
-    /// to [`subscribe_errors`](Self::subscribe_errors).
+    /// Stops cleanly: drains, waits for every job that holds a lock to end (their locks are
+    /// released as they end), then stops the reporter thread and deletes this process's
+    /// liveness record, so others can take over at once. Afterwards every call fails with
+    /// [`ErrorKind::Shutdown`]. Idempotent; concurrent calls all wait for the one shutdown;
+    /// failures are sent to [`subscribe_errors`](Self::subscribe_errors).
     ///
-    /// Jobs still running get up to `recheck_every` to notice the drain at their next beat
-    /// and end; the locks of those that do not are then released under them (their next beat
-    /// fails). Each release and the final deletion are bounded by `liveness_ttl`, so an
-    /// unreachable store cannot hang the shutdown. Concurrent calls all wait for the one
-    /// shutdown to finish.
+    /// **No lock is released, and the liveness record is not deleted, while a job holding it
+    /// still runs**: releasing under a running job would let another process start the same
+    /// job while this one still works. Draining makes every beat fail, so a job that beats
+    /// stops at its next beat, and [`Heartbeat::lost`] and [`Heartbeat::sleep`] wake at once.
+    /// A job that never beats, or a [`LockGuard`] kept alive without a job, keeps `shutdown`
+    /// waiting (it logs the keys it waits for every `recheck_every`); use
+    /// [`shutdown_timeout`](Self::shutdown_timeout) to bound the wait.
+    ///
+    /// The Node library's `terminate()` releases nothing and stops at once; `shutdown` is the
+    /// clean path between that and a crash ([`abandon`](Self::abandon) is the crash).
+    ///
+    /// # Cancel safety
+    /// Dropping the future stops the waiting, not the shutdown: the locker stays draining and
+    /// refuses new work; the reporter is stopped when the last lock is released.
     pub async fn shutdown(&self) {
-        let inner = self.inner.clone();
-        self.inner
-            .shutdown_done
-            .get_or_init(|| async move {
-                if inner.set_phase(Phase::ShutDown) != Phase::Running {
-                    return;
-                }
+        let _ = self.shutdown_within(None).await;
+    }
+
+    /// [`shutdown`](Self::shutdown), waiting at most `limit` for running jobs to end.
+    ///
+    /// Returns the keys of the jobs still running when the time is up (empty when the
+    /// shutdown completed). Their locks are not released under them: the reporter thread keeps
+    /// this process's liveness record alive until their guards are released or dropped, then
+    /// releases, deletes the liveness record and stops by itself.
+    ///
+    /// # Examples
+    /// ```
+    /// # use std::time::Duration;
+    /// # use locker_core::{LockAttempt, Locker, MemoryBackend};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), locker_core::Error> {
+    /// let locker = Locker::builder(MemoryBackend::new()).build()?;
+    /// let LockAttempt::Acquired(guard) = locker.acquire("export").await? else { unreachable!() };
+    /// // A job that ignores the drain still holds "export" when the time is up.
+    /// let still_running = locker.shutdown_timeout(Duration::from_millis(50)).await;
+    /// assert_eq!(still_running, ["export"]);
+    /// drop(guard); // released now; the reporter then stops by itself
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn shutdown_timeout(&self, limit: Duration) -> Vec<String> {
+        self.shutdown_within(Some(limit)).await
+    }
+
+    async fn shutdown_within(&self, limit: Option<Duration>) -> Vec<String> {
+        let inner = &self.inner;
+        match inner.set_phase_from_running(Phase::ShutDown) {
+            Phase::Abandoned => return Vec::new(),
+            Phase::Running => {
                 if !inner.draining.load(Ordering::Acquire) {
-                    Locker {
-                        inner: inner.clone(),
-                    }
-                    .drain("the locker is shutting down");
+                    self.drain("the locker is shutting down");
                 }
-                let grace = Instant::now() + inner.options.recheck_every;
-                while inner.held.lock().map(|h| !h.is_empty()).unwrap_or(false)
-                    && Instant::now() < grace
-                {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Phase::ShutDown => {}
+        }
+        let clock = inner.clock;
+        let deadline = limit.map(|l| clock.now().saturating_add(nanos(l)));
+        let warn_every = inner.options.recheck_every;
+        loop {
+            let notified = inner.held_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let running = inner.running_keys();
+            if running.is_empty() {
+                break;
+            }
+            let now = clock.now();
+            let mut wait = warn_every;
+            if let Some(deadline) = deadline {
+                if now >= deadline {
+                    tracing::warn!(keys = ?running, "shutdown time is up; jobs still hold these locks, which stay held (and this process alive) until they end");
+                    return running;
                 }
-                let held: Vec<Arc<LockState>> = match inner.held.lock() {
-                    Ok(mut held) => held.drain().filter_map(|(_, w)| w.upgrade()).collect(),
-                    Err(_) => Vec::new(),
-                };
-                let limit = inner.options.liveness_ttl;
-                for state in held {
-                    if state.released.swap(true, Ordering::AcqRel) {
-                        continue;
-                    }
-                    state.lose(Loss::Released);
-                    let release = async {
-                        inner
-                            .backend()
-                            .await?
-                            .release(&state.key, &state.owner_hash)
-                            .await
-                    };
-                    match tokio::time::timeout(limit, release).await {
-                        Ok(Ok(outcome)) => {
-                            tracing::info!(key = %state.key, ?outcome, "released lock at shutdown")
-                        }
-                        Ok(Err(e)) => inner
-                            .events
-                            .emit(BackgroundSource::Release, e.with_key(state.key.clone())),
-                        Err(_) => inner.events.emit(
-                            BackgroundSource::Release,
-                            Error::new(ErrorKind::Timeout, "release at shutdown timed out")
-                                .with_key(state.key.clone()),
-                        ),
-                    }
-                }
-                if let Some(reporter) = inner.reporter.get() {
-                    reporter.stop(true, false).await;
-                }
-                tracing::info!(process_hash = %inner.process_hash, "locker shut down");
-            })
-            .await;
+                wait = wait.min(Duration::from_nanos(deadline - now));
+            }
+            if tokio::time::timeout(wait, notified).await.is_err() && deadline.is_none() {
+                tracing::warn!(keys = ?running, "shutdown waits for jobs that still hold these locks");
+            }
+        }
+        inner.stop_reporter().await;
+        Vec::new()
     }
 
     /// Stops the reporter thread as if the process had crashed: no lock is released and the
@@ -706,7 +803,6 @@ impl LockGuard {
         if state.released.swap(true, Ordering::AcqRel) {
             return Ok(ReleaseOutcome::NoKey);
         }
-        inner.unregister(state.id);
         state.lose(Loss::Released);
         // From here the guard's Drop does nothing; a cancelled release hands off through this.
         let mut handoff = ReleaseHandoff {
@@ -754,7 +850,6 @@ impl LockGuard {
         if state.released.swap(true, Ordering::AcqRel) {
             return;
         }
-        inner.unregister(state.id);
         state.lose(Loss::Released);
         let mut handoff = ReleaseHandoff {
             state: &state,
@@ -807,6 +902,7 @@ fn release_in_background(state: &LockState) {
         &state.key,
         &state.owner_hash,
         state.valid_until.load(Ordering::Acquire),
+        ReleaseKind::Held,
     );
 }
 
@@ -821,15 +917,22 @@ fn ours_if_replayed(outcome: AcquireOutcome, owner_hash: &str) -> AcquireOutcome
     }
 }
 
-/// Hands a release (only if `owner_hash` still owns `key`) to the reporter thread.
-fn release_key_in_background(inner: &Inner, key: &str, owner_hash: &str, deadline: u64) {
-    if inner.phase() != Phase::Running {
+/// Hands a release (only if `owner_hash` still owns `key`) to the reporter thread. Also while
+/// a shutdown waits for jobs to end (their releases must go through); not after `abandon`,
+/// which leaves every lock to expire as a crash would.
+fn release_key_in_background(
+    inner: &Inner,
+    key: &str,
+    owner_hash: &str,
+    deadline: u64,
+    kind: ReleaseKind,
+) {
+    if inner.phase() == Phase::Abandoned {
         return;
     }
-    let sent = inner
-        .reporter
-        .get()
-        .is_some_and(|r| r.release_in_background(key.to_owned(), owner_hash.to_owned(), deadline));
+    let sent = inner.reporter.get().is_some_and(|r| {
+        r.release_in_background(key.to_owned(), owner_hash.to_owned(), deadline, kind)
+    });
     if !sent {
         inner.events.emit(
             BackgroundSource::Release,
@@ -870,7 +973,17 @@ impl<'a> PendingAcquire<'a> {
 impl Drop for PendingAcquire<'_> {
     fn drop(&mut self) {
         if self.armed {
-            release_key_in_background(self.inner, self.key, self.owner_hash, self.deadline);
+            // The write may still be on its way (a pipelined command, a statement the server
+            // runs after the client gave up), and the release runs on another connection:
+            // it could overtake the write it undoes. So the reporter keeps undoing until the
+            // write has been found and deleted, or could no longer land.
+            release_key_in_background(
+                self.inner,
+                self.key,
+                self.owner_hash,
+                self.deadline,
+                ReleaseKind::InFlightAcquire,
+            );
         }
     }
 }
@@ -878,13 +991,15 @@ impl Drop for PendingAcquire<'_> {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         let state = &self.state;
-        if state.released.swap(true, Ordering::AcqRel) {
-            return;
+        if !state.released.swap(true, Ordering::AcqRel) {
+            state.lose(Loss::Released);
+            tracing::debug!(key = %state.key, "lock guard dropped; releasing in the background");
+            release_in_background(state);
         }
+        // Every way a guard ends (release, release after a run, a cancelled release, a drop)
+        // ends here, after its release is done or queued to the reporter: only then may a
+        // shutdown that waits for it stop the reporter.
         state.locker.unregister(state.id);
-        state.lose(Loss::Released);
-        tracing::debug!(key = %state.key, "lock guard dropped; releasing in the background");
-        release_in_background(state);
     }
 }
 

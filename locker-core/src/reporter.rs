@@ -24,18 +24,88 @@ use crate::events::{BackgroundSource, Events};
 use crate::options::LockerOptions;
 use crate::record::ProcessData;
 
+/// One atomic word: what [`Published`] is built on, so that the same code runs on std atomics
+/// and, in the `loom` model below, on loom's.
+pub(crate) trait Word {
+    fn load(&self, order: Ordering) -> u64;
+    fn store(&self, value: u64, order: Ordering);
+    fn fetch_max(&self, value: u64, order: Ordering) -> u64;
+}
+
+impl Word for AtomicU64 {
+    fn load(&self, order: Ordering) -> u64 {
+        AtomicU64::load(self, order)
+    }
+    fn store(&self, value: u64, order: Ordering) {
+        AtomicU64::store(self, value, order)
+    }
+    fn fetch_max(&self, value: u64, order: Ordering) -> u64 {
+        AtomicU64::fetch_max(self, value, order)
+    }
+}
+
+/// The pair of moments the reporter publishes to every beat, written by the reporter thread
+/// alone and read by any thread.
+///
+/// Readers must never see a fresh `last_ok_start` with a stale `lapse_end`: that would let a
+/// beat pass right after a lapse. So the writer raises `lapse_end` *before* it publishes the
+/// new `last_ok_start` (a release store), and readers load `last_ok_start` (acquire) *before*
+/// `lapse_end`: a reader that sees the new `last_ok_start` also sees the lapse that came with
+/// it; one that sees the old one judges freshness by the old one, which is stale exactly when
+/// the lapse matters. The `loom` model in this file checks every interleaving.
+#[derive(Debug, Default)]
+pub(crate) struct Published<W> {
+    /// When the last successful write was sent (clock nanos; 0 = never). The record lives at
+    /// least `ttl` from then, because the store starts its TTL when it receives the write.
+    last_ok_start: W,
+    /// The latest moment up to which the record may have been missing although the process
+    /// lived (no write sent within a TTL of the previous one reached the store in time);
+    /// 0 = never. A lock held at any moment before it may have been taken over.
+    lapse_end: W,
+}
+
+impl<W: Word> Published<W> {
+    /// Whether the liveness record is certainly still stored at `now`.
+    pub(crate) fn is_fresh(&self, now: u64, ttl: u64) -> bool {
+        let last = self.last_ok_start.load(Ordering::Acquire);
+        last != 0 && now.saturating_sub(last) < ttl
+    }
+
+    /// Whether the record may have been missing at some moment after `since` (up to `now`).
+    pub(crate) fn lapsed_since(&self, since: u64, now: u64, ttl: u64) -> bool {
+        // `last_ok_start` first (inside `is_fresh`), then `lapse_end`: see the type's docs.
+        !self.is_fresh(now, ttl) || self.lapse_end.load(Ordering::Acquire) > since
+    }
+
+    /// When the record may expire if no further report succeeds.
+    pub(crate) fn fresh_until(&self, ttl: u64) -> u64 {
+        self.last_ok_start
+            .load(Ordering::Acquire)
+            .saturating_add(ttl)
+    }
+
+    /// A write sent at `started` was acknowledged at `finished`. Called by one thread only.
+    pub(crate) fn record_success(&self, started: u64, finished: u64, ttl: u64) {
+        let prev = self.last_ok_start.load(Ordering::Acquire);
+        // The previous record expired at `prev + ttl` at the earliest, and this write reached the
+        // store at `finished` at the latest: if the first is not after the second, the record
+        // may have been missing in between, and anyone could have taken our locks then.
+        if prev != 0 && finished >= prev.saturating_add(ttl) {
+            // Published before the fresh `last_ok_start` below (see the type's docs).
+            self.lapse_end.fetch_max(finished, Ordering::AcqRel);
+        }
+        if started > prev {
+            self.last_ok_start.store(started, Ordering::Release);
+        }
+    }
+}
+
 /// What the heartbeats and the acquire path know about this process's liveness record.
 #[derive(Debug)]
 pub(crate) struct Liveness {
     clock: Clock,
     ttl: u64,
-    /// When the last successful write was sent (clock nanos; 0 = never). The record lives at
-    /// least `ttl` from then, because the store starts its TTL when it receives the write.
-    last_ok_start: AtomicU64,
-    /// The latest moment up to which the record may have been missing although the process
-    /// lived (no write sent within a TTL of the previous one reached the store in time);
-    /// 0 = never. A lock held at any moment before it may have been taken over.
-    lapse_end: AtomicU64,
+    published: Published<AtomicU64>,
     reports: watch::Sender<u64>,
     last_error: Mutex<Option<String>>,
 }
@@ -45,8 +115,7 @@ impl Liveness {
         Liveness {
             clock,
             ttl: nanos(ttl),
-            last_ok_start: AtomicU64::new(0),
-            lapse_end: AtomicU64::new(0),
+            published: Published::default(),
             reports: watch::channel(0).0,
             last_error: Mutex::new(None),
         }
@@ -54,31 +123,22 @@ impl Liveness {
 
     /// Whether the liveness record is certainly still stored at `now`.
     pub(crate) fn is_fresh(&self, now: u64) -> bool {
-        let last = self.last_ok_start.load(Ordering::Acquire);
-        last != 0 && now.saturating_sub(last) < self.ttl
+        self.published.is_fresh(now, self.ttl)
     }
 
     /// Whether the record may have been missing at some moment after `since` (up to `now`).
     pub(crate) fn lapsed_since(&self, since: u64, now: u64) -> bool {
-        !self.is_fresh(now) || self.lapse_end.load(Ordering::Acquire) > since
+        self.published.lapsed_since(since, now, self.ttl)
     }
 
     /// When the record may expire if no further report succeeds.
     pub(crate) fn fresh_until(&self) -> u64 {
-        self.last_ok_start
-            .load(Ordering::Acquire)
-            .saturating_add(self.ttl)
+        self.published.fresh_until(self.ttl)
     }
 
     /// A write sent at `started` was acknowledged at `finished`.
     fn record_success(&self, started: u64, finished: u64) {
-        let prev = self.last_ok_start.swap(started, Ordering::AcqRel);
-        // The previous record expired at `prev + ttl` at the earliest, and this write reached the
-        // store at `finished` at the latest: if the first is not after the second, the record
-        // may have been missing in between, and anyone could have taken our locks then.
-        if prev != 0 && finished >= prev.saturating_add(self.ttl) {
-            self.lapse_end.fetch_max(finished, Ordering::AcqRel);
-        }
+        self.published.record_success(started, finished, self.ttl);
         self.reports.send_modify(|n| *n += 1);
     }
 
@@ -124,12 +184,28 @@ impl Liveness {
     }
 }
 
+/// What a background release undoes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReleaseKind {
+    /// A lock that was held (its write is known to have landed): one release, retried on
+    /// retryable errors.
+    Held,
+    /// An acquire or take-over whose future was dropped while the call was in flight: its write
+    /// may land later than the release (another connection, a statement still running on the
+    /// server), so releases are repeated, backing off, until one deletes our record or the
+    /// deadline passes. Given up when the reporter stops: the liveness record is deleted then
+    /// (or expires, after `abandon`), so a record that lands later can be taken over at once.
+    InFlightAcquire,
+}
+
 enum Command {
-    /// Release a lock whose guard was dropped, retrying retryable errors until `deadline`.
+    /// Release a lock whose guard was dropped (or whose acquire was cancelled), retrying
+    /// retryable errors until `deadline`.
     Release {
         key: String,
         owner_hash: String,
         deadline: u64,
+        kind: ReleaseKind,
     },
     /// Stop the thread; `forget` deletes the liveness record on the way out, `abandon` drops
     /// pending releases as a crash would.
@@ -204,12 +280,14 @@ impl Reporter {
         key: String,
         owner_hash: String,
         deadline: u64,
+        kind: ReleaseKind,
     ) -> bool {
         self.commands
             .send(Command::Release {
                 key,
                 owner_hash,
                 deadline,
+                kind,
             })
             .is_ok()
     }
@@ -275,8 +353,8 @@ impl Task {
                     )),
                 },
                 cmd = rx.recv() => match cmd {
-                    Some(Command::Release { key, owner_hash, deadline }) => {
-                        pending.push((key, owner_hash, deadline));
+                    Some(Command::Release { key, owner_hash, deadline, kind }) => {
+                        pending.push((key, owner_hash, deadline, kind));
                         continue;
                     }
                     Some(Command::Stop { ack, .. }) => {
@@ -290,8 +368,8 @@ impl Task {
             tokio::select! {
                 _ = sleep(self.report_every) => {}
                 cmd = rx.recv() => match cmd {
-                    Some(Command::Release { key, owner_hash, deadline }) => {
-                        pending.push((key, owner_hash, deadline));
+                    Some(Command::Release { key, owner_hash, deadline, kind }) => {
+                        pending.push((key, owner_hash, deadline, kind));
                     }
                     Some(Command::Stop { ack, .. }) => {
                         if let Some(ack) = ack { let _ = ack.send(()); }
@@ -303,8 +381,14 @@ impl Task {
         };
 
         let mut releases = JoinSet::new();
-        for (key, owner_hash, deadline) in pending {
-            releases.spawn(self.release(backend.clone(), key, owner_hash, deadline));
+        let mut undos = JoinSet::new();
+        for (key, owner_hash, deadline, kind) in pending {
+            let set = if kind == ReleaseKind::Held {
+                &mut releases
+            } else {
+                &mut undos
+            };
+            set.spawn(self.release(backend.clone(), key, owner_hash, deadline, kind));
         }
         let mut ticker = tokio::time::interval(self.report_every);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -312,15 +396,20 @@ impl Task {
             tokio::select! {
                 _ = ticker.tick() => self.report(&*backend).await,
                 cmd = rx.recv() => match cmd {
-                    Some(Command::Release { key, owner_hash, deadline }) => {
-                        releases.spawn(self.release(backend.clone(), key, owner_hash, deadline));
+                    Some(Command::Release { key, owner_hash, deadline, kind }) => {
+                        let set = if kind == ReleaseKind::Held { &mut releases } else { &mut undos };
+                        set.spawn(self.release(backend.clone(), key, owner_hash, deadline, kind));
                     }
                     Some(Command::Stop { forget, abandon, ack }) => break (forget, abandon, ack),
                     None => break (true, false, None),
                 },
                 Some(_) = releases.join_next(), if !releases.is_empty() => {}
+                Some(_) = undos.join_next(), if !undos.is_empty() => {}
             }
         };
+        // See `ReleaseKind::InFlightAcquire`: deleting (or abandoning) the liveness record
+        // makes whatever lands later free to take.
+        undos.abort_all();
         if abandon {
             releases.abort_all();
         } else {
@@ -379,27 +468,46 @@ impl Task {
         key: String,
         owner_hash: String,
         deadline: u64,
+        kind: ReleaseKind,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let clock = self.clock;
         let events = self.events.clone();
         let retry_every = self.retry_every;
         async move {
-            let result = release_with_retry(
-                &*backend,
-                &key,
-                &owner_hash,
-                deadline,
-                clock,
-                retry_every,
-                &events,
-            )
-            .await;
-            if let Err(e) = result {
-                events.emit(BackgroundSource::Release, e.with_key(key));
+            let mut backoff = UNDO_FIRST_RETRY.min(retry_every);
+            loop {
+                let result = release_with_retry(
+                    &*backend,
+                    &key,
+                    &owner_hash,
+                    deadline,
+                    clock,
+                    retry_every,
+                    &events,
+                )
+                .await;
+                let again = match result {
+                    Ok(ReleaseOutcome::Released) => false,
+                    Ok(_) => kind == ReleaseKind::InFlightAcquire,
+                    Err(e) => {
+                        let retryable = e.is_retryable();
+                        events.emit(BackgroundSource::Release, e.with_key(key.clone()));
+                        retryable && kind == ReleaseKind::InFlightAcquire
+                    }
+                };
+                let left = deadline.saturating_sub(clock.now());
+                if !again || left == 0 {
+                    return;
+                }
+                sleep(backoff.min(Duration::from_nanos(left))).await;
+                backoff = (backoff * 2).min(retry_every);
             }
         }
     }
 }
+
+/// The first pause between two undos of an in-flight acquire (doubling up to the retry interval).
+const UNDO_FIRST_RETRY: Duration = Duration::from_millis(10);
 
 /// Releases a lock, retrying retryable errors (each one reported to `events`) until `deadline`,
 /// after which the lock expires by itself.
@@ -434,6 +542,18 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
+    impl Word for loom::sync::atomic::AtomicU64 {
+        fn load(&self, order: Ordering) -> u64 {
+            loom::sync::atomic::AtomicU64::load(self, order)
+        }
+        fn store(&self, value: u64, order: Ordering) {
+            loom::sync::atomic::AtomicU64::store(self, value, order)
+        }
+        fn fetch_max(&self, value: u64, order: Ordering) -> u64 {
+            loom::sync::atomic::AtomicU64::fetch_max(self, value, order)
+        }
+    }
+
     fn liveness() -> Liveness {
         Liveness::new(Clock::new(), Duration::from_millis(10))
     }
@@ -462,6 +582,31 @@ mod tests {
             !l.lapsed_since(12 * MS, 13 * MS),
             "a lock taken after the gap is fine"
         );
+    }
+
+    /// Every interleaving of a report that ends a lapse with a beat on another thread: the
+    /// beat never sees the fresh record without the lapse. (With the old order, fresh record
+    /// first and lapse second, loom finds the interleaving where the beat passes.)
+    #[test]
+    fn loom_a_beat_never_sees_a_fresh_record_without_its_lapse() {
+        loom::model(|| {
+            let ttl = 10;
+            let published =
+                loom::sync::Arc::new(Published::<loom::sync::atomic::AtomicU64>::default());
+            // A report sent at 1, acknowledged at 2; a lock acquired at 3.
+            published.record_success(1, 2, ttl);
+            let reporter = {
+                let published = published.clone();
+                loom::thread::spawn(move || {
+                    // Sent at 9, acknowledged at 12: after the first record expired (at 11).
+                    published.record_success(9, 12, ttl);
+                })
+            };
+            // A beat at 13, whatever it sees of the second report, must report the lapse.
+            assert!(published.lapsed_since(3, 13, ttl));
+            reporter.join().expect("reporter thread");
+            assert!(published.lapsed_since(3, 13, ttl));
+        });
     }
 
     #[test]

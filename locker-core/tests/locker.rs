@@ -933,3 +933,98 @@ async fn a_replayed_acquire_that_finds_its_own_lock_owns_it() {
     assert_eq!(store.read("k").await.expect("read"), None);
     a.shutdown().await;
 }
+
+/// `lost()` and `sleep()` complete at once on a drain, and on a loss found by another clone
+/// of the heartbeat, not at their next recheck (5 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_and_sleep_wake_at_once_on_drain_and_on_loss() {
+    let store = MemoryBackend::new();
+    let slow_rechecks = |store: &MemoryBackend| {
+        fast(store)
+            .recheck_every(Duration::from_secs(5))
+            .lock_ttl(Duration::from_secs(60))
+            .extend_every(Duration::from_secs(20))
+            .build()
+            .expect("options")
+    };
+    let (a, b) = (slow_rechecks(&store), slow_rechecks(&store));
+    const AT_ONCE: Duration = Duration::from_secs(1);
+
+    // A loss found by another clone (an extension that finds someone else's record).
+    let guard = acquired(&a, "lost").await;
+    let waiting = tokio::spawn(guard.heartbeat().lost());
+    let sleeping = {
+        let hb = guard.heartbeat();
+        tokio::spawn(async move { hb.sleep(Duration::from_secs(60)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _ = store
+        .release("lost", guard.owner_hash())
+        .await
+        .expect("release by hand");
+    let new = acquired(&b, "lost").await;
+    let e = guard.extend().await.expect_err("taken over");
+    assert_eq!(e.kind(), ErrorKind::LockLost);
+    let lost = tokio::time::timeout(AT_ONCE, waiting)
+        .await
+        .expect("lost() woke at once")
+        .expect("task");
+    assert_eq!(lost.kind(), ErrorKind::LockLost);
+    let slept = tokio::time::timeout(AT_ONCE, sleeping)
+        .await
+        .expect("sleep() woke at once")
+        .expect("task");
+    assert_eq!(slept.expect_err("lost").kind(), ErrorKind::LockLost);
+    drop(guard);
+
+    // A drain.
+    let guard = acquired(&a, "drain").await;
+    let waiting = tokio::spawn(guard.heartbeat().lost());
+    let sleeping = {
+        let hb = guard.heartbeat();
+        tokio::spawn(async move { hb.sleep(Duration::from_secs(60)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    a.drain("deploy");
+    let lost = tokio::time::timeout(AT_ONCE, waiting)
+        .await
+        .expect("lost() woke at once")
+        .expect("task");
+    assert_eq!(lost.kind(), ErrorKind::Draining);
+    let slept = tokio::time::timeout(AT_ONCE, sleeping)
+        .await
+        .expect("sleep() woke at once")
+        .expect("task");
+    assert_eq!(slept.expect_err("drained").kind(), ErrorKind::Draining);
+    drop(guard);
+    drop(new);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Two lockers built back to back in one process never share a process hash, so one's
+/// shutdown never deletes the other's liveness record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lockers_built_back_to_back_keep_their_own_liveness() {
+    let store = MemoryBackend::new();
+    let lockers: Vec<Locker> = (0..50).map(|_| locker(&store)).collect();
+    let hashes: std::collections::HashSet<&str> =
+        lockers.iter().map(|l| l.process_hash()).collect();
+    assert_eq!(hashes.len(), lockers.len(), "a process hash repeated");
+    let (a, b) = (&lockers[0], &lockers[1]);
+    let guard = acquired(b, "k").await;
+    let _ = acquired(a, "other").await.release().await;
+    a.shutdown().await;
+    assert!(
+        store
+            .read_process(b.process_hash())
+            .await
+            .expect("read")
+            .is_some(),
+        "a's shutdown deleted b's liveness record"
+    );
+    drop(guard);
+    for l in &lockers {
+        l.shutdown().await;
+    }
+}

@@ -108,6 +108,8 @@ pub async fn locker_no_release_of_someone_elses_lock(fx: &Fixture) -> Verdict {
             .map(|d| d.owner_hash),
         Some(new.owner_hash().to_owned())
     );
+    // A guard still alive keeps a shutdown waiting: release it first.
+    let _ = new.release().await.expect("release");
     a.shutdown().await;
     b.shutdown().await;
     Verdict::Passed
@@ -139,6 +141,7 @@ pub async fn locker_takeover_after_the_owner_process_dies(fx: &Fixture) -> Verdi
         OwnerStatus::HeldByOther { lock, .. } => assert_eq!(lock.owner_hash, new.owner_hash()),
         other => panic!("{other:?}"),
     }
+    let _ = new.release().await.expect("release");
     b.shutdown().await;
     Verdict::Passed
 }
@@ -258,7 +261,9 @@ pub async fn locker_seppuku_after_a_takeover(fx: &Fixture) -> Verdict {
         e.holder().map(|h| h.owner_hash.as_str()),
         Some(new.owner_hash())
     );
+    // The lost lock does not keep `a`'s shutdown waiting; a live guard would keep `b`'s.
     a.shutdown().await;
+    let _ = new.release().await.expect("release");
     b.shutdown().await;
     Verdict::Passed
 }
@@ -292,6 +297,7 @@ pub async fn locker_seppuku_after_a_takeover_by_the_same_process(fx: &Fixture) -
         e.holder().map(|h| h.owner_hash.as_str()),
         Some(new.owner_hash())
     );
+    let _ = new.release().await.expect("release");
     a.shutdown().await;
     Verdict::Passed
 }
@@ -411,8 +417,27 @@ pub async fn locker_reporter_reports_errors_against_an_unreachable_server(fx: &F
 pub async fn locker_clean_shutdown_frees_locks_at_once(fx: &Fixture) -> Verdict {
     let (a, b) = (fx.locker(), fx.locker());
     let key = fx.key("k");
-    let guard = acquired(&a, &key).await;
+    // A job that stops when its heartbeat says so: the drain reaches it at once.
+    let job = {
+        let (a, key) = (a.clone(), key.clone());
+        tokio::spawn(async move {
+            a.acquire_and_run(&key, |heartbeat| async move { heartbeat.lost().await })
+                .await
+        })
+    };
+    let start = std::time::Instant::now();
+    while b.inspect(&key).await.expect("inspect").is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the job never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     a.shutdown().await;
+    match job.await.expect("job task").expect("acquire_and_run") {
+        RunOutcome::Ran(stopped) => assert_eq!(stopped.kind(), ErrorKind::Draining, "{stopped}"),
+        RunOutcome::Held(h) => panic!("held by {}", h.owner_hash),
+    }
     let backend = fx.backend().await;
     assert_eq!(
         backend.read_process(a.process_hash()).await.expect("read"),
@@ -421,14 +446,14 @@ pub async fn locker_clean_shutdown_frees_locks_at_once(fx: &Fixture) -> Verdict 
     assert_eq!(
         backend.read(&key).await.expect("read"),
         None,
-        "shutdown released nothing"
+        "shutdown left the lock behind"
     );
-    let _new = acquired(&b, &key).await;
-    assert!(guard.heartbeat().beat().await.is_err());
+    let new = acquired(&b, &key).await;
     assert_eq!(
         a.acquire(key.as_str()).await.expect_err("shut down").kind(),
         ErrorKind::Shutdown
     );
+    let _ = new.release().await.expect("release");
     b.shutdown().await;
     Verdict::Passed
 }

@@ -7,7 +7,9 @@
 mod backend;
 mod faults;
 mod locker;
+mod safety;
 
 pub use backend::*;
 pub use faults::*;
 pub use locker::*;
+pub use safety::*;

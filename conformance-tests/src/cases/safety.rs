@@ -1,0 +1,267 @@
+//! Safety at the edges: replies that arrive after a freeze, shutdown under running jobs,
+//! acquires that land after their caller gave up. Each runs on the real store, through
+//! [`Interposed`](crate::interpose::Interposed).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use locker_core::{ErrorKind, LockAttempt, LockGuard, Locker};
+
+use super::locker::{acquired, held};
+use crate::interpose::{Interposed, Interposer};
+use crate::{builder_with, Fixture, Verdict};
+
+/// Runs `locker` on its own thread and runtime, trying `key` every `every` until it gets it
+/// (a takeover, once the holder's liveness record expired), then signals `taken` and holds
+/// the lock until `release` says so. Its own thread, because the case's runtime is about to be
+/// blocked.
+fn take_over_elsewhere(
+    locker: Locker,
+    key: String,
+    every: Duration,
+    limit: Duration,
+    taken: mpsc::Sender<String>,
+    release: mpsc::Receiver<()>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let start = Instant::now();
+            let guard: LockGuard = loop {
+                match locker.acquire(&key).await {
+                    Ok(LockAttempt::Acquired(guard)) => break guard,
+                    Ok(LockAttempt::Held(_)) | Err(_) => {
+                        assert!(start.elapsed() < limit, "no takeover within {limit:?}");
+                        tokio::time::sleep(every).await;
+                    }
+                }
+            };
+            let _ = taken.send(guard.owner_hash().to_owned());
+            let _ = tokio::task::spawn_blocking(move || release.recv()).await;
+            let _ = guard.release().await;
+            locker.shutdown().await;
+        });
+    })
+}
+
+/// The hook of a frozen holder: its liveness writes stop, its thread blocks until another
+/// process has taken the lock over, then the writes come back (as after a freeze, the
+/// reporter writes again as soon as it wakes) and the stale reply is handed back.
+fn freeze_until_taken_over(
+    control: Arc<Interposer>,
+    taken: mpsc::Receiver<String>,
+    limit: Duration,
+) -> impl FnOnce() + Send + 'static {
+    move || {
+        control.cut_pings(true);
+        let taken = taken.recv_timeout(limit);
+        control.cut_pings(false);
+        taken.expect("the other locker took the lock over");
+        control.wait_for_a_ping(limit);
+    }
+}
+
+fn limit(fx: &Fixture) -> Duration {
+    fx.timing.liveness_ttl * 10 + Duration::from_secs(10)
+}
+
+/// A recheck's reply says "yours"; then the holder's runtime freezes, its liveness writes
+/// stop, and another process takes the lock over; the holder wakes with the ready reply.
+/// The beat must fail (seppuku), not say "yours".
+pub async fn safety_stale_recheck_after_a_freeze_fails_the_beat(fx: &Fixture) -> Verdict {
+    let (factory, control) = Interposed::new(fx.factory.clone());
+    let a = builder_with(Arc::new(factory), &fx.timing)
+        .build()
+        .expect("locker");
+    let b = fx.locker();
+    let key = fx.key("k");
+    let guard = acquired(&a, &key).await;
+    let heartbeat = guard.heartbeat();
+    heartbeat.beat().await.expect("a beat before the freeze");
+
+    let (taken_tx, taken_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel();
+    control.after_next_read(freeze_until_taken_over(
+        control.clone(),
+        taken_rx,
+        limit(fx),
+    ));
+    let other = take_over_elsewhere(
+        b,
+        key.clone(),
+        fx.timing.report_every,
+        limit(fx),
+        taken_tx,
+        release_rx,
+    );
+    // The next beat that is due rechecks (a read): its reply is the stale "yours".
+    tokio::time::sleep(fx.timing.recheck_every * 2).await;
+    let beat = heartbeat.beat().await;
+    let _ = release_tx.send(());
+    let err = beat.expect_err("a beat said \"yours\" after another process took the lock over");
+    assert_eq!(err.kind(), ErrorKind::LockLost, "{err}");
+    other.join().expect("the other locker's thread");
+    drop(guard);
+    a.shutdown().await;
+    Verdict::Passed
+}
+
+/// An acquire's reply says "acquired"; then the process freezes as above and another process
+/// takes the fresh lock over. The late reply must not become a guard.
+pub async fn safety_late_acquire_reply_is_not_a_guard(fx: &Fixture) -> Verdict {
+    let (factory, control) = Interposed::new(fx.factory.clone());
+    let a = builder_with(Arc::new(factory), &fx.timing)
+        .build()
+        .expect("locker");
+    let b = fx.locker();
+    let observer = fx.locker();
+    let key = fx.key("k");
+    // Start the reporter first, so the hook below catches the acquire of `key` itself.
+    let warm = acquired(&a, &fx.key("warm-up")).await;
+    let _ = warm.release().await.expect("release");
+
+    let (taken_tx, taken_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel();
+    control.after_next_acquire(freeze_until_taken_over(
+        control.clone(),
+        taken_rx,
+        limit(fx),
+    ));
+    let other = take_over_elsewhere(
+        b,
+        key.clone(),
+        fx.timing.report_every,
+        limit(fx),
+        taken_tx,
+        release_rx,
+    );
+    let attempt = a.acquire(&key).await;
+    let b_owner = held(&observer, &key).await.owner_hash;
+    let _ = release_tx.send(());
+    match attempt {
+        Ok(LockAttempt::Acquired(guard)) => panic!(
+            "a late acquire reply became a guard ({}) while {b_owner} held the lock",
+            guard.owner_hash()
+        ),
+        Ok(LockAttempt::Held(holder)) => panic!("unexpected: held by {}", holder.owner_hash),
+        Err(e) => assert!(e.is_retryable(), "a retryable error, got {e}"),
+    }
+    assert!(
+        !b_owner.starts_with(&format!("{key}@{}", a.process_hash())),
+        "the other locker holds the lock"
+    );
+    other.join().expect("the other locker's thread");
+    a.shutdown().await;
+    observer.shutdown().await;
+    Verdict::Passed
+}
+
+/// `shutdown` never releases a lock, nor deletes the liveness record, under a job that still
+/// runs: a bounded shutdown returns the running keys and keeps the lock held (and the process
+/// alive) past the liveness TTL; the lock is free at once when the job ends.
+pub async fn safety_shutdown_waits_for_running_jobs(fx: &Fixture) -> Verdict {
+    let a = fx.locker();
+    let b = fx.locker();
+    let key = fx.key("k");
+    let hold = fx.timing.expiry_of(fx.timing.liveness_ttl) * 2;
+    let done = Arc::new(AtomicBool::new(false));
+    let job = {
+        let (a, key, done) = (a.clone(), key.clone(), done.clone());
+        tokio::spawn(async move {
+            a.acquire_and_run(&key, |_heartbeat| async move {
+                // A job that does not beat, so it does not notice the drain.
+                tokio::time::sleep(hold).await;
+                done.store(true, Ordering::SeqCst);
+            })
+            .await
+        })
+    };
+    let start = Instant::now();
+    let owner = loop {
+        if let Some(lock) = b.inspect(&key).await.expect("inspect") {
+            break lock.owner_hash;
+        }
+        assert!(start.elapsed() < limit(fx), "the job never took the lock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+
+    let running = a.shutdown_timeout(fx.timing.recheck_every).await;
+    assert_eq!(running, vec![key.clone()]);
+    // Past a whole liveness TTL, the lock is still held by a live process.
+    tokio::time::sleep(fx.timing.expiry_of(fx.timing.liveness_ttl)).await;
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the job ended too early for this case"
+    );
+    assert_eq!(
+        held(&b, &key).await.owner_hash,
+        owner,
+        "the lock moved while its job ran"
+    );
+    assert!(
+        b.inspect(&key).await.expect("inspect").is_some(),
+        "the holder looks dead"
+    );
+
+    a.shutdown().await;
+    assert!(
+        done.load(Ordering::SeqCst),
+        "shutdown returned before the job ended"
+    );
+    let _ = job.await.expect("job task").expect("acquire_and_run");
+    // The job is over and the shutdown complete: free at once.
+    let guard = acquired(&b, &key).await;
+    let _ = guard.release().await.expect("release");
+    b.shutdown().await;
+    Verdict::Passed
+}
+
+/// An acquire whose caller gave up (a timeout) but whose write lands later, after the undo
+/// was first tried, is still undone: the key is not blocked by a live process with no guard.
+pub async fn safety_cancelled_acquire_that_lands_late_is_undone(fx: &Fixture) -> Verdict {
+    let (factory, control) = Interposed::new(fx.factory.clone());
+    let a = builder_with(Arc::new(factory), &fx.timing)
+        .build()
+        .expect("locker");
+    let b = fx.locker();
+    let key = fx.key("k");
+    let warm = acquired(&a, &fx.key("warm-up")).await;
+    let _ = warm.release().await.expect("release");
+
+    let delay = fx.timing.liveness_ttl;
+    control.delay_next_acquire(delay);
+    let attempt = tokio::time::timeout(delay / 4, a.acquire(&key)).await;
+    assert!(attempt.is_err(), "the acquire should still be in flight");
+    // The write lands at `delay`, after the first undo; nobody else touches the key meanwhile.
+    let start = Instant::now();
+    while control.delayed_acquires_landed() == 0 {
+        assert!(start.elapsed() < limit(fx), "the delayed acquire never ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let landed = Instant::now();
+    // It must be undone soon, not left to block the key for a whole lock TTL (30 s here).
+    loop {
+        match b.acquire(&key).await.expect("acquire") {
+            LockAttempt::Acquired(guard) => {
+                let _ = guard.release().await.expect("release");
+                break;
+            }
+            LockAttempt::Held(holder) => {
+                assert!(
+                    landed.elapsed() < fx.timing.liveness_ttl * 4,
+                    "the late acquire of {} still blocks the key {:?} after it landed",
+                    holder.owner_hash,
+                    landed.elapsed()
+                );
+            }
+        }
+        tokio::time::sleep(fx.timing.recheck_every).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    Verdict::Passed
+}
