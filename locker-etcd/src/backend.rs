@@ -196,12 +196,20 @@ impl EtcdBackend {
     }
 
     /// Renews a lease once; `false` when it no longer exists.
+    /// Renews a lease; `false` when it has expired (etcd answers with a TTL of 0, or with a
+    /// "lease not found" error, depending on the version and on how long ago it expired).
     async fn renew(&self, lease: i64) -> Result<bool> {
         let resp = self
             .call(|mut c| async move {
-                let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
-                keeper.keep_alive().await?;
-                stream.message().await
+                let renewed = async {
+                    let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                };
+                match renewed.await {
+                    Err(e) if lease_not_found(&e) => Ok(None),
+                    other => other,
+                }
             })
             .await?;
         Ok(resp.is_some_and(|r| r.ttl() > 0))
@@ -510,9 +518,30 @@ impl BackendFactory for EtcdConfig {
     }
 }
 
+/// The error etcd gives when a keep-alive names a lease that expired: without this, a process
+/// whose liveness lease lapsed once (cut off for a whole TTL) would never write its liveness
+/// record again.
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::LeaseKeepAliveError(msg) => msg.contains("lease not found"),
+        etcd_client::Error::GRpcStatus(status) => status.message().contains("lease not found"),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_expired_lease_is_recognised() {
+        assert!(lease_not_found(&etcd_client::Error::LeaseKeepAliveError(
+            "lease not found".into()
+        )));
+        assert!(!lease_not_found(&etcd_client::Error::LeaseKeepAliveError(
+            "other".into()
+        )));
+    }
 
     #[test]
     fn ttls_round_up_to_seconds() {
