@@ -602,8 +602,16 @@ mod tests {
                     published.record_success(9, 12, ttl);
                 })
             };
-            // A beat at 13, whatever it sees of the second report, must report the lapse.
-            assert!(published.lapsed_since(3, 13, ttl));
+            // A beat at 13 on another thread, whatever it sees of the second report, must
+            // report the lapse.
+            let beat = {
+                let published = published.clone();
+                loom::thread::spawn(move || published.lapsed_since(3, 13, ttl))
+            };
+            assert!(
+                beat.join().expect("beat thread"),
+                "a beat passed right after a lapse"
+            );
             reporter.join().expect("reporter thread");
             assert!(published.lapsed_since(3, 13, ttl));
         });

@@ -940,7 +940,11 @@ async fn a_replayed_acquire_that_finds_its_own_lock_owns_it() {
 async fn lost_and_sleep_wake_at_once_on_drain_and_on_loss() {
     let store = MemoryBackend::new();
     let slow_rechecks = |store: &MemoryBackend| {
+        // Nothing is due for seconds: neither a recheck, nor an extension, nor the end of the
+        // liveness record's freshness, so only the wake-up itself can end the waits below.
         fast(store)
+            .report_every(Duration::from_secs(1))
+            .liveness_ttl(Duration::from_secs(10))
             .recheck_every(Duration::from_secs(5))
             .lock_ttl(Duration::from_secs(60))
             .extend_every(Duration::from_secs(20))
@@ -948,7 +952,7 @@ async fn lost_and_sleep_wake_at_once_on_drain_and_on_loss() {
             .expect("options")
     };
     let (a, b) = (slow_rechecks(&store), slow_rechecks(&store));
-    const AT_ONCE: Duration = Duration::from_secs(1);
+    const AT_ONCE: Duration = Duration::from_millis(500);
 
     // A loss found by another clone (an extension that finds someone else's record).
     let guard = acquired(&a, "lost").await;
