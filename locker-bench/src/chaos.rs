@@ -629,7 +629,11 @@ fn analyse(events: &[Event], loses_data: bool) -> Figures {
             let after_thaw: Vec<&Event> = events
                 .iter()
                 .filter(|e| e.pid == s.pid && e.key == s.key && e.token == s.token)
-                .filter(|e| e.at >= freeze.1)
+                // After the freeze began, not after the thaw line: the controller writes that
+                // line after SIGCONT, and the woken worker may log before it does (seen: an end
+                // line 1 ms before the thaw line). The freeze line is written after SIGSTOP, so
+                // whatever a worker logs after it, it logs on waking.
+                .filter(|e| e.at > freeze.0)
                 .collect();
             // Frozen after its last beat, it only logs its end on waking and touches nothing:
             // nothing to stop.
@@ -744,6 +748,31 @@ mod tests {
         assert_eq!(f.beats_ok_while_held, 0, "{f:?}");
         assert!(f.notes.is_empty(), "{f:?}");
         assert_eq!((f.taken_over_while_frozen, f.seppukus), (1, 1));
+        assert!(f.ok(), "{f:?}");
+    }
+
+    #[test]
+    fn a_holder_frozen_after_its_last_beat_may_log_its_end_before_the_thaw_line() {
+        // P beats, is frozen, Q takes over; P is woken by SIGCONT and logs its end 1 ms before
+        // the controller writes the thaw line. P touched nothing after waking: no seppuku due.
+        let f = analyse_log(
+            "1000 100 start chaos-0 5 999500 chaos-0@h/100.1.1
+1001 100 write-ok chaos-0 5
+1101 100 write-ok chaos-0 5
+1102 100 beat chaos-0 5 1101900
+1150 1 freeze 100
+4001 200 start chaos-0 6 4000000 chaos-0@h/200.1.1
+4002 200 write-ok chaos-0 6
+4102 200 beat chaos-0 6 4101900
+4199 100 end chaos-0 5
+4200 1 thaw 100
+4203 200 write-ok chaos-0 6
+4204 200 beat chaos-0 6 4203900
+4205 200 end chaos-0 6
+",
+        );
+        assert!(f.notes.is_empty(), "{f:?}");
+        assert_eq!(f.ended_on_waking, 1, "{f:?}");
         assert!(f.ok(), "{f:?}");
     }
 

@@ -234,6 +234,13 @@ impl Inner {
                 )
             })
             .await?;
+        // A shutdown may have started (and found no reporter to stop) while this one started.
+        if let Err(e) = self.check_running() {
+            if self.phase() == Phase::ShutDown && self.running_keys().is_empty() {
+                reporter.stop_detached(true);
+            }
+            return Err(e);
+        }
         reporter
             .liveness
             .wait_fresh(self.options.reporter_start_timeout)
@@ -619,7 +626,9 @@ impl Locker {
     /// stops at its next beat, and [`Heartbeat::lost`] and [`Heartbeat::sleep`] wake at once.
     /// A job that never beats, or a [`LockGuard`] kept alive without a job, keeps `shutdown`
     /// waiting (it logs the keys it waits for every `recheck_every`); use
-    /// [`shutdown_timeout`](Self::shutdown_timeout) to bound the wait.
+    /// [`shutdown_timeout`](Self::shutdown_timeout) to bound the wait. Draining stops
+    /// extensions too, so such a lock still expires `lock_ttl` after its last extension (as it
+    /// would for a job that never beats), and is no longer waited for from then on.
     ///
     /// The Node library's `terminate()` releases nothing and stops at once; `shutdown` is the
     /// clean path between that and a crash ([`abandon`](Self::abandon) is the crash).
@@ -675,6 +684,9 @@ impl Locker {
             let notified = inner.held_changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if inner.phase() == Phase::Abandoned {
+                return Vec::new();
+            }
             let running = inner.running_keys();
             if running.is_empty() {
                 break;
@@ -698,11 +710,13 @@ impl Locker {
 
     /// Stops the reporter thread as if the process had crashed: no lock is released and the
     /// liveness record is left to expire, so other processes take the locks over after
-    /// `liveness_ttl`. For tests of takeover, and for a process that must stop touching the
+    /// `liveness_ttl`. Also ends a [`shutdown`](Self::shutdown) that waits for jobs (it then
+    /// returns), or the wait that [`shutdown_timeout`](Self::shutdown_timeout) left behind. For tests of takeover, and for a process that must stop touching the
     /// store at once. Afterwards every call fails with [`ErrorKind::Shutdown`].
     pub async fn abandon(&self) {
         let inner = &self.inner;
-        if inner.set_phase(Phase::Abandoned) != Phase::Running {
+        // Also out of a shutdown that waits (or gave up waiting) for running jobs.
+        if inner.set_phase(Phase::Abandoned) == Phase::Abandoned {
             return;
         }
         if let Ok(mut held) = inner.held.lock() {
@@ -711,6 +725,7 @@ impl Locker {
                 state.lose(Loss::Abandoned);
             }
         }
+        inner.held_changed.notify_waiters();
         if let Some(reporter) = inner.reporter.get() {
             reporter.stop(false, true).await;
         }

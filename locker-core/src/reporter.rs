@@ -192,9 +192,11 @@ pub(crate) enum ReleaseKind {
     Held,
     /// An acquire or take-over whose future was dropped while the call was in flight: its write
     /// may land later than the release (another connection, a statement still running on the
-    /// server), so releases are repeated, backing off, until one deletes our record or the
-    /// deadline passes. Given up when the reporter stops: the liveness record is deleted then
-    /// (or expires, after `abandon`), so a record that lands later can be taken over at once.
+    /// server), or twice (a client library that replays a command after a reconnect), so
+    /// releases are repeated, backing off from 10 ms to 1/16 of the lock TTL (about 20 calls
+    /// over a default 5 min TTL), until the deadline: the lock TTL from the send time. Given up
+    /// when the reporter stops: the liveness record is deleted then (or expires, after
+    /// `abandon`), so a record that lands later can be taken over at once.
     InFlightAcquire,
 }
 
@@ -241,6 +243,7 @@ impl Reporter {
             report_every: options.report_every,
             liveness_ttl: options.liveness_ttl,
             retry_every: options.recheck_every.min(options.report_every),
+            lock_ttl: options.lock_ttl,
             start_timeout: options.reporter_start_timeout,
             clock,
             events,
@@ -333,6 +336,7 @@ struct Task {
     report_every: Duration,
     liveness_ttl: Duration,
     retry_every: Duration,
+    lock_ttl: Duration,
     start_timeout: Duration,
     clock: Clock,
     events: Events,
@@ -473,8 +477,10 @@ impl Task {
         let clock = self.clock;
         let events = self.events.clone();
         let retry_every = self.retry_every;
+        let undo_max_backoff = (self.lock_ttl / 16).max(retry_every);
         async move {
             let mut backoff = UNDO_FIRST_RETRY.min(retry_every);
+            let max_backoff = undo_max_backoff;
             loop {
                 let result = release_with_retry(
                     &*backend,
@@ -487,7 +493,6 @@ impl Task {
                 )
                 .await;
                 let again = match result {
-                    Ok(ReleaseOutcome::Released) => false,
                     Ok(_) => kind == ReleaseKind::InFlightAcquire,
                     Err(e) => {
                         let retryable = e.is_retryable();
@@ -500,7 +505,7 @@ impl Task {
                     return;
                 }
                 sleep(backoff.min(Duration::from_nanos(left))).await;
-                backoff = (backoff * 2).min(retry_every);
+                backoff = (backoff * 2).min(max_backoff);
             }
         }
     }

@@ -1032,3 +1032,37 @@ async fn lockers_built_back_to_back_keep_their_own_liveness() {
         l.shutdown().await;
     }
 }
+
+/// `abandon` ends a shutdown that waits for a job, as a crash would: nothing is released,
+/// the liveness record is left to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandon_ends_a_shutdown_that_waits() {
+    let store = MemoryBackend::new();
+    let a = fast(&store)
+        .lock_ttl(Duration::from_secs(30))
+        .extend_every(Duration::from_secs(10))
+        .build()
+        .expect("options");
+    let guard = acquired(&a, "k").await;
+    let waiting = {
+        let a = a.clone();
+        tokio::spawn(async move { a.shutdown().await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "shutdown must wait for the guard");
+    a.abandon().await;
+    tokio::time::timeout(Duration::from_secs(1), waiting)
+        .await
+        .expect("shutdown returned after abandon")
+        .expect("task");
+    drop(guard); // sends nothing after abandon
+    tokio::time::sleep(LIVENESS + Duration::from_millis(100)).await;
+    assert_eq!(
+        store.read_process(a.process_hash()).await.expect("read"),
+        None
+    );
+    assert!(
+        store.read("k").await.expect("read").is_some(),
+        "abandon released nothing"
+    );
+}

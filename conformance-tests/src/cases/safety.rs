@@ -12,15 +12,16 @@ use super::locker::{acquired, held};
 use crate::interpose::{Interposed, Interposer};
 use crate::{builder_with, Fixture, Verdict};
 
-/// Runs `locker` on its own thread and runtime, trying `key` every `every` until it gets it
-/// (a takeover, once the holder's liveness record expired), then signals `taken` and holds
-/// the lock until `release` says so. Its own thread, because the case's runtime is about to be
-/// blocked.
+/// Runs `locker` on its own thread and runtime: once `start` says so, tries `key` every
+/// `every` until it gets it (a takeover, once the holder's liveness record expired), then
+/// signals `taken` and holds the lock until `release` says so. Its own thread, because the
+/// case's runtime is about to be blocked.
 fn take_over_elsewhere(
     locker: Locker,
     key: String,
     every: Duration,
     limit: Duration,
+    start: mpsc::Receiver<()>,
     taken: mpsc::Sender<String>,
     release: mpsc::Receiver<()>,
 ) -> std::thread::JoinHandle<()> {
@@ -30,6 +31,13 @@ fn take_over_elsewhere(
             .build()
             .expect("runtime");
         runtime.block_on(async move {
+            // Warm up (connect, first liveness write) on another key before the race.
+            if let Ok(LockAttempt::Acquired(g)) = locker.acquire(format!("{key}/warm-up")).await {
+                let _ = g.release().await;
+            }
+            if start.recv_timeout(limit).is_err() {
+                return;
+            }
             let start = Instant::now();
             let guard: LockGuard = loop {
                 match locker.acquire(&key).await {
@@ -48,16 +56,18 @@ fn take_over_elsewhere(
     })
 }
 
-/// The hook of a frozen holder: its liveness writes stop, its thread blocks until another
-/// process has taken the lock over, then the writes come back (as after a freeze, the
-/// reporter writes again as soon as it wakes) and the stale reply is handed back.
+/// The hook of a frozen holder: its liveness writes stop, the other process starts trying, the
+/// thread blocks until the other has taken the lock over, then the writes come back (as after
+/// a freeze, the reporter writes again as soon as it wakes) and the stale reply is handed back.
 fn freeze_until_taken_over(
     control: Arc<Interposer>,
+    start: mpsc::Sender<()>,
     taken: mpsc::Receiver<String>,
     limit: Duration,
 ) -> impl FnOnce() + Send + 'static {
     move || {
         control.cut_pings(true);
+        let _ = start.send(());
         let taken = taken.recv_timeout(limit);
         control.cut_pings(false);
         taken.expect("the other locker took the lock over");
@@ -83,10 +93,12 @@ pub async fn safety_stale_recheck_after_a_freeze_fails_the_beat(fx: &Fixture) ->
     let heartbeat = guard.heartbeat();
     heartbeat.beat().await.expect("a beat before the freeze");
 
+    let (start_tx, start_rx) = mpsc::channel();
     let (taken_tx, taken_rx) = mpsc::channel();
     let (release_tx, release_rx) = mpsc::channel();
     control.after_next_read(freeze_until_taken_over(
         control.clone(),
+        start_tx,
         taken_rx,
         limit(fx),
     ));
@@ -95,6 +107,7 @@ pub async fn safety_stale_recheck_after_a_freeze_fails_the_beat(fx: &Fixture) ->
         key.clone(),
         fx.timing.report_every,
         limit(fx),
+        start_rx,
         taken_tx,
         release_rx,
     );
@@ -124,10 +137,12 @@ pub async fn safety_late_acquire_reply_is_not_a_guard(fx: &Fixture) -> Verdict {
     let warm = acquired(&a, &fx.key("warm-up")).await;
     let _ = warm.release().await.expect("release");
 
+    let (start_tx, start_rx) = mpsc::channel();
     let (taken_tx, taken_rx) = mpsc::channel();
     let (release_tx, release_rx) = mpsc::channel();
     control.after_next_acquire(freeze_until_taken_over(
         control.clone(),
+        start_tx,
         taken_rx,
         limit(fx),
     ));
@@ -136,6 +151,7 @@ pub async fn safety_late_acquire_reply_is_not_a_guard(fx: &Fixture) -> Verdict {
         key.clone(),
         fx.timing.report_every,
         limit(fx),
+        start_rx,
         taken_tx,
         release_rx,
     );
@@ -167,14 +183,16 @@ pub async fn safety_shutdown_waits_for_running_jobs(fx: &Fixture) -> Verdict {
     let a = fx.locker();
     let b = fx.locker();
     let key = fx.key("k");
-    let hold = fx.timing.expiry_of(fx.timing.liveness_ttl) * 2;
+    // Warm `b` up (connection, first liveness write), so that its checks below are quick.
+    let _ = acquired(&b, &fx.key("warm-up")).await.release().await;
     let done = Arc::new(AtomicBool::new(false));
+    let (end_job, job_may_end) = tokio::sync::oneshot::channel::<()>();
     let job = {
         let (a, key, done) = (a.clone(), key.clone(), done.clone());
         tokio::spawn(async move {
             a.acquire_and_run(&key, |_heartbeat| async move {
                 // A job that does not beat, so it does not notice the drain.
-                tokio::time::sleep(hold).await;
+                let _ = job_may_end.await;
                 done.store(true, Ordering::SeqCst);
             })
             .await
@@ -193,10 +211,6 @@ pub async fn safety_shutdown_waits_for_running_jobs(fx: &Fixture) -> Verdict {
     assert_eq!(running, vec![key.clone()]);
     // Past a whole liveness TTL, the lock is still held by a live process.
     tokio::time::sleep(fx.timing.expiry_of(fx.timing.liveness_ttl)).await;
-    assert!(
-        !done.load(Ordering::SeqCst),
-        "the job ended too early for this case"
-    );
     assert_eq!(
         held(&b, &key).await.owner_hash,
         owner,
@@ -207,7 +221,18 @@ pub async fn safety_shutdown_waits_for_running_jobs(fx: &Fixture) -> Verdict {
         "the holder looks dead"
     );
 
-    a.shutdown().await;
+    // An unbounded shutdown waits for the job.
+    let shutdown = {
+        let a = a.clone();
+        tokio::spawn(async move { a.shutdown().await })
+    };
+    tokio::time::sleep(fx.timing.recheck_every * 4).await;
+    assert!(
+        !shutdown.is_finished(),
+        "shutdown returned while the job ran"
+    );
+    let _ = end_job.send(());
+    shutdown.await.expect("shutdown task");
     assert!(
         done.load(Ordering::SeqCst),
         "shutdown returned before the job ended"
