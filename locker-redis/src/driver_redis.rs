@@ -160,20 +160,8 @@ fn check_info_reply(server: &str, reply: std::result::Result<Value, RedisError>)
             version::check_info(server, &text).map(drop)
         }
         // ACLs (hence Redis 6.0 or newer) deny this user INFO: nothing more to learn.
-        Err(e) if e.code() == Some("NOPERM") => {
-            tracing::debug!(
-                server,
-                "INFO denied by ACL; the server is Redis 6.0 or newer"
-            );
-            Ok(())
-        }
-        Err(e) => {
-            let e = map_error(e);
-            let message = format!("{server}: reading the server version (INFO server)");
-            Err(Error::new(e.kind(), message)
-                .set_retryable(e.is_retryable())
-                .with_source(e))
-        }
+        Err(e) if e.code() == Some("NOPERM") => version::info_denied(server),
+        Err(e) => Err(version::info_failed(server, map_error(e))),
     }
 }
 

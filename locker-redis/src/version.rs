@@ -109,6 +109,24 @@ pub(crate) fn check_info(server: &str, info: &str) -> Result<Version> {
     Ok(found)
 }
 
+/// `INFO` denied by an ACL: ACLs exist from Redis 6.0 on, so the server is recent enough.
+pub(crate) fn info_denied(server: &str) -> Result<()> {
+    tracing::debug!(
+        server,
+        "INFO denied by ACL; the server is Redis 6.0 or newer"
+    );
+    Ok(())
+}
+
+/// `INFO` failed otherwise: the driver's error (already mapped), with its kind and
+/// retryability, saying what was being done.
+pub(crate) fn info_failed(server: &str, e: Error) -> Error {
+    let message = format!("{server}: reading the server version (INFO server)");
+    Error::new(e.kind(), message)
+        .set_retryable(e.is_retryable())
+        .with_source(e)
+}
+
 /// The error for a server whose `INFO` reply is not text.
 pub(crate) fn unreadable_info(server: &str) -> Error {
     Error::invalid_input(format!(

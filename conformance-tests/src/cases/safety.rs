@@ -75,6 +75,47 @@ fn freeze_until_taken_over(
     }
 }
 
+/// Another process that takes a key over while its holder is frozen in an [`Interposer`] hook.
+struct Takeover {
+    release: mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Takeover {
+    /// Starts the other process (waiting for the hook's signal), and returns the hook to install
+    /// on the holder.
+    fn arrange(
+        fx: &Fixture,
+        control: &Arc<Interposer>,
+        key: &str,
+    ) -> (impl FnOnce() + Send + 'static, Takeover) {
+        let (start_tx, start_rx) = mpsc::channel();
+        let (taken_tx, taken_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel();
+        let hook = freeze_until_taken_over(control.clone(), start_tx, taken_rx, limit(fx));
+        let thread = take_over_elsewhere(
+            fx.locker(),
+            key.to_owned(),
+            fx.timing.report_every,
+            limit(fx),
+            start_rx,
+            taken_tx,
+            release_rx,
+        );
+        let takeover = Takeover {
+            release: release_tx,
+            thread,
+        };
+        (hook, takeover)
+    }
+
+    /// Lets the other process release and stop, and waits for it.
+    fn finish(self) {
+        let _ = self.release.send(());
+        self.thread.join().expect("the other locker's thread");
+    }
+}
+
 fn limit(fx: &Fixture) -> Duration {
     fx.timing.liveness_ttl * 10 + Duration::from_secs(10)
 }
@@ -87,37 +128,19 @@ pub async fn safety_stale_recheck_after_a_freeze_fails_the_beat(fx: &Fixture) ->
     let a = builder_with(Arc::new(factory), &fx.timing)
         .build()
         .expect("locker");
-    let b = fx.locker();
     let key = fx.key("k");
     let guard = acquired(&a, &key).await;
     let heartbeat = guard.heartbeat();
     heartbeat.beat().await.expect("a beat before the freeze");
 
-    let (start_tx, start_rx) = mpsc::channel();
-    let (taken_tx, taken_rx) = mpsc::channel();
-    let (release_tx, release_rx) = mpsc::channel();
-    control.after_next_read(freeze_until_taken_over(
-        control.clone(),
-        start_tx,
-        taken_rx,
-        limit(fx),
-    ));
-    let other = take_over_elsewhere(
-        b,
-        key.clone(),
-        fx.timing.report_every,
-        limit(fx),
-        start_rx,
-        taken_tx,
-        release_rx,
-    );
+    let (hook, takeover) = Takeover::arrange(fx, &control, &key);
+    control.after_next_read(hook);
     // The next beat that is due rechecks (a read): its reply is the stale "yours".
     tokio::time::sleep(fx.timing.recheck_every * 2).await;
     let beat = heartbeat.beat().await;
-    let _ = release_tx.send(());
+    takeover.finish();
     let err = beat.expect_err("a beat said \"yours\" after another process took the lock over");
     assert_eq!(err.kind(), ErrorKind::LockLost, "{err}");
-    other.join().expect("the other locker's thread");
     drop(guard);
     a.shutdown().await;
     Verdict::Passed
@@ -130,34 +153,17 @@ pub async fn safety_late_acquire_reply_is_not_a_guard(fx: &Fixture) -> Verdict {
     let a = builder_with(Arc::new(factory), &fx.timing)
         .build()
         .expect("locker");
-    let b = fx.locker();
     let observer = fx.locker();
     let key = fx.key("k");
     // Start the reporter first, so the hook below catches the acquire of `key` itself.
     let warm = acquired(&a, &fx.key("warm-up")).await;
     let _ = warm.release().await.expect("release");
 
-    let (start_tx, start_rx) = mpsc::channel();
-    let (taken_tx, taken_rx) = mpsc::channel();
-    let (release_tx, release_rx) = mpsc::channel();
-    control.after_next_acquire(freeze_until_taken_over(
-        control.clone(),
-        start_tx,
-        taken_rx,
-        limit(fx),
-    ));
-    let other = take_over_elsewhere(
-        b,
-        key.clone(),
-        fx.timing.report_every,
-        limit(fx),
-        start_rx,
-        taken_tx,
-        release_rx,
-    );
+    let (hook, takeover) = Takeover::arrange(fx, &control, &key);
+    control.after_next_acquire(hook);
     let attempt = a.acquire(&key).await;
     let b_owner = held(&observer, &key).await.owner_hash;
-    let _ = release_tx.send(());
+    takeover.finish();
     match attempt {
         Ok(LockAttempt::Acquired(guard)) => panic!(
             "a late acquire reply became a guard ({}) while {b_owner} held the lock",
@@ -170,7 +176,6 @@ pub async fn safety_late_acquire_reply_is_not_a_guard(fx: &Fixture) -> Verdict {
         !b_owner.starts_with(&format!("{key}@{}", a.process_hash())),
         "the other locker holds the lock"
     );
-    other.join().expect("the other locker's thread");
     a.shutdown().await;
     observer.shutdown().await;
     Verdict::Passed
