@@ -146,12 +146,19 @@ impl LockState {
     /// Whether the lock may still be held at `now`, as far as the local checks tell (the
     /// drain aside): not lost, not expired, no liveness lapse since the acquire.
     pub(crate) fn still_held(&self, now: u64) -> bool {
-        self.loss.get().is_none()
-            && now < self.valid_until.load(Ordering::Acquire)
-            && !self
-                .locker
-                .liveness()
-                .is_some_and(|l| l.lapsed_since(self.acquired_at, now))
+        self.loss.get().is_none() && self.deadline_passed(now).is_none()
+    }
+
+    /// Which local deadline has passed at `now`, if any: the lock TTL since the last successful
+    /// write, or this process's liveness since the acquire.
+    fn deadline_passed(&self, now: u64) -> Option<Loss> {
+        if now >= self.valid_until.load(Ordering::Acquire) {
+            return Some(Loss::Expired);
+        }
+        self.locker
+            .liveness()
+            .is_some_and(|l| l.lapsed_since(self.acquired_at, now))
+            .then_some(Loss::LivenessLapsed)
     }
 
     /// The checks that need no I/O: draining, an earlier loss, expiry of the lock or of the
@@ -167,15 +174,10 @@ impl LockState {
         if let Some(e) = self.loss_error() {
             return Err(e);
         }
-        if now >= self.valid_until.load(Ordering::Acquire) {
-            return Err(self.lose(Loss::Expired));
+        match self.deadline_passed(now) {
+            Some(loss) => Err(self.lose(loss)),
+            None => Ok(()),
         }
-        if let Some(reporter) = self.locker.liveness() {
-            if reporter.lapsed_since(self.acquired_at, now) {
-                return Err(self.lose(Loss::LivenessLapsed));
-            }
-        }
-        Ok(())
     }
 
     async fn beat(&self) -> Result<()> {

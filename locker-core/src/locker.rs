@@ -199,10 +199,7 @@ impl Inner {
 
     /// Moves from `Running` to `phase`; returns the phase found (unchanged unless `Running`).
     fn set_phase_from_running(&self, phase: Phase) -> Phase {
-        let mut p = match self.phase.write() {
-            Ok(p) => p,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut p = self.phase_mut();
         let found = *p;
         if found == Phase::Running {
             *p = phase;
@@ -211,9 +208,13 @@ impl Inner {
     }
 
     fn set_phase(&self, phase: Phase) -> Phase {
+        std::mem::replace(&mut *self.phase_mut(), phase)
+    }
+
+    fn phase_mut(&self) -> std::sync::RwLockWriteGuard<'_, Phase> {
         match self.phase.write() {
-            Ok(mut p) => std::mem::replace(&mut *p, phase),
-            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), phase),
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
         }
     }
 
