@@ -4,7 +4,8 @@ use std::fmt;
 use std::time::Duration;
 
 use locker_core::{Error, Result};
-use percent_encoding::percent_decode_str;
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+use url::{Host, Url};
 
 use crate::keys::KeyLayout;
 
@@ -38,9 +39,10 @@ pub(crate) enum Topology {
 
 /// Everything needed to connect to Redis; a [`BackendFactory`](locker_core::BackendFactory).
 ///
-/// From a URL:
-/// - `redis://[user[:password]@]host[:port][/db]`, `rediss://...` for TLS;
-/// - `redis+cluster://[user[:password]@]host1:port,host2:port`, `rediss+cluster://...` for TLS,
+/// From a URL (see [`from_url`](RedisConfig::from_url)):
+/// - `redis://[user[:password]@]host[:port][/db][?prefix=...]`, `rediss://...` for TLS;
+/// - `redis+cluster://[user[:password]@]host1:port,host2:port`, `rediss+cluster://...` for TLS
+///   (`redis-cluster://` and `rediss-cluster://` are the same),
 ///   or a builder with several [`node`](RedisConfigBuilder::node)s.
 ///
 /// The password never appears in `Debug`, logs or errors.
@@ -72,13 +74,35 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// Parses a `redis://`, `rediss://`, `redis+cluster://` or `rediss+cluster://` URL.
+    /// Parses a `redis://`, `rediss://`, `redis+cluster://` or `rediss+cluster://` URL
+    /// (`redis-cluster://` and `rediss-cluster://` too), with its query parameters: `prefix`,
+    /// `client` (`redis` or `fred`), `connect_timeout` and `command_timeout`. This is the parser
+    /// `locker::connect` uses; its documentation has the table of every scheme's parameters.
+    ///
+    /// The user name and the password are percent-decoded, and so are the parameters' values
+    /// (where `+` is a space: write `%2B` for a plus). The user info runs to the last `@`, so a
+    /// password may hold a raw `/`, `?`, `#` or `@`; a `@` in a query value must be written `%40`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use locker_redis::RedisConfig;
+    ///
+    /// let config = RedisConfig::from_url(
+    ///     "redis://:p%40ss@10.0.0.1:6380/2?prefix=billing%3A&command_timeout=1500ms",
+    /// )?;
+    /// assert_eq!(config.nodes(), [("10.0.0.1".to_owned(), 6380)]);
+    /// assert_eq!(config.database(), 2);
+    /// assert_eq!(config.key_prefix(), "billing:");
+    /// assert_eq!(config.command_timeout(), Duration::from_millis(1500));
+    /// # Ok::<(), locker_core::Error>(())
+    /// ```
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`](locker_core::ErrorKind::InvalidInput), naming what is wrong
-    /// (never the password).
+    /// (an unknown parameter by its name, a `client` whose feature is not compiled in by the
+    /// feature), never the password.
     pub fn from_url(url: &str) -> Result<Self> {
-        Self::parse_url(url)?.build()
+        parse_url(url)?.build()
     }
 
     /// A builder with the defaults (`127.0.0.1:6379`, no TLS, database 0, empty prefix).
@@ -88,12 +112,8 @@ impl RedisConfig {
 
     /// A builder holding this configuration, to change part of it.
     pub fn into_builder(self) -> RedisConfigBuilder {
-        let nodes = match &self.topology {
-            Topology::Standalone { host, port } => vec![(host.clone(), *port)],
-            Topology::Cluster { nodes } => nodes.clone(),
-        };
         RedisConfigBuilder {
-            nodes,
+            nodes: self.nodes(),
             cluster: matches!(self.topology, Topology::Cluster { .. }),
             tls: self.tls,
             root_cert_pem: self.root_cert_pem,
@@ -128,6 +148,39 @@ impl RedisConfig {
         self.keys.prefix()
     }
 
+    /// The server, or the cluster's seed nodes, as `(host, port)`.
+    pub fn nodes(&self) -> Vec<(String, u16)> {
+        match &self.topology {
+            Topology::Standalone { host, port } => vec![(host.clone(), *port)],
+            Topology::Cluster { nodes } => nodes.clone(),
+        }
+    }
+
+    /// Whether connections use TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The ACL user name, if any.
+    pub fn username(&self) -> Option<&str> {
+        self.username.as_deref()
+    }
+
+    /// The database number (0 on a cluster).
+    pub fn database(&self) -> i64 {
+        self.database
+    }
+
+    /// See [`DEFAULT_CONNECT_TIMEOUT`].
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// See [`DEFAULT_COMMAND_TIMEOUT`].
+    pub fn command_timeout(&self) -> Duration {
+        self.command_timeout
+    }
+
     /// The URL of this configuration with the password replaced by `***`.
     pub fn redacted_url(&self) -> String {
         let scheme = match (self.is_cluster(), self.tls) {
@@ -152,113 +205,173 @@ impl RedisConfig {
         };
         format!("{scheme}://{auth}{hosts}")
     }
+}
 
-    fn parse_url(url: &str) -> Result<RedisConfigBuilder> {
-        let bad = |why: &str| Error::invalid_input(format!("bad Redis URL: {why}"));
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| bad("expected scheme://..."))?;
-        let (cluster, tls) = match scheme.to_ascii_lowercase().as_str() {
-            "redis" => (false, false),
-            "rediss" => (false, true),
-            "redis+cluster" | "redis-cluster" => (true, false),
-            "rediss+cluster" | "rediss-cluster" => (true, true),
+/// Parses a Redis URL into a builder: the one parser behind [`RedisConfig::from_url`] and
+/// `locker::connect`.
+///
+/// The `url` crate reads the scheme, the user info, the path and the query. A host list
+/// (`h1:p1,h2:p2`) is not a URL host, so the authority is cut out first and each host is read by
+/// the `url` crate on its own. The user info runs to the last `@` of the URL: a password may hold
+/// a raw `/`, `?`, `#` or `@` (a `@` in a query value must then be written `%40`), and errors quote
+/// only what follows that `@`, never the password.
+fn parse_url(url: &str) -> Result<RedisConfigBuilder> {
+    let bad = |why: &str| Error::invalid_input(format!("bad Redis URL: {why}"));
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| bad("expected scheme://..."))?;
+    let (userinfo, after) = match rest.rfind('@') {
+        Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
+        None => (None, rest),
+    };
+    let (hosts, tail) = after.split_at(after.find(['/', '?', '#']).unwrap_or(after.len()));
+    let userinfo = userinfo.map_or_else(String::new, |u| {
+        format!("{}@", utf8_percent_encode(u, USERINFO_RAW))
+    });
+    // `host` stands in for the host list, read below.
+    let parsed =
+        Url::parse(&format!("{scheme}://{userinfo}host{tail}")).map_err(|e| bad(&e.to_string()))?;
+    let (cluster, tls) = match parsed.scheme() {
+        "redis" => (false, false),
+        "rediss" => (false, true),
+        "redis+cluster" | "redis-cluster" => (true, false),
+        "rediss+cluster" | "rediss-cluster" => (true, true),
+        other => {
+            return Err(bad(&format!(
+                "unknown scheme {other:?} (expected redis, rediss, redis+cluster or rediss+cluster)"
+            )))
+        }
+    };
+    let decode = |s: &str| -> Result<String> {
+        percent_decode_str(s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| bad("user name or password is not UTF-8 after percent-decoding"))
+    };
+    let username = Some(parsed.username())
+        .filter(|u| !u.is_empty())
+        .map(decode)
+        .transpose()?;
+    let password = parsed.password().map(decode).transpose()?;
+    let mut nodes = Vec::new();
+    for host in hosts.split(',').filter(|h| !h.is_empty()) {
+        nodes.push(parse_host(host).map_err(|why| bad(&format!("host {host:?}: {why}")))?);
+    }
+    if nodes.is_empty() {
+        return Err(bad("no host"));
+    }
+    let path = parsed.path().trim_start_matches('/');
+    let database = if path.is_empty() {
+        0
+    } else {
+        path.parse::<i64>()
+            .ok()
+            .filter(|db| *db >= 0)
+            .ok_or_else(|| bad(&format!("database {path:?} is not a number")))?
+    };
+    if parsed.fragment().is_some() {
+        return Err(bad("a URL fragment (#...) means nothing here"));
+    }
+    let mut builder = RedisConfigBuilder {
+        nodes,
+        cluster,
+        tls,
+        username,
+        password,
+        database,
+        ..RedisConfigBuilder::default()
+    };
+    for (name, value) in parsed.query_pairs() {
+        let duration = || parse_duration(&name, &value).map_err(|why| bad(&why));
+        builder = match &*name {
+            "prefix" => builder.key_prefix(value.as_ref()),
+            "client" => builder.client(client_named(&value).map_err(|why| bad(&why))?),
+            "connect_timeout" => builder.connect_timeout(duration()?),
+            "command_timeout" => builder.command_timeout(duration()?),
             other => {
                 return Err(bad(&format!(
-                    "unknown scheme {other:?} (expected redis, rediss, redis+cluster or rediss+cluster)"
+                    "unknown parameter {other:?} (expected prefix, client, connect_timeout or \
+                     command_timeout; see the table of `locker::connect`)"
                 )))
             }
         };
-        // The user info ends at the last '@': a password may hold '/', '?', '#' or '@'. Errors
-        // below quote only what comes after it.
-        let (userinfo, rest) = match rest.rfind('@') {
-            Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
-            None => (None, rest),
-        };
-        let rest = rest.split(['?', '#']).next().unwrap_or_default();
-        let (hosts, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i + 1..]),
-            None => (rest, ""),
-        };
-        let decode = |s: &str| -> Result<String> {
-            percent_decode_str(s)
-                .decode_utf8()
-                .map(|c| c.into_owned())
-                .map_err(|_| bad("user name or password is not UTF-8 after percent-decoding"))
-        };
-        let (username, password) = match userinfo {
-            None => (None, None),
-            Some(info) => {
-                let (user, pass) = match info.split_once(':') {
-                    Some((u, p)) => (u, Some(p)),
-                    None => (info, None),
-                };
-                let user = (!user.is_empty()).then(|| decode(user)).transpose()?;
-                let pass = pass.map(decode).transpose()?;
-                (user, pass)
-            }
-        };
-        let mut nodes = Vec::new();
-        for host in hosts.split(',').filter(|h| !h.is_empty()) {
-            nodes.push(parse_host(host).map_err(|why| bad(&why))?);
-        }
-        if nodes.is_empty() {
-            return Err(bad("no host"));
-        }
-        let database = if path.is_empty() {
-            0
-        } else {
-            path.parse::<i64>()
-                .ok()
-                .filter(|db| *db >= 0)
-                .ok_or_else(|| bad(&format!("database {path:?} is not a number")))?
-        };
-        Ok(RedisConfigBuilder {
-            nodes,
-            cluster,
-            tls,
-            username,
-            password,
-            database,
-            ..RedisConfigBuilder::default()
-        })
+    }
+    Ok(builder)
+}
+
+/// What a raw user info may hold that a URL's may not: encoded before the `url` crate reads it.
+/// `%` is left alone (percent-escapes stay escapes), and so is `:` (the first one ends the user).
+const USERINFO_RAW: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}')
+    .add(b'/')
+    .add(b'@')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'^')
+    .add(b'|');
+
+/// `client=redis` or `client=fred`, when that client is compiled in.
+fn client_named(name: &str) -> std::result::Result<ClientLibrary, String> {
+    match name {
+        #[cfg(feature = "redis")]
+        "redis" => Ok(ClientLibrary::Redis),
+        #[cfg(feature = "fred")]
+        "fred" => Ok(ClientLibrary::Fred),
+        // Reached only for a client whose feature is off.
+        #[allow(unreachable_patterns)]
+        "redis" | "fred" => Err(format!(
+            "client={name} needs the `{name}` feature (of locker-redis, or of the `locker` \
+             crate), which this build does not have"
+        )),
+        other => Err(format!("client {other:?} is neither redis nor fred")),
     }
 }
 
-fn parse_host(host: &str) -> std::result::Result<(String, u16), String> {
-    let (name, port) = if let Some(v6) = host.strip_prefix('[') {
-        let (addr, rest) = v6
-            .split_once(']')
-            .ok_or_else(|| "an IPv6 host lacks its closing bracket".to_owned())?;
-        let port = match rest {
-            "" => None,
-            _ => Some(
-                rest.strip_prefix(':')
-                    .ok_or_else(|| "unexpected text after an IPv6 address".to_owned())?,
-            ),
-        };
-        let addr = percent_decode_str(addr)
-            .decode_utf8()
-            .map_err(|_| "an IPv6 host is not UTF-8".to_owned())?;
-        (addr.into_owned(), port)
-    } else if host.matches(':').count() > 1 {
-        return Err("an IPv6 address must be in brackets: [addr]:port".to_owned());
+/// A duration parameter: a number with a unit (`1500ms`, `2s`, `1m`, as `humantime` reads them)
+/// or a bare number of seconds; more than zero.
+fn parse_duration(name: &str, value: &str) -> std::result::Result<Duration, String> {
+    let bad = || format!("{name} {value:?} is not a duration such as 1500ms, 2s or 1m");
+    let d = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        value
+            .parse::<f64>()
+            .ok()
+            .filter(|s| *s < 1e9)
+            .map(Duration::from_secs_f64)
+            .ok_or_else(bad)?
     } else {
-        match host.rsplit_once(':') {
-            Some((h, p)) => (h.to_owned(), Some(p)),
-            None => (host.to_owned(), None),
-        }
+        humantime::parse_duration(value).map_err(|_| bad())?
+    };
+    if d.is_zero() {
+        return Err(format!("{name} must be greater than zero"));
+    }
+    Ok(d)
+}
+
+/// One host of the authority, read by the `url` crate: `name`, `name:port`, `[v6]:port`.
+fn parse_host(host: &str) -> std::result::Result<(String, u16), String> {
+    if !host.starts_with('[') && host.matches(':').count() > 1 {
+        return Err("an IPv6 address must be in brackets: [addr]:port".to_owned());
+    }
+    let url = Url::parse(&format!("redis://{host}")).map_err(|e| e.to_string())?;
+    let name = match url.host() {
+        Some(Host::Domain(name)) => name.to_owned(),
+        Some(Host::Ipv4(addr)) => addr.to_string(),
+        Some(Host::Ipv6(addr)) => addr.to_string(),
+        None => String::new(),
     };
     if name.is_empty() {
-        return Err("a host is empty".to_owned());
+        return Err("the host is empty".to_owned());
     }
-    let port = match port {
-        None | Some("") => 6379,
-        Some(p) => p
-            .parse()
-            .map_err(|_| "a port is not a number from 0 to 65535".to_owned())?,
-    };
-    Ok((name, port))
+    Ok((name, url.port().unwrap_or(6379)))
 }
 
 impl fmt::Debug for RedisConfig {
@@ -513,6 +626,130 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn query_parameters_are_read_and_decoded() {
+        let c = RedisConfig::from_url(
+            "redis://h:1/2?prefix=app%3Ajobs%2F+x&connect_timeout=1m&command_timeout=1500ms",
+        )
+        .expect("url");
+        assert_eq!(c.key_prefix(), "app:jobs/ x");
+        assert_eq!(c.connect_timeout(), Duration::from_secs(60));
+        assert_eq!(c.command_timeout(), Duration::from_millis(1500));
+        assert_eq!(c.database(), 2);
+        for (value, expected) in [
+            ("2s", Duration::from_secs(2)),
+            ("1m", Duration::from_secs(60)),
+            ("1500ms", Duration::from_millis(1500)),
+            ("3", Duration::from_secs(3)),
+            ("0.5", Duration::from_millis(500)),
+            ("1m%2030s", Duration::from_secs(90)),
+        ] {
+            let c = RedisConfig::from_url(&format!("redis://h?command_timeout={value}"))
+                .expect(value);
+            assert_eq!(c.command_timeout(), expected, "{value}");
+        }
+        for value in ["0s", "0", "soon", "-1s", "", "1e3"] {
+            let e = RedisConfig::from_url(&format!("redis://h?connect_timeout={value}"))
+                .expect_err(value);
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{value}");
+            assert!(e.to_string().contains("connect_timeout"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_client_parameter_names_a_compiled_client() {
+        #[cfg(feature = "redis")]
+        assert_eq!(
+            RedisConfig::from_url("redis://h?client=redis")
+                .expect("redis")
+                .client(),
+            ClientLibrary::Redis
+        );
+        #[cfg(feature = "fred")]
+        assert_eq!(
+            RedisConfig::from_url("redis://h?client=fred")
+                .expect("fred")
+                .client(),
+            ClientLibrary::Fred
+        );
+        #[cfg(not(feature = "fred"))]
+        {
+            let e = RedisConfig::from_url("redis://h?client=fred").expect_err("not compiled");
+            assert_eq!(e.kind(), ErrorKind::InvalidInput);
+            assert!(e.to_string().contains("`fred` feature"), "{e}");
+        }
+        #[cfg(not(feature = "redis"))]
+        {
+            let e = RedisConfig::from_url("redis://h?client=redis").expect_err("not compiled");
+            assert_eq!(e.kind(), ErrorKind::InvalidInput);
+            assert!(e.to_string().contains("`redis` feature"), "{e}");
+        }
+        let e = RedisConfig::from_url("redis://h?client=jedis").expect_err("unknown");
+        assert!(e.to_string().contains("jedis"), "{e}");
+    }
+
+    #[test]
+    fn unknown_parameters_and_fragments_are_named() {
+        for (url, named) in [
+            ("redis://h?bogus=1", "\"bogus\""),
+            ("redis://u:hunter2@h?prefix=a&Prefix=b", "\"Prefix\""),
+            ("redis://h?db=1", "\"db\""),
+            ("redis://u:hunter2@h#top", "fragment"),
+        ] {
+            let e = RedisConfig::from_url(url).expect_err(url);
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{url}");
+            assert!(e.to_string().contains(named), "{e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+    }
+
+    #[test]
+    fn every_scheme_spelling_parses() {
+        for (scheme, cluster, tls) in [
+            ("redis", false, false),
+            ("rediss", false, true),
+            ("REDIS", false, false),
+            ("redis+cluster", true, false),
+            ("rediss+cluster", true, true),
+            ("redis-cluster", true, false),
+            ("rediss-cluster", true, true),
+        ] {
+            let c = RedisConfig::from_url(&format!("{scheme}://a:1,b:2?prefix=p%7Bx%7D"))
+                .expect(scheme);
+            assert_eq!(c.is_tls(), tls, "{scheme}");
+            assert!(c.is_cluster(), "{scheme}");
+            assert_eq!(c.key_prefix(), "p{x}");
+            let c = RedisConfig::from_url(&format!("{scheme}://a")).expect(scheme);
+            assert_eq!(c.is_cluster(), cluster, "{scheme}");
+            assert_eq!(c.nodes(), [("a".to_owned(), 6379)]);
+        }
+    }
+
+    #[test]
+    fn passwords_with_delimiters_raw_or_encoded() {
+        let secret = "p?@#/:w";
+        for url in [
+            "redis://u:p%3F%40%23%2F%3Aw@h:7/1?prefix=k",
+            "redis://u:p?@#/:w@h:7/1?prefix=k",
+            "redis://u:p%3F@#/:w@h:7/1?prefix=k",
+        ] {
+            let c = RedisConfig::from_url(url).expect(url);
+            assert_eq!(c.password.as_deref(), Some(secret), "{url}");
+            assert_eq!(c.username(), Some("u"));
+            assert_eq!(c.nodes(), [("h".to_owned(), 7)]);
+            assert_eq!(c.database(), 1);
+            assert_eq!(c.key_prefix(), "k");
+            for text in [format!("{c:?}"), c.to_string()] {
+                assert!(!text.contains("p?@") && !text.contains("%3F"), "{text}");
+            }
+        }
+        let c = RedisConfig::from_url("redis://%C3%A9l%C3%A8ve:x%25y@h").expect("utf8");
+        assert_eq!(c.username(), Some("élève"));
+        assert_eq!(c.password.as_deref(), Some("x%y"));
+        let e = RedisConfig::from_url("redis://u:%FF@h").expect_err("not UTF-8");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
     }
 
     #[test]
