@@ -1,6 +1,7 @@
 //! The one error type of the project: a kind, a message, optional context and a retryable flag.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::record::LockData;
 
@@ -73,15 +74,19 @@ impl fmt::Display for ErrorKind {
 /// [retryable](Error::is_retryable), the lock key it concerns when there is one, and, for
 /// [`ErrorKind::LockLost`] and [`ErrorKind::MutexTimeout`], the record of the process that holds
 /// the lock now ([`holder`](Error::holder)).
-#[derive(thiserror::Error)]
+///
+/// It is cheap to clone (the source is shared), so that one failure can be returned to every
+/// caller that waited for it (see [`Locker::ready`](crate::Locker::ready)).
+#[derive(Clone)]
 pub struct Error {
     kind: ErrorKind,
     message: String,
     retryable: bool,
+    /// `None`: follows `retryable` (see [`Error::is_definite`]).
+    definite: Option<bool>,
     key: Option<String>,
     holder: Option<Box<LockData>>,
-    #[source]
-    source: Option<BoxError>,
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 impl Error {
@@ -91,6 +96,7 @@ impl Error {
             kind,
             message: message.into(),
             retryable: kind.is_retryable_by_default(),
+            definite: None,
             key: None,
             holder: None,
             source: None,
@@ -114,7 +120,7 @@ impl Error {
 
     /// Attaches the underlying error (a driver's, an I/O error, ...).
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
-        self.source = Some(source.into());
+        self.source = Some(Arc::from(source.into()));
         self
     }
 
@@ -134,6 +140,29 @@ impl Error {
     pub fn set_retryable(mut self, retryable: bool) -> Self {
         self.retryable = retryable;
         self
+    }
+
+    /// Overrides whether the error is a definite answer (see [`is_definite`](Self::is_definite)):
+    /// backends mark so the retryable failures that are answers, such as a refused connection.
+    pub fn set_definite(mut self, definite: bool) -> Self {
+        self.definite = Some(definite);
+        self
+    }
+
+    /// Whether the failure is an answer rather than the lack of one: the store, the operating
+    /// system or the configuration said no (connection refused, no such host, a file that
+    /// cannot be opened, credentials or a database name refused), as opposed to no answer in
+    /// time or a passing state (a store busy, loading or electing a leader).
+    ///
+    /// Every non-retryable error is definite unless a backend says otherwise; a retryable one
+    /// is definite only when the backend marked it with [`set_definite`](Self::set_definite).
+    /// A [`Locker`](crate::Locker) that has not written its first liveness record yet gives up
+    /// its start at once on a definite error, and waits up to `reporter_start_timeout` on any
+    /// other (see [`Locker::ready`](crate::Locker::ready)). A definite error may still be
+    /// [retryable](Self::is_retryable): a refused connection is what a restarting server
+    /// answers, too.
+    pub fn is_definite(&self) -> bool {
+        self.definite.unwrap_or(!self.retryable)
     }
 
     /// What went wrong.
@@ -162,6 +191,59 @@ impl Error {
     }
 }
 
+/// Whether an I/O error met while connecting is a definite answer (see [`Error::is_definite`]):
+/// the connection was refused, the host or network is unreachable, the name does not resolve,
+/// or a file or directory is missing or forbidden. Timeouts, resets and temporary name
+/// resolution failures are not.
+///
+/// For backends: mark the error they map such a failure to with
+/// [`Error::set_definite`]`(true)`.
+pub fn is_definite_io_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as Io;
+    if matches!(
+        e.kind(),
+        Io::ConnectionRefused | Io::NotFound | Io::PermissionDenied | Io::AddrNotAvailable
+    ) {
+        return true;
+    }
+    // EHOSTUNREACH, ENETUNREACH and getaddrinfo's "no such name" have no stable
+    // `io::ErrorKind` in the supported Rust versions; their messages are the same on every
+    // libc we build for. ("Temporary failure in name resolution" is left out: it passes.)
+    let text = e.to_string();
+    [
+        "No route to host",
+        "Network is unreachable",
+        "Name or service not known",
+        "nodename nor servname provided",
+        "No address associated with hostname",
+        "No such host is known",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
+}
+
+/// The first [`std::io::Error`] in an error's chain of sources (the error itself included),
+/// for backends whose driver wraps the operating system's error.
+pub fn find_io_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        next = e.source();
+    }
+    None
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // The shared source itself, not the `Arc`, so that callers can downcast it.
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.kind)?;
@@ -181,7 +263,8 @@ impl fmt::Debug for Error {
         let mut d = f.debug_struct("Error");
         d.field("kind", &self.kind)
             .field("message", &self.message)
-            .field("retryable", &self.retryable);
+            .field("retryable", &self.retryable)
+            .field("definite", &self.is_definite());
         if let Some(key) = &self.key {
             d.field("key", key);
         }
@@ -222,6 +305,37 @@ mod tests {
             e.to_string(),
             "backend unavailable (key \"job\"): cannot connect: refused"
         );
-        assert!(std::error::Error::source(&e).is_some());
+        let source = std::error::Error::source(&e).expect("a source");
+        assert!(source.downcast_ref::<std::io::Error>().is_some());
+        let copy = e.clone();
+        assert_eq!(copy.to_string(), e.to_string());
+    }
+
+    #[test]
+    fn io_errors_that_are_answers() {
+        use std::io::{Error as Io, ErrorKind as K};
+        assert!(is_definite_io_error(&Io::from(K::ConnectionRefused)));
+        assert!(is_definite_io_error(&Io::from(K::NotFound)));
+        assert!(is_definite_io_error(&Io::other(
+            "failed to lookup address information: Name or service not known"
+        )));
+        assert!(!is_definite_io_error(&Io::from(K::TimedOut)));
+        assert!(!is_definite_io_error(&Io::from(K::ConnectionReset)));
+        assert!(!is_definite_io_error(&Io::other(
+            "failed to lookup address information: Temporary failure in name resolution"
+        )));
+        let wrapped = Error::unavailable("x").with_source(Io::from(K::ConnectionRefused));
+        let found = find_io_error(&wrapped).expect("found in the chain");
+        assert_eq!(found.kind(), K::ConnectionRefused);
+    }
+
+    #[test]
+    fn definite_follows_retryable_unless_set() {
+        assert!(!Error::unavailable("reset").is_definite());
+        assert!(!Error::new(ErrorKind::Timeout, "slow").is_definite());
+        assert!(Error::new(ErrorKind::Auth, "no").is_definite());
+        assert!(Error::invalid_input("x").is_definite());
+        let refused = Error::unavailable("refused").set_definite(true);
+        assert!(refused.is_definite() && refused.is_retryable());
     }
 }

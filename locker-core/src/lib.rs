@@ -18,7 +18,7 @@ pub use backend::{
     factory_fn, AcquireOutcome, BackendFactory, Capabilities, ExtendOutcome, FnFactory,
     LockBackend, ReleaseOutcome,
 };
-pub use error::{BoxError, Error, ErrorKind, Result};
+pub use error::{find_io_error, is_definite_io_error, BoxError, Error, ErrorKind, Result};
 pub use events::{BackgroundError, BackgroundSource};
 pub use hash::{
     new_owner_hash, new_process_hash, parse_owner_hash, validate_key, ParsedOwnerHash, MAX_KEY_LEN,

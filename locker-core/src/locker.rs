@@ -379,10 +379,66 @@ impl Locker {
         self.inner.events.subscribe()
     }
 
+    /// Starts the liveness reporter (if no call did yet) and waits until it has written this
+    /// process's first liveness record: from then on the backend is known to work, and
+    /// [`acquire`](Self::acquire) and its kin do not wait for the reporter again. Call it at
+    /// start-up to fail fast on a wrong URL, password or path, before any job is scheduled.
+    ///
+    /// Returns at once when the record is fresh. A *definite* failure of the reporter's latest
+    /// attempt to connect or write (see [`Error::is_definite`]: connection refused, no such
+    /// host, a SQLite file that cannot be opened, credentials or database name refused, a TLS
+    /// certificate not trusted) is returned as soon as it is known, not after the timeout.
+    /// A store that does not answer is waited for up to
+    /// [`reporter_start_timeout`](crate::LockerOptions::reporter_start_timeout).
+    ///
+    /// The reporter keeps trying every `report_every` after a failure, so a later call
+    /// succeeds once the store is back.
+    ///
+    /// # Errors
+    /// The definite error as the backend reported it, with its kind: a refused connection is a
+    /// retryable [`ErrorKind::Unavailable`]; credentials refused are [`ErrorKind::Auth`]; a
+    /// missing directory or database is [`ErrorKind::InvalidInput`] (neither is retryable).
+    /// [`ErrorKind::Timeout`], naming the reporter's last error, when the store did not answer
+    /// within `reporter_start_timeout`. [`ErrorKind::Shutdown`] after a shutdown.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future stops the waiting; the reporter keeps running.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use locker_core::{factory_fn, Error, ErrorKind, LockBackend, Locker, MemoryBackend};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Error> {
+    /// let locker = Locker::builder(MemoryBackend::new()).build()?;
+    /// locker.ready().await?; // the backend works: go on starting the service
+    /// # locker.shutdown().await;
+    ///
+    /// // A backend that cannot be opened fails at once, not after the start timeout.
+    /// let broken = Locker::builder(factory_fn(|| async {
+    ///     Err::<Arc<dyn LockBackend>, _>(Error::invalid_input(
+    ///         "cannot open /nonexistent/locks.db: No such file or directory",
+    ///     ))
+    /// }))
+    /// .build()?;
+    /// let e = broken.ready().await.unwrap_err();
+    /// assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    /// assert!(!e.is_retryable());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn ready(&self) -> Result<()> {
+        self.inner.check_running()?;
+        self.inner.ensure_alive().await
+    }
+
     /// Tries once to acquire the lock. Low-level: prefer [`acquire_and_run`](Self::acquire_and_run).
     ///
-    /// Starts the liveness reporter on first use and waits (up to `reporter_start_timeout`) for
-    /// its first successful write. When a lock is held by a process that has no liveness record,
+    /// Starts the liveness reporter on first use and waits for its first successful write, as
+    /// [`ready`](Self::ready) does: a definite failure (a refused connection, a file that
+    /// cannot be opened, credentials refused) is returned at once, and a store that does not
+    /// answer is waited for up to `reporter_start_timeout`. When a lock is held by a process that has no liveness record,
     /// it is taken over: the dead owner's lock is replaced only if it is still theirs. Costs one
     /// backend call when the key is free, two when it is held by a live process, three when
     /// taken over (four if the backend has no atomic `take_over`).
@@ -392,7 +448,8 @@ impl Locker {
     /// # Errors
     /// [`ErrorKind::InvalidInput`] for an empty or oversized key or trace, [`ErrorKind::Draining`]
     /// or [`ErrorKind::Shutdown`] once the locker stops taking work, [`ErrorKind::Timeout`] when
-    /// the reporter cannot write, and backend errors.
+    /// the reporter cannot write, the reporter's definite start error (see
+    /// [`ready`](Self::ready)), and backend errors.
     ///
     /// # Cancel safety
     /// If the future is dropped while an acquire is in flight, the lock may have been stored
@@ -521,6 +578,11 @@ impl Locker {
 
     /// Runs `job` under the lock, waiting for it: tries to acquire, and while someone else holds
     /// it, retries every `recheck_delay` until `timeout` has passed (at least one try is made).
+    ///
+    /// `timeout` bounds the wait for the holder, not the reporter's start: the first try waits
+    /// for the first liveness write as [`acquire`](Self::acquire) does (at once on a definite
+    /// failure, up to `reporter_start_timeout` for a store that does not answer). Call
+    /// [`ready`](Self::ready) at start-up to have that settled before the first job.
     ///
     /// # Errors
     /// [`ErrorKind::MutexTimeout`], with [`Error::holder`] naming who holds the lock, when the

@@ -16,7 +16,10 @@ pub const DEFAULT_REPORT_EVERY: Duration = Duration::from_secs(2);
 /// It can be short because the reporter runs on its own thread, which a busy job cannot starve.
 pub const DEFAULT_LIVENESS_TTL: Duration = Duration::from_secs(10);
 
-/// How long the first acquire waits for the reporter's first successful write.
+/// How long the first acquire (or [`Locker::ready`]) waits for the reporter's first
+/// successful write when the store does not answer. A definite failure (a refused connection,
+/// a file that cannot be opened, credentials refused; see [`Error::is_definite`]) ends the wait
+/// at once.
 pub const DEFAULT_REPORTER_START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How often a heartbeat rereads the lock to check nobody took it over (one read).

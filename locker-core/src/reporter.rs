@@ -71,6 +71,11 @@ impl<W: Word> Published<W> {
         last != 0 && now.saturating_sub(last) < ttl
     }
 
+    /// Whether any write has succeeded yet.
+    pub(crate) fn has_reported(&self) -> bool {
+        self.last_ok_start.load(Ordering::Acquire) != 0
+    }
+
     /// Whether the record may have been missing at some moment after `since` (up to `now`).
     pub(crate) fn lapsed_since(&self, since: u64, now: u64, ttl: u64) -> bool {
         // `last_ok_start` first (inside `is_fresh`), then `lapse_end`: see the type's docs.
@@ -106,8 +111,12 @@ pub(crate) struct Liveness {
     clock: Clock,
     ttl: u64,
     published: Published<AtomicU64>,
+    /// Bumped on every result of a start attempt or a report, to wake [`Liveness::wait_fresh`].
     reports: watch::Sender<u64>,
     last_error: Mutex<Option<String>>,
+    /// Until the first write succeeds: the error of the latest attempt to connect or write,
+    /// when it was definite ([`Error::is_definite`]), which ends every start wait at once.
+    start_failure: Mutex<Option<Error>>,
 }
 
 impl Liveness {
@@ -118,6 +127,7 @@ impl Liveness {
             published: Published::default(),
             reports: watch::channel(0).0,
             last_error: Mutex::new(None),
+            start_failure: Mutex::new(None),
         }
     }
 
@@ -139,22 +149,45 @@ impl Liveness {
     /// A write sent at `started` was acknowledged at `finished`.
     fn record_success(&self, started: u64, finished: u64) {
         self.published.record_success(started, finished, self.ttl);
+        if let Ok(mut failure) = self.start_failure.lock() {
+            *failure = None;
+        }
         self.reports.send_modify(|n| *n += 1);
     }
 
+    /// Records a failed connect or write (or any other reporter failure) for the messages of
+    /// [`wait_fresh`](Self::wait_fresh); before the first success, a definite one ends the
+    /// start waits, and any other one (no answer) lets them wait again.
     fn record_error(&self, e: &Error) {
         if let Ok(mut last) = self.last_error.lock() {
             *last = Some(e.to_string());
         }
+        if !self.published.has_reported() {
+            if let Ok(mut failure) = self.start_failure.lock() {
+                *failure = e.is_definite().then(|| e.clone());
+            }
+            self.reports.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn start_failure(&self) -> Option<Error> {
+        self.start_failure.lock().ok().and_then(|f| f.clone())
     }
 
     /// Waits until the record is fresh, at most `limit`.
+    ///
+    /// Before the first successful write, a definite failure of the reporter's latest attempt
+    /// (see [`Error::is_definite`]) is returned at once: a refused connection or a file that
+    /// cannot be opened is known in milliseconds, and waiting `limit` would only hide it.
     pub(crate) async fn wait_fresh(&self, limit: Duration) -> Result<()> {
         let mut reports = self.reports.subscribe();
         let waited = timeout(limit, async {
             loop {
                 if self.is_fresh(self.clock.now()) {
-                    return;
+                    return Ok(());
+                }
+                if let Some(e) = self.start_failure() {
+                    return Err(e);
                 }
                 if reports.changed().await.is_err() {
                     // The sender lives in `self`; this cannot happen, but never spin.
@@ -164,14 +197,14 @@ impl Liveness {
         })
         .await;
         match waited {
-            Ok(()) => Ok(()),
+            Ok(result) => result,
             Err(_) => {
                 let last = self
                     .last_error
                     .lock()
                     .ok()
                     .and_then(|e| e.clone())
-                    .unwrap_or_else(|| "no error reported".to_owned());
+                    .unwrap_or_else(|| "none: the store has not answered yet".to_owned());
                 Err(Error::new(
                     ErrorKind::Timeout,
                     format!(
