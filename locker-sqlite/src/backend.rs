@@ -201,7 +201,12 @@ impl SqliteBackend {
         let deadline = tokio::time::Instant::now() + config.command_timeout;
         loop {
             match Self::try_connect(config).await {
-                Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                // A file that cannot be opened is not retried: it stays so until someone acts.
+                Err(e)
+                    if e.is_retryable()
+                        && !e.is_definite()
+                        && tokio::time::Instant::now() < deadline =>
+                {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 other => return other,
@@ -221,7 +226,7 @@ impl SqliteBackend {
             .acquire_timeout(config.command_timeout)
             .connect_with(options)
             .await
-            .map_err(map_error)?;
+            .map_err(|e| map_open_error(&config.path, e))?;
         sqlx::raw_sql(&config.tables.render(SCHEMA))
             .execute(&pool)
             .await
@@ -472,6 +477,44 @@ impl BackendFactory for SqliteConfig {
     async fn connect(&self) -> Result<Arc<dyn LockBackend>> {
         Ok(Arc::new(SqliteBackend::connect(self).await?))
     }
+}
+
+/// An error opening the database file: SQLite says only "unable to open database file"
+/// (SQLITE_CANTOPEN), so the cause is looked up here. A missing directory (or a file where a
+/// directory should be) is a mistake in the path: [`ErrorKind::InvalidInput`]; a directory we
+/// may not enter is [`ErrorKind::Auth`]; neither is retryable. Any other failure to open is a
+/// definite, retryable [`ErrorKind::Unavailable`] (see [`Error::is_definite`]).
+fn map_open_error(path: &std::path::Path, e: sqlx::Error) -> Error {
+    let cantopen = matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("14"));
+    if !cantopen {
+        return map_error(e);
+    }
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    let cannot_open = format!("cannot open {}", path.display());
+    let found = match std::fs::metadata(dir) {
+        Err(io) => {
+            let kind = if io.kind() == std::io::ErrorKind::PermissionDenied {
+                ErrorKind::Auth
+            } else {
+                ErrorKind::InvalidInput
+            };
+            let io = std::io::Error::new(io.kind(), format!("{io}: {}", dir.display()));
+            return Error::new(kind, cannot_open).with_source(io);
+        }
+        Ok(meta) if !meta.is_dir() => format!("{} is not a directory", dir.display()),
+        Ok(_) => match std::fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => format!("{} is a directory", path.display()),
+            _ => {
+                return Error::unavailable(cannot_open)
+                    .with_source(e)
+                    .set_definite(true)
+            }
+        },
+    };
+    Error::invalid_input(format!("{cannot_open}: {found}")).with_source(e)
 }
 
 /// The one mapping of sqlx's errors (SQLite) to the project's.
