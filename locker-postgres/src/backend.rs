@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use locker_core::{
-    validate_key, AcquireOutcome, BackendFactory, Capabilities, Error, ExtendOutcome, LockBackend,
-    LockData, ProcessData, ReleaseOutcome, Result,
+    validate_key, AcquireOutcome, BackendFactory, Capabilities, Error, ErrorKind, ExtendOutcome,
+    LockBackend, LockData, ProcessData, ReleaseOutcome, Result,
 };
 use locker_sql::{lock_from_row, stored_record, ttl_ms, Tables};
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::Row;
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Row};
 
 use crate::config::PostgresConfig;
-use crate::error::map_error;
+use crate::error::{map_connect_error, map_error, target};
 
 /// `now() + $n milliseconds`, by the database's clock.
 macro_rules! expires {
@@ -219,6 +219,34 @@ impl PostgresBackend {
             .clone()
             .statement_cache_capacity(0)
             .application_name("distributed-locker");
+        // sqlx's pool retries a refused connection until its acquire timeout, and then says
+        // only "pool timed out". One connection of our own first brings every definite failure
+        // at once, naming its cause (refused, no such host, credentials or database refused,
+        // TLS); the pool then connects as before. It costs one more connection per connect.
+        match tokio::time::timeout(config.connect_timeout, PgConnection::connect_with(&options))
+            .await
+        {
+            Ok(Ok(probe)) => {
+                let _ = probe.close().await;
+            }
+            Ok(Err(e)) => {
+                let e = map_connect_error(&options, e);
+                if e.is_definite() {
+                    return Err(e);
+                }
+                // Anything else (a server starting up...): the pool retries it as before.
+            }
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "postgres: no answer from {} within {:?}",
+                        target(&options),
+                        config.connect_timeout
+                    ),
+                ))
+            }
+        }
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.connect_timeout)
