@@ -1,12 +1,14 @@
 //! [`PostgresConfig`]: a `postgres://` URL or a builder.
 
 use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use locker_core::{Error, Result};
 use locker_sql::{parse_duration, Tables};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
+use sqlx::ConnectOptions;
+use url::Url;
 
 /// Connections in the main pool by default. Lock calls are short; a handful is plenty.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
@@ -20,11 +22,12 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the PostgreSQL store is; a [`BackendFactory`](locker_core::BackendFactory).
 ///
-/// From `postgres://user:password@host:port/database?sslmode=require&...`: every libpq-style
-/// parameter sqlx understands (`sslmode`, `sslrootcert`, ...), plus this crate's own:
-/// `max_connections`, `connect_timeout` and `command_timeout` (seconds, or with an `ms`/`s`
-/// suffix), `schema` (default `public`), `table_prefix` (default `locker_`) and `migrate`
-/// (`false` for teams that run the SQL of the README themselves).
+/// From `postgres://user:password@host:port/database?sslmode=require&...` (see
+/// [`from_url`](PostgresConfig::from_url)): the libpq-style parameters sqlx understands
+/// (`sslmode`, `sslrootcert`, ...), plus this crate's own: `max_connections`, `connect_timeout`
+/// and `command_timeout` (`1500ms`, `2s`, `1m`, or bare seconds), `schema` (default `public`),
+/// `table_prefix` (default `locker_`) and `migrate` (`false` for teams that run the SQL of the
+/// README themselves).
 ///
 /// The password never appears in `Debug`, `Display`, logs or errors.
 ///
@@ -47,61 +50,177 @@ pub struct PostgresConfig {
     pub(crate) command_timeout: Duration,
 }
 
+/// The libpq-style parameters sqlx's `PgConnectOptions` reads (sqlx-postgres 0.8,
+/// `options/parse.rs`), passed on to it; `options[name]` is passed on too. Any other parameter
+/// is refused: sqlx would only log that it ignores it.
+const SQLX_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
 impl PostgresConfig {
-    /// Parses a `postgres://` (or `postgresql://`) URL.
+    /// Parses a `postgres://` (or `postgresql://`) URL: the parser `locker::connect` uses,
+    /// whose documentation has the table of every scheme's parameters.
+    ///
+    /// The `url` crate reads the URL. The user name and the password are percent-decoded; the
+    /// user info runs to the last `@` of the URL, so a password may hold a raw `/`, `?`, `#` or
+    /// `@` (a `@` in a query value must then be written `%40`). Parameter values are
+    /// percent-decoded (`+` is a space). This crate's parameters: `schema`, `table_prefix`,
+    /// `migrate`, `max_connections` (or `pool_max_connections`), `connect_timeout`,
+    /// `command_timeout`; sqlx's, passed on: `sslmode` (`ssl-mode`), `sslrootcert`
+    /// (`ssl-root-cert`, `ssl-ca`), `sslcert` (`ssl-cert`), `sslkey` (`ssl-key`), `host`,
+    /// `hostaddr`, `port`, `dbname`, `user`, `password`, `application_name`, `options`,
+    /// `options[name]`, `statement-cache-capacity`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use locker_postgres::PostgresConfig;
+    ///
+    /// let config = PostgresConfig::from_url(
+    ///     "postgres://bob:p?ss@db/app?schema=my%5Fjobs&command_timeout=1500ms&sslmode=require",
+    /// )?;
+    /// assert_eq!(config.schema(), "my_jobs");
+    /// assert_eq!(config.command_timeout(), Duration::from_millis(1500));
+    /// assert_eq!(config.redacted_url(), "postgres://bob@db:5432/app?sslmode=require");
+    /// # Ok::<(), locker_core::Error>(())
+    /// ```
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidInput`](locker_core::ErrorKind::InvalidInput) naming the problem, never
-    /// the password.
+    /// [`ErrorKind::InvalidInput`](locker_core::ErrorKind::InvalidInput) naming the problem (an
+    /// unknown parameter by its name), never the password.
     pub fn from_url(url: &str) -> Result<Self> {
         let bad = |why: String| Error::invalid_input(format!("bad PostgreSQL URL: {why}"));
-        let (base, query) = match url.split_once('?') {
-            Some((b, q)) => (b, q),
-            None => (url, ""),
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("expected postgres://...".into()))?;
+        // Errors quote only what follows the last '@', never the password.
+        let (userinfo, after) = match rest.rfind('@') {
+            Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
+            None => (None, rest),
         };
-        let mut builder = PostgresConfig::builder();
-        let mut passthrough = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            match name {
-                "max_connections" | "pool_max_connections" => {
-                    builder =
-                        builder.max_connections(value.parse().map_err(|_| {
-                            bad(format!("max_connections {value:?} is not a number"))
-                        })?)
-                }
-                "connect_timeout" => {
-                    builder = builder.connect_timeout(parse_duration(value).map_err(bad)?)
-                }
-                "command_timeout" => {
-                    builder = builder.command_timeout(parse_duration(value).map_err(bad)?)
-                }
-                "schema" => builder = builder.schema(value),
-                "table_prefix" => builder = builder.table_prefix(value),
-                "migrate" => {
-                    builder = builder.migrate(
-                        value
-                            .parse()
-                            .map_err(|_| bad(format!("migrate {value:?} is not true or false")))?,
-                    )
-                }
-                _ => passthrough.push(pair),
-            }
-        }
-        let sqlx_url = if passthrough.is_empty() {
-            base.to_owned()
-        } else {
-            format!("{base}?{}", passthrough.join("&"))
-        };
-        if !(base.starts_with("postgres://") || base.starts_with("postgresql://")) {
+        let userinfo = userinfo.map_or_else(String::new, |u| {
+            format!("{}@", utf8_percent_encode(u, USERINFO_RAW))
+        });
+        let mut parsed =
+            Url::parse(&format!("{scheme}://{userinfo}{after}")).map_err(|e| bad(e.to_string()))?;
+        if !matches!(parsed.scheme(), "postgres" | "postgresql") {
             return Err(bad("expected postgres:// or postgresql://".into()));
         }
+        if parsed.fragment().is_some() {
+            return Err(bad("a URL fragment (#...) means nothing here".into()));
+        }
+        for part in [parsed.username(), parsed.password().unwrap_or_default()] {
+            if percent_decode_str(part).decode_utf8().is_err() {
+                return Err(bad(
+                    "user name or password is not UTF-8 after percent-decoding".into(),
+                ));
+            }
+        }
+        let mut builder = PostgresConfig::builder();
+        let mut passthrough = Vec::new();
+        let pairs: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
+        for (name, value) in pairs {
+            let duration = || parse_duration(&name, &value).map_err(bad);
+            builder = match name.as_str() {
+                "max_connections" | "pool_max_connections" => builder.max_connections(
+                    value
+                        .parse()
+                        .map_err(|_| bad(format!("{name} {value:?} is not a number")))?,
+                ),
+                "connect_timeout" => builder.connect_timeout(duration()?),
+                "command_timeout" => builder.command_timeout(duration()?),
+                "schema" => builder.schema(value),
+                "table_prefix" => builder.table_prefix(value),
+                "migrate" => builder.migrate(
+                    value
+                        .parse()
+                        .map_err(|_| bad(format!("migrate {value:?} is not true or false")))?,
+                ),
+                sqlx if SQLX_PARAMETERS.contains(&sqlx)
+                    || (sqlx.starts_with("options[") && sqlx.ends_with(']')) =>
+                {
+                    passthrough.push((name, value));
+                    builder
+                }
+                other => {
+                    return Err(bad(format!(
+                        "unknown parameter {other:?} (this crate's: schema, table_prefix, \
+                         migrate, max_connections, connect_timeout, command_timeout; sqlx's: {}, \
+                         options[name]; see the table of `locker::connect`)",
+                        SQLX_PARAMETERS.join(", ")
+                    )))
+                }
+            };
+        }
+        if passthrough.is_empty() {
+            parsed.set_query(None);
+        } else {
+            parsed.query_pairs_mut().clear().extend_pairs(&passthrough);
+        }
         // sqlx's own message may quote the URL: never pass it on.
-        let options = PgConnectOptions::from_str(&sqlx_url).map_err(|_| {
-            bad("sqlx could not parse the URL (host, port, database, sslmode)".into())
+        let options = PgConnectOptions::from_url(&parsed).map_err(|_| {
+            bad(
+                "sqlx could not read it (the host, the port, the database, or the value of \
+                 sslmode, port, hostaddr or statement-cache-capacity)"
+                    .into(),
+            )
         })?;
         builder.options = Some(options);
         builder.build()
+    }
+
+    /// The connection options for sqlx (host, port, user, database, TLS).
+    pub fn connect_options(&self) -> &PgConnectOptions {
+        &self.options
+    }
+
+    /// The schema of the tables.
+    pub fn schema(&self) -> &str {
+        self.tables
+            .schema
+            .as_deref()
+            .map_or("public", |s| s.trim_matches('"'))
+    }
+
+    /// The prefix of the table names.
+    pub fn table_prefix(&self) -> &str {
+        &self.tables.prefix
+    }
+
+    /// Whether connecting creates or upgrades the tables.
+    pub fn migrate(&self) -> bool {
+        self.migrate
+    }
+
+    /// See [`DEFAULT_MAX_CONNECTIONS`].
+    pub fn max_connections(&self) -> u32 {
+        self.max_connections
+    }
+
+    /// See [`DEFAULT_CONNECT_TIMEOUT`].
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// See [`DEFAULT_COMMAND_TIMEOUT`].
+    pub fn command_timeout(&self) -> Duration {
+        self.command_timeout
     }
 
     /// A builder (defaults: localhost:5432, schema `public`, prefix `locker_`, migrations on).
@@ -139,6 +258,26 @@ impl PostgresConfig {
         )
     }
 }
+
+/// What a raw user info may hold that a URL's may not: encoded before the `url` crate reads it.
+/// `%` is left alone (percent-escapes stay escapes), and so is `:` (the first one ends the user).
+const USERINFO_RAW: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}')
+    .add(b'/')
+    .add(b'@')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'^')
+    .add(b'|');
 
 fn ssl_mode_name(mode: PgSslMode) -> &'static str {
     match mode {
@@ -295,6 +434,98 @@ mod tests {
         );
         for text in [format!("{c:?}"), c.to_string()] {
             assert!(!text.contains("hunter2"), "{text}");
+        }
+    }
+
+    fn password_of(c: &PostgresConfig) -> Option<String> {
+        let url = c.options.to_url_lossy();
+        url.password().map(|p| {
+            percent_decode_str(p)
+                .decode_utf8()
+                .expect("UTF-8")
+                .into_owned()
+        })
+    }
+
+    #[test]
+    fn passwords_with_delimiters_raw_or_encoded() {
+        for url in [
+            "postgres://u:p%3F%40%23%2F%3Aw@h:7/db?schema=s",
+            "postgres://u:p?@#/:w@h:7/db?schema=s",
+            "postgresql://u:p%3F@#/:w@h:7/db?schema=s",
+        ] {
+            let c = PostgresConfig::from_url(url).expect(url);
+            assert_eq!(password_of(&c).as_deref(), Some("p?@#/:w"), "{url}");
+            let o = c.connect_options();
+            assert_eq!(
+                (
+                    o.get_username(),
+                    o.get_host(),
+                    o.get_port(),
+                    o.get_database()
+                ),
+                ("u", "h", 7, Some("db"))
+            );
+            assert_eq!(c.schema(), "s");
+            for text in [format!("{c:?}"), c.to_string()] {
+                assert!(!text.contains("p?@") && !text.contains("%3F"), "{text}");
+            }
+        }
+        let c = PostgresConfig::from_url("postgres://%C3%A9l%C3%A8ve:x%25y@h/db").expect("utf8");
+        assert_eq!(c.connect_options().get_username(), "élève");
+        assert_eq!(password_of(&c).as_deref(), Some("x%y"));
+        let e = PostgresConfig::from_url("postgres://u:%FF@h/db").expect_err("not UTF-8");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn our_parameters_are_decoded_and_sqlx_ones_passed_on() {
+        let c = PostgresConfig::from_url(
+            "postgres://u@h/db?schema=my%5Fjobs&table_prefix=%6C_&connect_timeout=1m&command_timeout=1500ms\
+             &pool_max_connections=2&sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem\
+             &application_name=locker+worker&options[statement_timeout]=5s&statement-cache-capacity=10",
+        )
+        .expect("url");
+        assert_eq!(c.schema(), "my_jobs");
+        assert_eq!(c.table_prefix(), "l_");
+        assert_eq!(c.tables.locks, "\"my_jobs\".\"l_locks\"");
+        assert_eq!(c.connect_timeout(), Duration::from_secs(60));
+        assert_eq!(c.command_timeout(), Duration::from_millis(1500));
+        assert_eq!(c.max_connections(), 2);
+        assert!(c.migrate());
+        let o = c.connect_options();
+        assert!(matches!(o.get_ssl_mode(), PgSslMode::VerifyFull));
+        assert_eq!(o.get_application_name(), Some("locker worker"));
+        assert_eq!(o.get_options(), Some("-c statement_timeout=5s"));
+        let c = PostgresConfig::from_url("postgres://u@h/db?connect_timeout=2&command_timeout=2s")
+            .expect("url");
+        assert_eq!(c.connect_timeout(), Duration::from_secs(2));
+        assert_eq!(c.command_timeout(), Duration::from_secs(2));
+        let c = PostgresConfig::from_url("postgres://h/db").expect("url");
+        assert_eq!(c.schema(), "public");
+        assert_eq!(c.table_prefix(), "locker_");
+    }
+
+    #[test]
+    fn unknown_parameters_are_named() {
+        for (url, named) in [
+            ("postgres://u:hunter2@h/db?bogus=1", "\"bogus\""),
+            (
+                "postgres://u:hunter2@h/db?target_session_attrs=any",
+                "\"target_session_attrs\"",
+            ),
+            ("postgres://u:hunter2@h/db?Schema=x", "\"Schema\""),
+            ("postgres://u:hunter2@h/db#frag", "fragment"),
+            ("postgres://u:hunter2@h/db?sslmode=sometimes", "sslmode"),
+            (
+                "postgres://u:hunter2@h/db?connect_timeout=0",
+                "connect_timeout",
+            ),
+        ] {
+            let e = PostgresConfig::from_url(url).expect_err(url);
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{url}");
+            assert!(e.to_string().contains(named), "{e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
         }
     }
 

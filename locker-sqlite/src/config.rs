@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use locker_core::{Error, Result};
 use locker_sql::{parse_duration, Tables};
+use percent_encoding::percent_decode_str;
+use url::form_urlencoded;
 
 /// How long a statement waits for another process's write to finish (SQLite's busy timeout).
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -20,8 +22,9 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
 /// [`BackendFactory`](locker_core::BackendFactory).
 ///
 /// URLs: `sqlite:///absolute/path.db`, `sqlite://relative/path.db` or `sqlite:path.db`, with
-/// optional `?table_prefix=...&busy_timeout=5s`. In-memory databases are refused: the locker's
-/// two connections would see two different databases.
+/// optional `?table_prefix=...&busy_timeout=5s` (see [`from_url`](SqliteConfig::from_url)).
+/// In-memory databases are refused: the locker's two connections would see two different
+/// databases.
 ///
 /// ```
 /// use locker_sqlite::SqliteConfig;
@@ -40,40 +43,75 @@ pub struct SqliteConfig {
 }
 
 impl SqliteConfig {
-    /// Parses a `sqlite:` URL.
+    /// Parses a `sqlite:` URL: the parser `locker::connect` uses, whose documentation has the
+    /// table of every scheme's parameters.
+    ///
+    /// The path is everything between `sqlite://` (or `sqlite:`) and the first `?`,
+    /// percent-decoded (write a `?` or a `%` in a file name as `%3F` or `%25`). The parameters,
+    /// whose values are percent-decoded by the `url` crate's form decoding: `table_prefix`,
+    /// `busy_timeout`, `command_timeout` (durations such as `1500ms`, `2s`, `1m`, or bare
+    /// seconds), `max_connections`, and `mode=rwc` (accepted for sqlx's URLs: files are always
+    /// opened read-write-create).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use locker_sqlite::SqliteConfig;
+    ///
+    /// let config = SqliteConfig::from_url("sqlite:jobs%3F.db?table_prefix=app_&busy_timeout=1m")?;
+    /// assert_eq!(config.path().to_str(), Some("jobs?.db"));
+    /// assert_eq!(config.table_prefix(), "app_");
+    /// assert_eq!(config.busy_timeout(), Duration::from_secs(60));
+    /// # Ok::<(), locker_core::Error>(())
+    /// ```
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidInput`](locker_core::ErrorKind::InvalidInput) naming the problem.
+    /// [`ErrorKind::InvalidInput`](locker_core::ErrorKind::InvalidInput) naming the problem (an
+    /// unknown parameter by its name).
     pub fn from_url(url: &str) -> Result<Self> {
         let bad = |why: String| Error::invalid_input(format!("bad SQLite URL {url:?}: {why}"));
-        let rest = url
-            .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))
+        // A path is not a URL host, so the `url` crate reads only the query here.
+        let rest = ["sqlite://", "sqlite:"]
+            .iter()
+            .find_map(|scheme| {
+                url.get(..scheme.len())
+                    .filter(|s| s.eq_ignore_ascii_case(scheme))
+                    .map(|_| &url[scheme.len()..])
+            })
             .ok_or_else(|| bad("expected sqlite://path".into()))?;
-        let (path, query) = match rest.split_once('?') {
-            Some((p, q)) => (p, q),
-            None => (rest, ""),
-        };
-        if path.is_empty() || path == ":memory:" || path.starts_with(":memory:") {
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let path = percent_decode_str(path)
+            .decode_utf8()
+            .map_err(|_| bad("the path is not UTF-8 after percent-decoding".into()))?;
+        if path.is_empty() || path.starts_with(":memory:") {
             return Err(bad(
                 "an in-memory database cannot be shared by the locker's connections".into(),
             ));
         }
-        let mut builder = SqliteConfig::builder(path);
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            builder = match name {
-                "table_prefix" => builder.table_prefix(value),
-                "busy_timeout" => builder.busy_timeout(parse_duration(value).map_err(bad)?),
-                "command_timeout" => builder.command_timeout(parse_duration(value).map_err(bad)?),
+        let mut builder = SqliteConfig::builder(path.as_ref());
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            let duration = || parse_duration(&name, &value).map_err(bad);
+            builder = match &*name {
+                "table_prefix" => builder.table_prefix(value.as_ref()),
+                "busy_timeout" => builder.busy_timeout(duration()?),
+                "command_timeout" => builder.command_timeout(duration()?),
                 "max_connections" => builder.max_connections(
                     value
                         .parse()
                         .map_err(|_| bad(format!("max_connections {value:?} is not a number")))?,
                 ),
-                // SQLite's own mode parameter: files are always opened read-write-create.
-                "mode" => builder,
-                other => return Err(bad(format!("unknown parameter {other:?}"))),
+                "mode" if value == "rwc" => builder,
+                "mode" => {
+                    return Err(bad(format!(
+                        "mode {value:?}: the locker always opens its file read-write-create (rwc)"
+                    )))
+                }
+                other => {
+                    return Err(bad(format!(
+                        "unknown parameter {other:?} (expected table_prefix, busy_timeout, \
+                         command_timeout, max_connections or mode; see the table of \
+                         `locker::connect`)"
+                    )))
+                }
             };
         }
         builder.build()
@@ -93,6 +131,26 @@ impl SqliteConfig {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The prefix of the table names.
+    pub fn table_prefix(&self) -> &str {
+        &self.tables.prefix
+    }
+
+    /// See [`DEFAULT_BUSY_TIMEOUT`].
+    pub fn busy_timeout(&self) -> Duration {
+        self.busy_timeout
+    }
+
+    /// See [`DEFAULT_COMMAND_TIMEOUT`].
+    pub fn command_timeout(&self) -> Duration {
+        self.command_timeout
+    }
+
+    /// See [`DEFAULT_MAX_CONNECTIONS`].
+    pub fn max_connections(&self) -> u32 {
+        self.max_connections
     }
 }
 
@@ -170,6 +228,51 @@ impl SqliteConfigBuilder {
 mod tests {
     use super::*;
     use locker_core::ErrorKind;
+
+    #[test]
+    fn every_form_of_path_parses() {
+        for (url, path) in [
+            ("sqlite:///abs/path.db", "/abs/path.db"),
+            ("sqlite://relative/path.db", "relative/path.db"),
+            ("sqlite:path.db", "path.db"),
+            ("SQLite:path.db", "path.db"),
+            (
+                "sqlite:///tmp/a%20b%3Fc%25.db?table_prefix=x_",
+                "/tmp/a b?c%.db",
+            ),
+            ("sqlite:///tmp/caf%C3%A9.db", "/tmp/café.db"),
+        ] {
+            let c = SqliteConfig::from_url(url).expect(url);
+            assert_eq!(c.path(), Path::new(path), "{url}");
+        }
+        let e = SqliteConfig::from_url("sqlite:///tmp/%FF.db").expect_err("not UTF-8");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn parameters_are_decoded_and_unknown_ones_named() {
+        let c = SqliteConfig::from_url(
+            "sqlite:x.db?table_prefix=%61pp_&busy_timeout=1m&command_timeout=1500ms&max_connections=2&mode=rwc",
+        )
+        .expect("url");
+        assert_eq!(c.table_prefix(), "app_");
+        assert_eq!(c.tables.locks, "\"app_locks\"");
+        assert_eq!(c.busy_timeout(), Duration::from_secs(60));
+        assert_eq!(c.command_timeout(), Duration::from_millis(1500));
+        assert_eq!(c.max_connections(), 2);
+        let c = SqliteConfig::from_url("sqlite:x.db?busy_timeout=2s").expect("url");
+        assert_eq!(c.busy_timeout(), Duration::from_secs(2));
+        for (url, named) in [
+            ("sqlite:x.db?what=1", "\"what\""),
+            ("sqlite:x.db?mode=ro", "rwc"),
+            ("sqlite:x.db?busy_timeout=0", "busy_timeout"),
+            ("sqlite:x.db?command_timeout=soon", "command_timeout"),
+        ] {
+            let e = SqliteConfig::from_url(url).expect_err(url);
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{url}");
+            assert!(e.to_string().contains(named), "{e}");
+        }
+    }
 
     #[test]
     fn urls_parse() {
