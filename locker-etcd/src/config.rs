@@ -4,7 +4,8 @@ use std::fmt;
 use std::time::Duration;
 
 use locker_core::{Error, Result};
-use percent_encoding::percent_decode_str;
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+use url::Url;
 
 /// How long connecting (and authenticating) may take.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -14,8 +15,10 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the etcd cluster is; a [`BackendFactory`](locker_core::BackendFactory).
 ///
-/// URLs: `etcd://[user:password@]host:port[,host:port...]`, `etcds://...` for TLS, with an
-/// optional `?prefix=...`. Keys are `{prefix}lock/{key}` and `{prefix}proc/{processHash}`.
+/// URLs: `etcd://[user:password@]host:port[,host:port...]`, `etcds://...` for TLS, with
+/// optional `?prefix=...&connect_timeout=...&command_timeout=...` (see
+/// [`from_url`](EtcdConfig::from_url)). Keys are `{prefix}lock/{key}` and
+/// `{prefix}proc/{processHash}`.
 ///
 /// ```
 /// use locker_etcd::EtcdConfig;
@@ -37,17 +40,48 @@ pub struct EtcdConfig {
 }
 
 impl EtcdConfig {
-    /// Parses an `etcd://` or `etcds://` URL.
+    /// Parses an `etcd://` or `etcds://` URL (`http://` and `https://` too): the parser
+    /// `locker::connect` uses, whose documentation has the table of every scheme's parameters.
+    ///
+    /// The `url` crate reads the scheme, the user info and the query; the host list is not a
+    /// URL host, so it is cut out first and each `host:port` read by the `url` crate on its own.
+    /// The user name and the password are percent-decoded; the user info runs to the last `@`
+    /// of the URL, so a password may hold a raw `/`, `?`, `#` or `@` (a `@` in a query value
+    /// must then be written `%40`). Parameters, percent-decoded (`+` is a space): `prefix`,
+    /// `connect_timeout` and `command_timeout` (`1500ms`, `2s`, `1m`, or bare seconds).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use locker_etcd::EtcdConfig;
+    ///
+    /// let config = EtcdConfig::from_url("etcds://[::1]:2379?prefix=app%2F&command_timeout=1m")?;
+    /// assert_eq!(config.endpoints(), ["https://[::1]:2379"]);
+    /// assert_eq!(config.prefix(), "app/");
+    /// assert_eq!(config.command_timeout(), Duration::from_secs(60));
+    /// # Ok::<(), locker_core::Error>(())
+    /// ```
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidInput`](locker_core::ErrorKind::InvalidInput), never quoting the
-    /// password.
+    /// [`ErrorKind::InvalidInput`](locker_core::ErrorKind::InvalidInput) naming the problem (an
+    /// unknown parameter by its name), never quoting the password.
     pub fn from_url(url: &str) -> Result<Self> {
         let bad = |why: String| Error::invalid_input(format!("bad etcd URL: {why}"));
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| bad("expected etcd://host:port".into()))?;
-        let tls = match scheme {
+        // Errors quote only what follows the last '@', never the password.
+        let (userinfo, after) = match rest.rfind('@') {
+            Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
+            None => (None, rest),
+        };
+        let (hosts, tail) = after.split_at(after.find(['/', '?', '#']).unwrap_or(after.len()));
+        let encoded = userinfo.map_or_else(String::new, |u| {
+            format!("{}@", utf8_percent_encode(u, USERINFO_RAW))
+        });
+        // `host` stands in for the host list, read below.
+        let parsed = Url::parse(&format!("{scheme}://{encoded}host{tail}"))
+            .map_err(|e| bad(e.to_string()))?;
+        let tls = match parsed.scheme() {
             "etcd" | "http" => false,
             "etcds" | "https" => true,
             other => {
@@ -56,51 +90,46 @@ impl EtcdConfig {
                 )))
             }
         };
-        let (userinfo, rest) = match rest.rfind('@') {
-            Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
-            None => (None, rest),
-        };
-        let (hosts, query) = match rest.split_once('?') {
-            Some((h, q)) => (h, q),
-            None => (rest, ""),
-        };
-        let hosts = hosts.trim_end_matches('/');
+        if !matches!(parsed.path(), "" | "/") {
+            return Err(bad(format!(
+                "an etcd URL has no path ({:?})",
+                parsed.path()
+            )));
+        }
+        if parsed.fragment().is_some() {
+            return Err(bad("a URL fragment (#...) means nothing here".into()));
+        }
         let mut builder = EtcdConfig::builder().tls(tls);
         for host in hosts.split(',').filter(|h| !h.is_empty()) {
-            let (name, port) = host
-                .rsplit_once(':')
-                .ok_or_else(|| bad("a host has no port".into()))?;
-            let port: u16 = port
-                .parse()
-                .map_err(|_| bad("a port is not a number from 0 to 65535".into()))?;
-            if name.is_empty() || name.contains('/') {
-                return Err(bad("a host is empty or has a path".into()));
-            }
+            let (name, port) =
+                parse_host(host).map_err(|why| bad(format!("host {host:?}: {why}")))?;
             builder = builder.endpoint(name, port);
         }
-        if let Some(info) = userinfo {
+        if userinfo.is_some() {
             let decode = |s: &str| {
                 percent_decode_str(s)
                     .decode_utf8()
                     .map(|c| c.into_owned())
-                    .map_err(|_| bad("user or password is not UTF-8".into()))
+                    .map_err(|_| bad("user or password is not UTF-8 after percent-decoding".into()))
             };
-            let (user, password) = info
-                .split_once(':')
+            let password = parsed
+                .password()
                 .ok_or_else(|| bad("a user needs a password (user:password@)".into()))?;
-            builder = builder.user(decode(user)?, decode(password)?);
+            builder = builder.user(decode(parsed.username())?, decode(password)?);
         }
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("prefix", value)) => {
-                    builder = builder.prefix(
-                        percent_decode_str(value)
-                            .decode_utf8()
-                            .map_err(|_| bad("prefix is not UTF-8".into()))?,
-                    )
+        for (name, value) in parsed.query_pairs() {
+            let duration = || parse_duration(&name, &value).map_err(bad);
+            builder = match &*name {
+                "prefix" => builder.prefix(value.as_ref()),
+                "connect_timeout" => builder.connect_timeout(duration()?),
+                "command_timeout" => builder.command_timeout(duration()?),
+                other => {
+                    return Err(bad(format!(
+                        "unknown parameter {other:?} (expected prefix, connect_timeout or \
+                         command_timeout; see the table of `locker::connect`)"
+                    )))
                 }
-                _ => return Err(bad(format!("unknown parameter {pair:?}"))),
-            }
+            };
         }
         builder.build()
     }
@@ -135,6 +164,21 @@ impl EtcdConfig {
         &self.prefix
     }
 
+    /// The etcd user name, if any.
+    pub fn username(&self) -> Option<&str> {
+        self.user.as_ref().map(|(name, _)| name.as_str())
+    }
+
+    /// See [`DEFAULT_CONNECT_TIMEOUT`].
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// See [`DEFAULT_COMMAND_TIMEOUT`].
+    pub fn command_timeout(&self) -> Duration {
+        self.command_timeout
+    }
+
     /// The URL with the password left out.
     pub fn redacted_url(&self) -> String {
         let scheme = if self.tls { "etcds" } else { "etcd" };
@@ -149,6 +193,60 @@ impl EtcdConfig {
             .collect();
         format!("{scheme}://{user}{}", hosts.join(","))
     }
+}
+
+/// What a raw user info may hold that a URL's may not: encoded before the `url` crate reads it.
+/// `%` is left alone (percent-escapes stay escapes), and so is `:` (the first one ends the user).
+const USERINFO_RAW: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}')
+    .add(b'/')
+    .add(b'@')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'^')
+    .add(b'|');
+
+/// One `host:port` of the authority, read by the `url` crate; an IPv6 address keeps its
+/// brackets, as an endpoint needs them.
+fn parse_host(host: &str) -> std::result::Result<(String, u16), String> {
+    let url = Url::parse(&format!("etcd://{host}")).map_err(|e| e.to_string())?;
+    let name = url.host_str().unwrap_or_default();
+    if name.is_empty() {
+        return Err("the host is empty".to_owned());
+    }
+    let port = url
+        .port()
+        .ok_or_else(|| "the host has no port".to_owned())?;
+    Ok((name.to_owned(), port))
+}
+
+/// A duration parameter: a number with a unit (`1500ms`, `2s`, `1m`, as `humantime` reads them)
+/// or a bare number of seconds; more than zero.
+fn parse_duration(name: &str, value: &str) -> std::result::Result<Duration, String> {
+    let bad = || format!("{name} {value:?} is not a duration such as 1500ms, 2s or 1m");
+    let d = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        value
+            .parse::<f64>()
+            .ok()
+            .filter(|s| *s < 1e9)
+            .map(Duration::from_secs_f64)
+            .ok_or_else(bad)?
+    } else {
+        humantime::parse_duration(value).map_err(|_| bad())?
+    };
+    if d.is_zero() {
+        return Err(format!("{name} must be greater than zero"));
+    }
+    Ok(d)
 }
 
 impl fmt::Debug for EtcdConfig {
@@ -256,6 +354,52 @@ impl fmt::Debug for EtcdConfigBuilder {
 mod tests {
     use super::*;
     use locker_core::ErrorKind;
+
+    #[test]
+    fn passwords_with_delimiters_raw_or_encoded() {
+        for url in [
+            "etcd://u:p%3F%40%23%2F%3Aw@a:1,b:2/?prefix=k",
+            "etcd://u:p?@#/:w@a:1,b:2/?prefix=k",
+            "etcd://u:p%3F@#/:w@a:1,b:2?prefix=k",
+        ] {
+            let c = EtcdConfig::from_url(url).expect(url);
+            assert_eq!(c.user, Some(("u".into(), "p?@#/:w".into())), "{url}");
+            assert_eq!(c.username(), Some("u"));
+            assert_eq!(c.endpoints(), ["http://a:1", "http://b:2"]);
+            assert_eq!(c.prefix(), "k");
+            for text in [format!("{c:?}"), c.to_string()] {
+                assert!(!text.contains("p?@") && !text.contains("%3F"), "{text}");
+            }
+        }
+        let c = EtcdConfig::from_url("etcd://%C3%A9l%C3%A8ve:x%25y@a:1").expect("utf8");
+        assert_eq!(c.user, Some(("élève".into(), "x%y".into())));
+    }
+
+    #[test]
+    fn parameters_are_decoded_and_unknown_ones_named() {
+        let c = EtcdConfig::from_url(
+            "etcd://a:1?prefix=app%2Fjobs+x%2F&connect_timeout=1500ms&command_timeout=2s",
+        )
+        .expect("url");
+        assert_eq!(c.prefix(), "app/jobs x/");
+        assert_eq!(c.connect_timeout(), Duration::from_millis(1500));
+        assert_eq!(c.command_timeout(), Duration::from_secs(2));
+        let c = EtcdConfig::from_url("etcd://a:1?connect_timeout=1m").expect("url");
+        assert_eq!(c.connect_timeout(), Duration::from_secs(60));
+        for (url, named) in [
+            ("etcd://u:hunter2@a:1?bogus=1", "\"bogus\""),
+            ("etcd://u:hunter2@a:1?Prefix=x", "\"Prefix\""),
+            ("etcd://u:hunter2@a:1?command_timeout=0", "command_timeout"),
+            ("etcd://u:hunter2@a:1/v3", "path"),
+            ("etcd://u:hunter2@a:1#x", "fragment"),
+            ("etcd://u:hunter2@[::1]", "port"),
+        ] {
+            let e = EtcdConfig::from_url(url).expect_err(url);
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{url}");
+            assert!(e.to_string().contains(named), "{e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+    }
 
     #[test]
     fn urls_parse() {
