@@ -26,8 +26,8 @@ use etcd_client::{
     TlsOptions, Txn, TxnOp, TxnOpResponse,
 };
 use locker_core::{
-    validate_key, AcquireOutcome, BackendFactory, Capabilities, Error, ErrorKind, ExtendOutcome,
-    LockBackend, LockData, ProcessData, ReleaseOutcome, Result,
+    is_definite_io_error, validate_key, AcquireOutcome, BackendFactory, Capabilities, Error,
+    ErrorKind, ExtendOutcome, LockBackend, LockData, ProcessData, ReleaseOutcome, Result,
 };
 
 use crate::config::EtcdConfig;
@@ -96,6 +96,11 @@ impl EtcdBackend {
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
             }
             options = options.with_tls(tls);
+        }
+        // The client retries a member that refuses, since another may answer; when every
+        // one refuses, that is the answer, and it comes in milliseconds.
+        if let Some(e) = every_endpoint_refuses(&config.endpoints, config.connect_timeout).await {
+            return Err(e);
         }
         let connect = async {
             let mut client = Client::connect(&config.endpoints, Some(options))
@@ -280,6 +285,45 @@ impl EtcdBackend {
 
 /// A request that failed before reaching any server (connection refused or reset while
 /// connecting): safe to send again.
+/// A definite error (see [`Error::is_definite`]) when no endpoint can be reached at all: each
+/// one refuses a TCP connection, does not resolve, or is unreachable. `None` as soon as one
+/// accepts, or does not answer within `limit` (then the client's own timeouts apply).
+async fn every_endpoint_refuses(endpoints: &[String], limit: Duration) -> Option<Error> {
+    let mut failures = Vec::with_capacity(endpoints.len());
+    for endpoint in endpoints {
+        let without_scheme = endpoint
+            .split_once("://")
+            .map_or(&**endpoint, |(_, rest)| rest);
+        let address = without_scheme.split('/').next().unwrap_or(without_scheme);
+        if endpoint.starts_with("unix") || address.is_empty() {
+            return None;
+        }
+        match tokio::time::timeout(limit, tokio::net::TcpStream::connect(address)).await {
+            Ok(Err(io)) if is_definite_io_error(&io) => failures.push((address, io)),
+            _ => return None,
+        }
+    }
+    let all_refused = failures
+        .iter()
+        .all(|(_, io)| io.kind() == std::io::ErrorKind::ConnectionRefused);
+    let addresses = failures
+        .iter()
+        .map(|(a, _)| *a)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (_, first) = failures.into_iter().next()?;
+    let message = if all_refused {
+        format!("etcd: connection refused by {addresses}")
+    } else {
+        format!("etcd: cannot connect to {addresses}")
+    };
+    Some(
+        Error::unavailable(message)
+            .with_source(first)
+            .set_definite(true),
+    )
+}
+
 fn never_sent(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) => true,
