@@ -209,8 +209,10 @@ pub fn is_definite_io_error(e: &std::io::Error) -> bool {
     // EHOSTUNREACH, ENETUNREACH and getaddrinfo's "no such name" have no stable
     // `io::ErrorKind` in the supported Rust versions; their messages are the same on every
     // libc we build for. ("Temporary failure in name resolution" is left out: it passes.)
+    // "Connection refused" also catches drivers that keep only the text of the OS error.
     let text = e.to_string();
     [
+        "Connection refused",
         "No route to host",
         "Network is unreachable",
         "Name or service not known",

@@ -15,7 +15,7 @@ use fred::rustls::pki_types::CertificateDer;
 use fred::rustls::{ClientConfig, RootCertStore};
 use fred::types::config::{TlsConfig, TlsConnector, TlsHostMapping};
 use fred::types::{ClusterHash, CustomCommand, Value};
-use locker_core::{Error, ErrorKind, Result};
+use locker_core::{is_definite_io_error, Error, ErrorKind, Result};
 
 use crate::backend::Driver;
 use crate::config::{RedisConfig, Topology};
@@ -280,5 +280,13 @@ pub(crate) fn map_error(e: FredError) -> Error {
             _ => ErrorKind::Other,
         }
     };
-    Error::new(kind, "redis (fred)").with_source(e)
+    // An answer at start (see `Error::is_definite`): fred keeps only the text of the OS error.
+    let definite = e.kind() == &FredKind::IO
+        && is_definite_io_error(&std::io::Error::other(details.to_owned()));
+    let mapped = Error::new(kind, "redis (fred)").with_source(e);
+    if definite {
+        mapped.set_definite(true)
+    } else {
+        mapped
+    }
 }

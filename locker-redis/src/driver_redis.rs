@@ -4,7 +4,7 @@
 use std::fmt;
 
 use async_trait::async_trait;
-use locker_core::{Error, ErrorKind, Result};
+use locker_core::{find_io_error, is_definite_io_error, Error, ErrorKind, Result};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
@@ -276,5 +276,13 @@ pub(crate) fn map_error(e: RedisError) -> Error {
             _ => ErrorKind::Other,
         },
     };
-    Error::new(kind, "redis").with_source(e)
+    // An answer at start (see `Error::is_definite`): no server listens there, or the name
+    // does not resolve.
+    let definite = e.is_connection_refusal() || find_io_error(&e).is_some_and(is_definite_io_error);
+    let mapped = Error::new(kind, "redis").with_source(e);
+    if definite {
+        mapped.set_definite(true)
+    } else {
+        mapped
+    }
 }

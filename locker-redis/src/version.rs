@@ -124,6 +124,7 @@ pub(crate) fn info_failed(server: &str, e: Error) -> Error {
     let message = format!("{server}: reading the server version (INFO server)");
     Error::new(e.kind(), message)
         .set_retryable(e.is_retryable())
+        .set_definite(e.is_definite())
         .with_source(e)
 }
 
