@@ -1,12 +1,15 @@
-//! `locker status KEY` and `locker owner OWNER_HASH`.
+//! `locker status KEY`, `locker owner OWNER_HASH` and `locker release KEY --owner OWNER_HASH`.
 
 use std::process::ExitCode;
 
 use clap::Args;
-use locker::OwnerStatus;
+use locker::{OwnerStatus, ReleaseOutcome};
 use serde_json::json;
 
 use crate::{fail, Global};
+
+/// `status` of a free key, `release` that released nothing: scripts test for it.
+const EX_NO: u8 = 1;
 
 #[derive(Args, Debug)]
 pub(crate) struct StatusArgs {
@@ -22,6 +25,20 @@ pub(crate) struct OwnerArgs {
     /// The owner hash, as `locker run` passes it in `LOCKER_OWNER_HASH`.
     owner_hash: String,
     /// Print JSON: `{"status", "key", "lock"}`.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ReleaseArgs {
+    /// The lock key.
+    key: String,
+    /// Release only if this owner hash (from `locker status`, or `LOCKER_OWNER_HASH` in the
+    /// command's environment) still holds KEY. Its job stops at its next heartbeat: the lock is
+    /// gone.
+    #[arg(long, value_name = "OWNER_HASH")]
+    owner: String,
+    /// Print JSON: `{"key", "released", "lock"}` (`lock`: the record of another holder).
     #[arg(long)]
     json: bool,
 }
@@ -56,7 +73,65 @@ pub(crate) async fn status(global: &Global, args: StatusArgs) -> ExitCode {
             None => println!("{:?} is free (no live holder)", args.key),
         }
     }
-    ExitCode::SUCCESS
+    locker.shutdown().await;
+    if lock.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EX_NO)
+    }
+}
+
+/// Node's `release(key, lockData)`: deletes the lock only if `--owner` still holds it, straight
+/// on the store (no liveness record is written for this).
+pub(crate) async fn release(global: &Global, args: ReleaseArgs) -> ExitCode {
+    match locker::parse_owner_hash(&args.owner) {
+        Some(parsed) if parsed.key == args.key => {}
+        Some(parsed) => {
+            return fail(&locker::Error::invalid_input(format!(
+                "--owner is an owner hash of the key {:?}, not of {:?}",
+                parsed.key, args.key
+            )))
+        }
+        None => {
+            return fail(&locker::Error::invalid_input(format!(
+                "--owner {:?} is not an owner hash (see `locker status KEY`)",
+                args.owner
+            )))
+        }
+    }
+    let backend = match async { locker::connect(&global.url()?)?.connect().await }.await {
+        Ok(b) => b,
+        Err(e) => return fail(&e),
+    };
+    let outcome = match backend.release(&args.key, &args.owner).await {
+        Ok(o) => o,
+        Err(e) => return fail(&e),
+    };
+    let (released, holder) = match &outcome {
+        ReleaseOutcome::Released => (true, None),
+        ReleaseOutcome::NoKey => (false, None),
+        ReleaseOutcome::Held(lock) => (false, Some(lock)),
+    };
+    if args.json {
+        println!(
+            "{}",
+            json!({ "key": args.key, "released": released, "lock": holder })
+        );
+    } else {
+        match holder {
+            _ if released => println!("released {:?} (held by {})", args.key, args.owner),
+            Some(lock) => println!(
+                "{:?} is held by {}, not by {}: nothing released",
+                args.key, lock.owner_hash, args.owner
+            ),
+            None => println!("{:?} is not locked: nothing released", args.key),
+        }
+    }
+    if released {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EX_NO)
+    }
 }
 
 pub(crate) async fn owner(global: &Global, args: OwnerArgs) -> ExitCode {
@@ -100,5 +175,6 @@ pub(crate) async fn owner(global: &Global, args: OwnerArgs) -> ExitCode {
     } else {
         println!("{}: {text}", args.owner_hash);
     }
+    locker.shutdown().await;
     ExitCode::SUCCESS
 }

@@ -1,50 +1,146 @@
 //! `locker run KEY -- COMMAND [ARGS...]`.
+//!
+//! The command runs under `locker supervise` (see [`crate::supervise`]), which owns its whole
+//! process tree. This process holds the lock and releases it only after the supervisor has
+//! exited, which it does only once the tree is gone. Every other way out (the supervisor killed,
+//! a failed wait, a panic) leaves the lock to expire with this process's liveness record
+//! instead of releasing it under a command that may still run.
 
-use std::os::unix::process::ExitStatusExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use locker::{LockAttempt, LockRequest};
+use locker::{LockAttempt, LockRequest, Locker};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use tokio::io::AsyncBufReadExt;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::Instant;
 
 use crate::{fail, Global, EX_HELD, EX_LOST, EX_SOFTWARE};
 
+/// How often a held lock is tried again while `--wait` lasts.
+const WAIT_POLL: Duration = Duration::from_millis(200);
+
+const RUN_HELP: &str = "\
+The command gets these variables:
+  LOCKER_KEY            the lock key
+  LOCKER_OWNER_HASH     this acquisition's owner hash (`locker owner`, `locker release --owner`)
+  LOCKER_FENCING_TOKEN  the lock's fencing token, when the backend issues them: pass it to the
+                        systems the command writes to, so that they refuse a stale holder
+
+The command runs in a process group of its own, under a small supervisor process that owns its
+whole tree. SIGHUP, SIGINT, SIGTERM and SIGQUIT sent to `locker` are passed to that group, and the
+lock is held until the command has exited. When the command exits, what it left running is
+stopped (SIGTERM, then SIGKILL after --kill-grace) before the lock is released. When the lock is
+lost (taken over after this process froze past the liveness TTL, or released by an operator),
+the group gets SIGTERM, then SIGKILL after --kill-grace, and `locker` exits 76. When `locker`
+itself is killed (even with SIGKILL), the supervisor kills the command's tree at once.
+
+Exit codes: the command's own (128+N when signal N ended it); 64 bad usage; 69 the backend
+cannot be reached; 70 internal error; 75 the lock is held by another process (or
+--conflict-exit-code); 76 the lock was lost and the command stopped; 77 credentials refused;
+126 the command could not be started; 127 the command was not found; 128+N when signal N
+arrived before the command started.";
+
+/// `--wait`: a duration or `forever`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// At most this long (zero: do not wait).
+    For(Duration),
+    /// Until the lock is free.
+    Forever,
+}
+
+fn parse_wait(s: &str) -> Result<Wait, String> {
+    match s.trim() {
+        "forever" | "inf" | "infinity" => Ok(Wait::Forever),
+        "0" => Ok(Wait::For(Duration::ZERO)),
+        other => humantime::parse_duration(other)
+            .map(Wait::For)
+            .map_err(|e| format!("{e} (a duration like 30s or 5m, 0, or forever)")),
+    }
+}
+
 #[derive(Args, Debug)]
+#[command(after_help = RUN_HELP)]
 pub(crate) struct RunArgs {
     /// The lock key: one command per key runs at once across the cluster.
     key: String,
-    /// How long to wait for the lock when someone else holds it (default: do not wait).
-    #[arg(long, value_parser = humantime::parse_duration)]
-    wait: Option<Duration>,
+    /// How long to wait for the lock when someone else holds it: a duration (30s, 5m), 0 (do
+    /// not wait) or forever.
+    #[arg(long, value_name = "DURATION|forever", default_value = "0s", value_parser = parse_wait)]
+    wait: Wait,
+    /// The exit code when someone else still holds the lock after --wait.
+    #[arg(long, value_name = "N", default_value_t = EX_HELD)]
+    conflict_exit_code: u8,
     /// A trace kept in the lock record and its owner hash (a run id, a host name).
     #[arg(long)]
     trace: Option<String>,
-    /// After the lock is lost, how long the command has between SIGTERM and SIGKILL.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// How long the command has between SIGTERM and SIGKILL after the lock is lost, and what it
+    /// left running after it exited.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     kill_grace: Duration,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true, num_args = 1..)]
     command: Vec<String>,
 }
 
-fn forward(pid: Option<u32>, sig: Signal) {
-    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
-        let _ = kill(Pid::from_raw(pid), sig);
+/// The signals `locker run` passes on to its command (and the supervisor to the group).
+pub(crate) struct SignalStreams {
+    hup: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+}
+
+/// Installs the handlers (inside a runtime); from then on these signals are caught, not fatal.
+pub(crate) fn signal_streams() -> std::io::Result<SignalStreams> {
+    Ok(SignalStreams {
+        hup: signal(SignalKind::hangup())?,
+        int: signal(SignalKind::interrupt())?,
+        term: signal(SignalKind::terminate())?,
+        quit: signal(SignalKind::quit())?,
+    })
+}
+
+/// The next signal caught.
+pub(crate) async fn next_signal(s: &mut SignalStreams) -> Option<Signal> {
+    tokio::select! {
+        r = s.hup.recv() => r.map(|()| Signal::SIGHUP),
+        r = s.int.recv() => r.map(|()| Signal::SIGINT),
+        r = s.term.recv() => r.map(|()| Signal::SIGTERM),
+        r = s.quit.recv() => r.map(|()| Signal::SIGQUIT),
     }
 }
 
-fn exit_status_code(status: std::process::ExitStatus) -> u8 {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => u8::try_from(code).unwrap_or(1),
-        (None, Some(sig)) => u8::try_from(128 + sig).unwrap_or(1),
-        _ => 1,
+/// This binary, to start as the supervisor (on Linux, even if the file was replaced since).
+fn this_binary() -> std::io::Result<std::path::PathBuf> {
+    if cfg!(target_os = "linux") {
+        Ok("/proc/self/exe".into())
+    } else {
+        std::env::current_exe()
     }
+}
+
+/// A signal arrived before the command started: nothing runs, so whatever was acquired is
+/// released, and the exit code says which signal (shells' 128+N).
+async fn interrupted(locker: &Locker, sig: Option<Signal>) -> ExitCode {
+    let sig = sig.unwrap_or(Signal::SIGTERM);
+    eprintln!("locker: {sig} before the command started; not running it");
+    locker.shutdown().await;
+    ExitCode::from(u8::try_from(128 + sig as i32).unwrap_or(EX_SOFTWARE))
 }
 
 pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
+    // Handlers first: from now on these signals end the wait or reach the command, and never
+    // kill `locker` between the acquire and the command.
+    let Ok(mut signals) = signal_streams() else {
+        eprintln!("locker: cannot listen for signals");
+        return ExitCode::from(EX_SOFTWARE);
+    };
     let locker = match global.locker() {
         Ok(l) => l,
         Err(e) => return fail(&e),
@@ -53,13 +149,20 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
     if let Some(trace) = &args.trace {
         request = request.trace(trace.clone());
     }
-    let deadline = tokio::time::Instant::now() + args.wait.unwrap_or_default();
+    let deadline = match args.wait {
+        Wait::For(d) => Some(Instant::now() + d),
+        Wait::Forever => None,
+    };
     let guard = loop {
-        match locker.acquire(request.clone()).await {
+        let attempt = tokio::select! {
+            attempt = locker.acquire(request.clone()) => attempt,
+            sig = next_signal(&mut signals) => return interrupted(&locker, sig).await,
+        };
+        match attempt {
             Ok(LockAttempt::Acquired(guard)) => break guard,
             Ok(LockAttempt::Held(holder)) => {
-                let now = tokio::time::Instant::now();
-                if now >= deadline {
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
                     eprintln!(
                         "locker: {:?} is held by {} (since {})",
                         args.key,
@@ -67,9 +170,13 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
                         holder.acquired_at.to_rfc3339()
                     );
                     locker.shutdown().await;
-                    return ExitCode::from(EX_HELD);
+                    return ExitCode::from(args.conflict_exit_code);
                 }
-                tokio::time::sleep((deadline - now).min(Duration::from_millis(200))).await;
+                let pause = deadline.map_or(WAIT_POLL, |d| (d - now).min(WAIT_POLL));
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    sig = next_signal(&mut signals) => return interrupted(&locker, sig).await,
+                }
             }
             Err(e) => {
                 locker.abandon().await;
@@ -78,73 +185,164 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
         }
     };
 
-    let mut command = tokio::process::Command::new(&args.command[0]);
+    // The control socket: the supervisor holds one end, this process the other. Both ends are
+    // close-on-exec; the supervisor's end is made inheritable only for its own spawn.
+    let (ours, theirs) = match UnixStream::pair().and_then(|pair| {
+        pair.0.set_nonblocking(true)?;
+        Ok(pair)
+    }) {
+        Ok(pair) => pair,
+        Err(e) => {
+            eprintln!("locker: cannot make the control socket: {e}");
+            let _ = guard.release().await;
+            locker.shutdown().await;
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    let inheritable = {
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+        fcntl(theirs.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
+    };
+    let mut command = tokio::process::Command::new(match this_binary() {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("locker: cannot find its own binary to supervise the command: {e}");
+            let _ = guard.release().await;
+            locker.shutdown().await;
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    });
     command
-        .args(&args.command[1..])
+        .arg0("locker")
+        .arg("supervise")
+        .arg("--control-fd")
+        .arg(theirs.as_raw_fd().to_string())
+        .arg("--kill-grace")
+        .arg(humantime::format_duration(args.kill_grace).to_string())
+        .arg("--")
+        .args(&args.command)
         .env("LOCKER_KEY", &args.key)
         .env("LOCKER_OWNER_HASH", guard.owner_hash())
-        // Its own process group: a terminal's Ctrl-C reaches `locker`, which forwards it once.
+        // Its own process group: a terminal's Ctrl-C reaches `locker`, which passes it on once.
         .process_group(0);
     if let Some(token) = guard.fencing_token() {
         command.env("LOCKER_FENCING_TOKEN", token.to_string());
     }
-    let mut child = match command.spawn() {
+    let spawned = match inheritable {
+        Ok(_) => command.spawn(),
+        Err(e) => Err(e.into()),
+    };
+    // Only the supervisor holds its end now: its end of file means this process is gone.
+    drop(theirs);
+    let mut supervisor = match spawned {
         Ok(child) => child,
         Err(e) => {
-            eprintln!("locker: cannot run {:?}: {e}", args.command[0]);
+            // Nothing was started: the lock can go.
+            eprintln!("locker: cannot start the command's supervisor: {e}");
             let _ = guard.release().await;
             locker.shutdown().await;
-            return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            });
-        }
-    };
-    let pid = child.id();
-    let (mut sigint, mut sigterm) = match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(i), Ok(t)) => (i, t),
-        _ => {
-            eprintln!("locker: cannot listen for signals");
             return ExitCode::from(EX_SOFTWARE);
         }
     };
+    let supervisor_pid = supervisor
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .map(Pid::from_raw);
+    let forward = |sig: Signal| {
+        if let Some(pid) = supervisor_pid {
+            let _ = kill(pid, sig);
+        }
+    };
+
+    // The command's process group, as the supervisor reports it: needed only if the
+    // supervisor itself dies.
+    let (group_tx, group_rx) = tokio::sync::watch::channel(None::<i32>);
+    let control = tokio::net::UnixStream::from_std(ours);
+    let mut control_writer = match control {
+        Ok(stream) => {
+            let (reader, writer) = stream.into_split();
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(reader).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Some(group) = line.strip_prefix("group ").and_then(|g| g.parse().ok()) {
+                        group_tx.send_replace(Some(group));
+                    }
+                }
+            });
+            Some(writer)
+        }
+        Err(e) => {
+            eprintln!("locker: cannot use the control socket: {e}");
+            None
+        }
+    };
+
     let lost = guard.heartbeat().lost();
     tokio::pin!(lost);
-    let code = loop {
+    let mut lost_yet = false;
+    // When the supervisor is told to kill the tree with SIGKILL (seppuku past the grace).
+    let mut kill_at: Option<Instant> = None;
+    let status = loop {
+        let kill_deadline = kill_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
-            status = child.wait() => match status {
-                Ok(status) => break exit_status_code(status),
-                Err(e) => {
-                    eprintln!("locker: waiting for the command failed: {e}");
-                    break EX_SOFTWARE;
+            status = supervisor.wait() => break status,
+            sig = next_signal(&mut signals) => {
+                if let Some(sig) = sig {
+                    forward(sig);
                 }
-            },
-            _ = sigint.recv() => forward(pid, Signal::SIGINT),
-            _ = sigterm.recv() => forward(pid, Signal::SIGTERM),
-            e = &mut lost => {
+            }
+            e = &mut lost, if !lost_yet => {
+                lost_yet = true;
                 eprintln!("locker: {e}");
                 eprintln!(
-                    "locker: stopping the command (SIGTERM, then SIGKILL after {:?})",
-                    args.kill_grace
+                    "locker: stopping the command (SIGTERM, then SIGKILL after {})",
+                    humantime::format_duration(args.kill_grace)
                 );
-                forward(pid, Signal::SIGTERM);
-                if tokio::time::timeout(args.kill_grace, child.wait()).await.is_err() {
-                    forward(pid, Signal::SIGKILL);
-                    let _ = child.wait().await;
-                }
-                break EX_LOST;
+                forward(Signal::SIGTERM);
+                kill_at = Some(Instant::now() + args.kill_grace);
+            }
+            () = tokio::time::sleep_until(kill_deadline), if kill_at.is_some() => {
+                kill_at = None;
+                // End of file: the supervisor kills the whole tree with SIGKILL.
+                drop(control_writer.take());
             }
         }
     };
-    if code != EX_LOST {
-        let _ = guard.release().await;
-    } else {
-        drop(guard);
+    match status {
+        // The supervisor exits by itself only once the whole tree is gone.
+        Ok(status) if status.code().is_some() => {
+            let code = status
+                .code()
+                .and_then(|c| u8::try_from(c).ok())
+                .unwrap_or(EX_SOFTWARE);
+            if lost_yet {
+                drop(guard);
+                locker.shutdown().await;
+                return ExitCode::from(EX_LOST);
+            }
+            let _ = guard.release().await;
+            locker.shutdown().await;
+            ExitCode::from(code)
+        }
+        other => {
+            // The supervisor was killed, or could not be waited for: the command's tree may
+            // still run. Kill what can be found of it, and leave the lock to expire with this
+            // process's liveness record rather than release it under a running command.
+            match other {
+                Ok(status) => eprintln!("locker: the command's supervisor ended by {status}"),
+                Err(e) => eprintln!("locker: waiting for the command's supervisor failed: {e}"),
+            }
+            drop(control_writer.take());
+            if let Some(group) = *group_rx.borrow() {
+                let _ = kill(Pid::from_raw(-group), Signal::SIGKILL);
+            }
+            eprintln!(
+                "locker: the command's group was killed; the lock is not released (it is free \
+                 once this process's liveness record expires)"
+            );
+            locker.abandon().await;
+            drop(guard);
+            ExitCode::from(EX_SOFTWARE)
+        }
     }
-    locker.shutdown().await;
-    ExitCode::from(code)
 }

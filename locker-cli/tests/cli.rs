@@ -1,82 +1,13 @@
 //! The real `locker` binary: exit codes, `--wait`, signal forwarding, seppuku after a takeover,
 //! status and owner output, and the demo.
 
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-
-const BIN: &str = env!("CARGO_BIN_EXE_locker");
-
-/// `locker` on a SQLite file of its own, with fast timings.
-fn locker(dir: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.env("LOCKER_URL", format!("sqlite://{}/locks.db", dir.display()))
-        .env("LOCKER_LIVENESS_TTL", "1s")
-        .env("LOCKER_REPORT_EVERY", "150ms")
-        .env("LOCKER_RECHECK_EVERY", "100ms")
-        .stdin(Stdio::null());
-    cmd
-}
-
-fn output(cmd: &mut Command) -> Output {
-    cmd.output().expect("run locker")
-}
-
-fn code(cmd: &mut Command) -> i32 {
-    let out = output(cmd);
-    out.status.code().unwrap_or_else(|| {
-        panic!(
-            "killed by a signal; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-fn status_json(dir: &Path, key: &str) -> serde_json::Value {
-    let out = output(locker(dir).args(["status", key, "--json"]));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON")
-}
-
-fn wait_until_held(dir: &Path, key: &str) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let status = status_json(dir, key);
-        if status["held"] == true {
-            return status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{key} never held"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn signal(child: &Child, sig: Signal) {
-    kill(Pid::from_raw(child.id() as i32), sig).expect("signal");
-}
-
-fn wait_code(mut child: Child, limit: Duration) -> i32 {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status.code().expect("exit code");
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::*;
+use nix::sys::signal::Signal;
 
 #[test]
 fn the_command_runs_under_the_lock_and_its_exit_code_is_returned() {
@@ -142,10 +73,10 @@ fn bad_usage_and_bad_urls_exit_64() {
     ] {
         assert_eq!(code(locker(dir.path()).args(&args)), 64, "{args:?}");
     }
-    // Global flags go before or after the subcommand.
+    // Global flags go before or after the subcommand (exit 1: the key is free).
     assert_eq!(
         code(locker(dir.path()).args(["status", "k", "--lock-ttl", "30s"])),
-        0
+        1
     );
 }
 
@@ -283,4 +214,99 @@ fn the_demo_runs_every_job_once_and_shows_a_takeover() {
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("each exactly once: yes"), "{stdout}");
     assert!(stdout.contains("taken over"), "{stdout}");
+}
+
+#[test]
+fn help_lists_exit_codes_variables_and_timing_defaults() {
+    let top = output(Command::new(BIN).arg("--help"));
+    let top = String::from_utf8_lossy(&top.stdout);
+    for needle in [
+        "Exit codes:",
+        "75",
+        "76",
+        "RUST_LOG",
+        "--lock-ttl <DURATION>",
+        "[default: 5m]",
+        "[default: 10s]",
+        "[default: 2s]",
+        "[default: 1m]",
+    ] {
+        assert!(top.contains(needle), "{needle:?} missing from:\n{top}");
+    }
+    let run = output(Command::new(BIN).args(["run", "--help"]));
+    let run = String::from_utf8_lossy(&run.stdout);
+    for needle in [
+        "LOCKER_KEY",
+        "LOCKER_OWNER_HASH",
+        "LOCKER_FENCING_TOKEN",
+        "--kill-grace <DURATION>",
+        "[default: 10s]",
+        "--wait <DURATION|forever>",
+        "--conflict-exit-code <N>",
+        "[default: 75]",
+        "SIGHUP",
+    ] {
+        assert!(run.contains(needle), "{needle:?} missing from:\n{run}");
+    }
+}
+
+#[test]
+fn option_errors_name_the_flag_given() {
+    let dir = tempfile::tempdir().expect("dir");
+    for (args, flag) in [
+        (
+            vec!["--liveness-ttl", "0s", "status", "k"],
+            "--liveness-ttl",
+        ),
+        (vec!["status", "k", "--lock-ttl", "0ms"], "--lock-ttl"),
+        (
+            vec!["--lock-ttl", "1m", "--extend-every", "2m", "status", "k"],
+            "--extend-every",
+        ),
+        (
+            vec![
+                "--liveness-ttl",
+                "2s",
+                "--report-every",
+                "5s",
+                "status",
+                "k",
+            ],
+            "--report-every",
+        ),
+    ] {
+        let out = output(
+            locker(dir.path())
+                .env_remove("LOCKER_REPORT_EVERY")
+                .args(&args),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("_every") && !stderr.contains("_ttl"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn verbose_and_rust_log_show_the_library_events() {
+    let dir = tempfile::tempdir().expect("dir");
+    let quiet = output(locker(dir.path()).args(["run", "k", "--", "true"]));
+    assert_eq!(String::from_utf8_lossy(&quiet.stderr), "");
+    for cmd in [
+        locker(dir.path()).args(["-vv", "run", "k", "--", "true"]),
+        locker(dir.path())
+            .env("RUST_LOG", "locker_core=debug")
+            .args(["run", "k", "--", "true"]),
+    ] {
+        let out = output(cmd);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(
+            stderr.contains("DEBUG") && stderr.contains("locker_core"),
+            "{stderr}"
+        );
+    }
 }
