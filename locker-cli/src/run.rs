@@ -89,31 +89,55 @@ pub(crate) struct RunArgs {
 }
 
 /// The signals `locker run` passes on to its command (and the supervisor to the group).
+///
+/// A signal this process was started with ignored (`nohup` ignores SIGHUP; a shell's background
+/// job ignores SIGINT and SIGQUIT) is left ignored: no handler, nothing passed on, and the
+/// command inherits the ignoring, as it would without `locker`.
 pub(crate) struct SignalStreams {
-    hup: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    term: tokio::signal::unix::Signal,
-    quit: tokio::signal::unix::Signal,
+    streams: Vec<(Signal, tokio::signal::unix::Signal)>,
+}
+
+/// The signals ignored at start, from `/proc/self/status` (empty where it cannot be read).
+fn ignored_at_start() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigIgn:"))
+                .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Installs the handlers (inside a runtime); from then on these signals are caught, not fatal.
 pub(crate) fn signal_streams() -> std::io::Result<SignalStreams> {
-    Ok(SignalStreams {
-        hup: signal(SignalKind::hangup())?,
-        int: signal(SignalKind::interrupt())?,
-        term: signal(SignalKind::terminate())?,
-        quit: signal(SignalKind::quit())?,
-    })
+    let ignored = ignored_at_start();
+    let mut streams = Vec::new();
+    for sig in [
+        Signal::SIGHUP,
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGQUIT,
+    ] {
+        if ignored & (1 << (sig as i32 - 1)) == 0 {
+            streams.push((sig, signal(SignalKind::from_raw(sig as i32))?));
+        }
+    }
+    Ok(SignalStreams { streams })
 }
 
-/// The next signal caught.
+/// The next signal caught (pending forever when every signal is ignored).
 pub(crate) async fn next_signal(s: &mut SignalStreams) -> Option<Signal> {
-    tokio::select! {
-        r = s.hup.recv() => r.map(|()| Signal::SIGHUP),
-        r = s.int.recv() => r.map(|()| Signal::SIGINT),
-        r = s.term.recv() => r.map(|()| Signal::SIGTERM),
-        r = s.quit.recv() => r.map(|()| Signal::SIGQUIT),
-    }
+    std::future::poll_fn(|cx| {
+        for (sig, stream) in &mut s.streams {
+            if let std::task::Poll::Ready(r) = stream.poll_recv(cx) {
+                return std::task::Poll::Ready(r.map(|()| *sig));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// This binary, to start as the supervisor (on Linux, even if the file was replaced since).

@@ -81,30 +81,6 @@ fn bad_usage_and_bad_urls_exit_64() {
 }
 
 #[test]
-fn an_unreachable_backend_exits_69() {
-    let dir = tempfile::tempdir().expect("dir");
-    // (A SQLite path in a missing directory is a bad URL: 64, in tests/errors.rs.)
-    for url in ["redis://127.0.0.1:1"] {
-        let out = output(locker(dir.path()).args([
-            "--url",
-            url,
-            "--start-timeout",
-            "1s",
-            "run",
-            "k",
-            "--",
-            "true",
-        ]));
-        assert_eq!(
-            out.status.code(),
-            Some(69),
-            "{url}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-#[test]
 fn signals_are_passed_to_the_command_and_the_lock_released_after() {
     let dir = tempfile::tempdir().expect("dir");
     let holder = locker(dir.path())

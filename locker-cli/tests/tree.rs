@@ -226,3 +226,23 @@ fn a_signal_while_waiting_ends_the_wait_and_runs_nothing() {
     assert_eq!(wait_code(holder, Duration::from_secs(10)), 128 + 2);
     assert_eq!(status_json(dir.path(), "k")["held"], false);
 }
+
+#[test]
+fn a_signal_ignored_at_start_stays_ignored_as_under_nohup() {
+    let dir = tempfile::tempdir().expect("dir");
+    // `nohup`'s way: SIGHUP ignored before `locker` starts. The command inherits the ignoring
+    // and outlives a SIGHUP sent to `locker` (which is ignored too).
+    let holder = spawn_with(
+        Command::new("sh").arg("-c").arg(format!(
+            "trap '' HUP; exec {} run k -- sh -c 'echo $$ > pids.tmp && mv pids.tmp pids; sleep 1; touch done'",
+            BIN
+        )).envs(locker(dir.path()).get_envs().filter_map(|(k, v)| Some((k, v?)))),
+        dir.path(),
+    );
+    let pids = tree_pids(dir.path());
+    signal(&holder, Signal::SIGHUP);
+    let (code, stderr) = finish(holder, dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(dir.path().join("done").exists());
+    wait_all_dead(&pids, Duration::from_millis(1));
+}
