@@ -100,21 +100,24 @@ impl EtcdConfig {
             return Err(bad("a URL fragment (#...) means nothing here".into()));
         }
         let mut builder = EtcdConfig::builder().tls(tls);
-        for host in hosts.split(',').filter(|h| !h.is_empty()) {
+        // A host is not quoted: with the '@' forgotten, it would be `user:password`.
+        for (i, host) in hosts.split(',').filter(|h| !h.is_empty()).enumerate() {
             let (name, port) =
-                parse_host(host).map_err(|why| bad(format!("host {host:?}: {why}")))?;
+                parse_host(host).map_err(|why| bad(format!("host #{}: {why}", i + 1)))?;
             builder = builder.endpoint(name, port);
         }
-        if userinfo.is_some() {
+        if let Some(userinfo) = userinfo {
             let decode = |s: &str| {
                 percent_decode_str(s)
                     .decode_utf8()
                     .map(|c| c.into_owned())
                     .map_err(|_| bad("user or password is not UTF-8 after percent-decoding".into()))
             };
-            let password = parsed
-                .password()
-                .ok_or_else(|| bad("a user needs a password (user:password@)".into()))?;
+            // The `url` crate drops an empty password; `user:@` still means one.
+            if !userinfo.contains(':') {
+                return Err(bad("a user needs a password (user:password@)".into()));
+            }
+            let password = parsed.password().unwrap_or_default();
             builder = builder.user(decode(parsed.username())?, decode(password)?);
         }
         for (name, value) in parsed.query_pairs() {

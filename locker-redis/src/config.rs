@@ -254,8 +254,9 @@ fn parse_url(url: &str) -> Result<RedisConfigBuilder> {
         .transpose()?;
     let password = parsed.password().map(decode).transpose()?;
     let mut nodes = Vec::new();
-    for host in hosts.split(',').filter(|h| !h.is_empty()) {
-        nodes.push(parse_host(host).map_err(|why| bad(&format!("host {host:?}: {why}")))?);
+    // A host is not quoted: with the '@' forgotten, it would be `user:password`.
+    for (i, host) in hosts.split(',').filter(|h| !h.is_empty()).enumerate() {
+        nodes.push(parse_host(host).map_err(|why| bad(&format!("host #{}: {why}", i + 1)))?);
     }
     if nodes.is_empty() {
         return Err(bad("no host"));
@@ -646,8 +647,8 @@ mod tests {
             ("0.5", Duration::from_millis(500)),
             ("1m%2030s", Duration::from_secs(90)),
         ] {
-            let c = RedisConfig::from_url(&format!("redis://h?command_timeout={value}"))
-                .expect(value);
+            let c =
+                RedisConfig::from_url(&format!("redis://h?command_timeout={value}")).expect(value);
             assert_eq!(c.command_timeout(), expected, "{value}");
         }
         for value in ["0s", "0", "soon", "-1s", "", "1e3"] {

@@ -121,13 +121,60 @@ fn bad_urls_are_typed_errors() {
         "redis://localhost:port",
         "etcd://h:0x10",
         "sqlite::memory:",
+        "sqlite:x.db?mode=memory",
+        "sqlite:%3Amemory%3A",
+        "sqlite:x.db?table_prefix=x%22%3B%20DROP",
         "",
         "://",
+        "redis://[::1",
+        "redis://h\0st",
+        "redis://h#fragment",
+        "redis://h?prefix=x{",
+        "redis://h?command_timeout=0ms",
+        "redis://h?command_timeout=99999999999999999999s",
+        "redis+cluster://a:1,b:2/3",
+        "postgres://u:p@h/db?sslmode=require&evil=1",
+        "postgres://u:p@h/db?schema=a%22b",
+        "postgres://u:%FF@h/db",
+        "etcd://a:1/v3/kv",
+        "etcd://a:1,:2",
     ] {
         match locker::connect(url) {
             Err(e) => assert_eq!(e.kind(), ErrorKind::InvalidInput, "{url}: {e}"),
             Ok(_) => panic!("{url:?} was accepted"),
         }
+    }
+    // Huge URLs: refused or parsed, quickly, without a panic.
+    let long = "a".repeat(1 << 20);
+    for url in [
+        format!("redis://{long}"),
+        format!("redis://h?prefix={long}"),
+        format!("redis://{}h", "@".repeat(1 << 16)),
+        format!("etcd://{}", "a:1,".repeat(1 << 14)),
+        format!("sqlite:{long}?{}", "&".repeat(1 << 16)),
+    ] {
+        let _ = locker::connect(&url);
+    }
+}
+
+#[cfg(any(feature = "redis", feature = "fred"))]
+#[test]
+fn passwords_with_url_delimiters_are_the_passwords_and_never_shown() {
+    // Raw or percent-encoded: the user info runs to the last '@'.
+    for url in [
+        "redis://u:p?w#x/y@z@127.0.0.1:6379/0?prefix=app%3A",
+        "redis://u:p%3Fw%23x%2Fy%40z@127.0.0.1:6379/0?prefix=app%3A",
+        "redis+cluster://u:p?w#x/y@z@10.0.0.1:7000,10.0.0.2:7000",
+    ] {
+        let config = locker::redis::RedisConfig::from_url(url).expect(url);
+        assert_eq!(
+            config.key_prefix(),
+            if url.contains("prefix") { "app:" } else { "" }
+        );
+        for text in [format!("{config:?}"), config.to_string()] {
+            assert!(!text.contains("p?w") && !text.contains("p%3Fw"), "{text}");
+        }
+        assert!(locker::connect(url).is_ok(), "{url}");
     }
 }
 
