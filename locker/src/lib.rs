@@ -71,9 +71,9 @@ pub const SCHEMES: &[&str] = &[
 ///
 /// Every parameter's value is percent-decoded (as in a form, `+` is a space: write `%2B` for a
 /// plus). A parameter that is not in this table is an [`ErrorKind::InvalidInput`] error naming
-/// it; a parameter given twice counts with its last value. Durations are a number with a unit (`1500ms`, `2s`, `1m`, `1m30s`, as
-/// [`humantime`](https://docs.rs/humantime) reads them) or a bare number of seconds (`5`, `0.5`);
-/// zero is refused.
+/// it; a parameter given twice counts with its last value. Durations are a number with a unit
+/// (`1500ms`, `2s`, `1m`, `1m30s`, as [`humantime`](https://docs.rs/humantime) reads them) or a
+/// bare number of seconds (`5`, `0.5`); zero is refused.
 ///
 /// | scheme | parameter | value | default |
 /// |---|---|---|---|
