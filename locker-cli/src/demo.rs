@@ -142,7 +142,7 @@ fn read_events(dir: &Path) -> Vec<Event> {
 pub(crate) async fn demo(global: &Global, _args: DemoArgs) -> ExitCode {
     let dir = std::env::temp_dir().join(format!("locker-demo-{}", std::process::id()));
     if let Err(e) = fs::create_dir_all(&dir) {
-        eprintln!("locker: cannot create {}: {e}", dir.display());
+        say!("locker: cannot create {}: {e}", dir.display());
         return ExitCode::from(crate::EX_SOFTWARE);
     }
     let g = demo_global(global, &dir);
@@ -156,7 +156,7 @@ pub(crate) async fn demo(global: &Global, _args: DemoArgs) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(e) => {
-            eprintln!("locker: cannot find my own binary: {e}");
+            say!("locker: cannot find my own binary: {e}");
             return ExitCode::from(crate::EX_SOFTWARE);
         }
     };
@@ -171,7 +171,7 @@ pub(crate) async fn demo(global: &Global, _args: DemoArgs) -> ExitCode {
         match cmd.spawn() {
             Ok(child) => workers.push(child),
             Err(e) => {
-                eprintln!("locker: cannot start a worker: {e}");
+                say!("locker: cannot start a worker: {e}");
                 return ExitCode::from(crate::EX_SOFTWARE);
             }
         }

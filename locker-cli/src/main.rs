@@ -13,6 +13,15 @@ use std::time::Duration;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use locker::{ErrorKind, Locker};
 
+/// `eprintln!` that never panics: with stderr a closed pipe (`locker run ... 2>&1 | head`), a
+/// panic would abort `locker` while it holds a lock.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod demo;
 mod inspect;
 mod run;
@@ -252,7 +261,7 @@ pub(crate) fn exit_code_for(e: &locker::Error) -> u8 {
 }
 
 pub(crate) fn fail(e: &locker::Error) -> ExitCode {
-    eprintln!("locker: {e}");
+    say!("locker: {e}");
     ExitCode::from(exit_code_for(e))
 }
 
@@ -304,7 +313,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("locker: cannot start a runtime: {e}");
+            say!("locker: cannot start a runtime: {e}");
             return ExitCode::from(EX_SOFTWARE);
         }
     };

@@ -32,12 +32,16 @@ The command gets these variables:
                         systems the command writes to, so that they refuse a stale holder
 
 The command runs in a process group of its own, under a small supervisor process that owns its
-whole tree. SIGHUP, SIGINT, SIGTERM and SIGQUIT sent to `locker` are passed to that group, and the
-lock is held until the command has exited. When the command exits, what it left running is
-stopped (SIGTERM, then SIGKILL after --kill-grace) before the lock is released. When the lock is
-lost (taken over after this process froze past the liveness TTL, or released by an operator),
-the group gets SIGTERM, then SIGKILL after --kill-grace, and `locker` exits 76. When `locker`
-itself is killed (even with SIGKILL), the supervisor kills the command's tree at once.
+whole tree (Linux: it is the tree's subreaper). SIGHUP, SIGINT, SIGTERM and SIGQUIT sent to
+`locker` are passed to that group (those ignored when `locker` started, as under nohup, stay
+ignored), and the lock is held until the command has exited. When the command exits, what it
+left running is stopped (SIGTERM, then SIGKILL after --kill-grace) before the lock is released.
+When the lock is lost (taken over after this process froze past the liveness TTL, or released
+by an operator), the group gets SIGTERM, then SIGKILL after --kill-grace, and `locker` exits 76.
+When `locker` itself is killed (even with SIGKILL), the supervisor kills the command's tree at
+once. When `locker` is the terminal's foreground job, the command's group gets the terminal
+(Ctrl-C and Ctrl-\\ reach it directly; it may read it); Ctrl-Z cannot suspend a command that
+holds a lock.
 
 Exit codes: the command's own (128+N when signal N ended it); 64 bad usage; 69 the backend
 cannot be reached; 70 internal error; 75 the lock is held by another process (or
@@ -153,7 +157,7 @@ fn this_binary() -> std::io::Result<std::path::PathBuf> {
 /// released, and the exit code says which signal (shells' 128+N).
 async fn interrupted(locker: &Locker, sig: Option<Signal>) -> ExitCode {
     let sig = sig.unwrap_or(Signal::SIGTERM);
-    eprintln!("locker: {sig} before the command started; not running it");
+    say!("locker: {sig} before the command started; not running it");
     locker.shutdown().await;
     ExitCode::from(u8::try_from(128 + sig as i32).unwrap_or(EX_SOFTWARE))
 }
@@ -162,7 +166,7 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
     // Handlers first: from now on these signals end the wait or reach the command, and never
     // kill `locker` between the acquire and the command.
     let Ok(mut signals) = signal_streams() else {
-        eprintln!("locker: cannot listen for signals");
+        say!("locker: cannot listen for signals");
         return ExitCode::from(EX_SOFTWARE);
     };
     let locker = match global.locker() {
@@ -187,7 +191,7 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
             Ok(LockAttempt::Held(holder)) => {
                 let now = Instant::now();
                 if deadline.is_some_and(|d| now >= d) {
-                    eprintln!(
+                    say!(
                         "locker: {:?} is held by {} (since {})",
                         args.key,
                         holder.owner_hash,
@@ -217,7 +221,7 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
     }) {
         Ok(pair) => pair,
         Err(e) => {
-            eprintln!("locker: cannot make the control socket: {e}");
+            say!("locker: cannot make the control socket: {e}");
             let _ = guard.release().await;
             locker.shutdown().await;
             return ExitCode::from(EX_SOFTWARE);
@@ -230,7 +234,7 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
     let mut command = tokio::process::Command::new(match this_binary() {
         Ok(path) => path,
         Err(e) => {
-            eprintln!("locker: cannot find its own binary to supervise the command: {e}");
+            say!("locker: cannot find its own binary to supervise the command: {e}");
             let _ = guard.release().await;
             locker.shutdown().await;
             return ExitCode::from(EX_SOFTWARE);
@@ -252,6 +256,8 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
     if let Some(token) = guard.fencing_token() {
         command.env("LOCKER_FENCING_TOKEN", token.to_string());
     }
+    // The tree's orphans come here if the supervisor dies, so that they can be killed.
+    let subreaper = nix::sys::prctl::set_child_subreaper(true).is_ok();
     let spawned = match inheritable {
         Ok(_) => command.spawn(),
         Err(e) => Err(e.into()),
@@ -262,7 +268,7 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
         Ok(child) => child,
         Err(e) => {
             // Nothing was started: the lock can go.
-            eprintln!("locker: cannot start the command's supervisor: {e}");
+            say!("locker: cannot start the command's supervisor: {e}");
             let _ = guard.release().await;
             locker.shutdown().await;
             return ExitCode::from(EX_SOFTWARE);
@@ -278,9 +284,10 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
         }
     };
 
-    // The command's process group, as the supervisor reports it: needed only if the
-    // supervisor itself dies.
-    let (group_tx, group_rx) = tokio::sync::watch::channel(None::<i32>);
+    // The command's process group, as the supervisor reports it once its handlers are in
+    // place and the command started: signals are held back until then (sent earlier, they
+    // would kill the supervisor), and the group is killed from here if the supervisor dies.
+    let (group_tx, mut group_rx) = tokio::sync::watch::channel(None::<i32>);
     let control = tokio::net::UnixStream::from_std(ours);
     let mut control_writer = match control {
         Ok(stream) => {
@@ -296,7 +303,7 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
             Some(writer)
         }
         Err(e) => {
-            eprintln!("locker: cannot use the control socket: {e}");
+            say!("locker: cannot use the control socket: {e}");
             None
         }
     };
@@ -304,25 +311,42 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
     let lost = guard.heartbeat().lost();
     tokio::pin!(lost);
     let mut lost_yet = false;
+    // Signals that arrived before the supervisor was ready.
+    let mut held_back: Vec<Signal> = Vec::new();
+    let mut ready = false;
     // When the supervisor is told to kill the tree with SIGKILL (seppuku past the grace).
     let mut kill_at: Option<Instant> = None;
     let status = loop {
         let kill_deadline = kill_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             status = supervisor.wait() => break status,
+            changed = group_rx.changed(), if !ready => {
+                if changed.is_err() || group_rx.borrow().is_some() {
+                    ready = true;
+                    for sig in held_back.drain(..) {
+                        forward(sig);
+                    }
+                }
+            }
             sig = next_signal(&mut signals) => {
-                if let Some(sig) = sig {
-                    forward(sig);
+                match sig {
+                    Some(sig) if ready => forward(sig),
+                    Some(sig) => held_back.push(sig),
+                    None => {}
                 }
             }
             e = &mut lost, if !lost_yet => {
                 lost_yet = true;
-                eprintln!("locker: {e}");
-                eprintln!(
+                say!("locker: {e}");
+                say!(
                     "locker: stopping the command (SIGTERM, then SIGKILL after {})",
                     humantime::format_duration(args.kill_grace)
                 );
-                forward(Signal::SIGTERM);
+                if ready {
+                    forward(Signal::SIGTERM);
+                } else {
+                    held_back.push(Signal::SIGTERM);
+                }
                 kill_at = Some(Instant::now() + args.kill_grace);
             }
             () = tokio::time::sleep_until(kill_deadline), if kill_at.is_some() => {
@@ -332,41 +356,77 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
             }
         }
     };
-    match status {
+    let code = match status {
         // The supervisor exits by itself only once the whole tree is gone.
-        Ok(status) if status.code().is_some() => {
-            let code = status
-                .code()
-                .and_then(|c| u8::try_from(c).ok())
-                .unwrap_or(EX_SOFTWARE);
-            if lost_yet {
-                drop(guard);
-                locker.shutdown().await;
-                return ExitCode::from(EX_LOST);
-            }
-            let _ = guard.release().await;
-            locker.shutdown().await;
-            ExitCode::from(code)
-        }
+        Ok(status) if status.code().is_some() => status
+            .code()
+            .and_then(|c| u8::try_from(c).ok())
+            .unwrap_or(EX_SOFTWARE),
         other => {
             // The supervisor was killed, or could not be waited for: the command's tree may
-            // still run. Kill what can be found of it, and leave the lock to expire with this
-            // process's liveness record rather than release it under a running command.
+            // still run. As the subreaper, this process now inherits the tree's orphans: kill
+            // them until none is left. Only then may the lock go.
             match other {
-                Ok(status) => eprintln!("locker: the command's supervisor ended by {status}"),
-                Err(e) => eprintln!("locker: waiting for the command's supervisor failed: {e}"),
+                Ok(status) => say!("locker: the command's supervisor ended by {status}"),
+                Err(e) => say!("locker: waiting for the command's supervisor failed: {e}"),
             }
             drop(control_writer.take());
-            if let Some(group) = *group_rx.borrow() {
-                let _ = kill(Pid::from_raw(-group), Signal::SIGKILL);
+            let group = *group_rx.borrow();
+            if subreaper && kill_orphans(group, ORPHANS_LIMIT).await {
+                say!("locker: the command's tree was killed");
+                if lost_yet {
+                    drop(guard);
+                } else {
+                    let _ = guard.release().await;
+                }
+                locker.shutdown().await;
+            } else {
+                if let Some(group) = group {
+                    let _ = kill(Pid::from_raw(-group), Signal::SIGKILL);
+                }
+                say!(
+                    "locker: the command's tree may still run; the lock is not released (it is \
+                     free once this process's liveness record expires)"
+                );
+                locker.abandon().await;
+                drop(guard);
             }
-            eprintln!(
-                "locker: the command's group was killed; the lock is not released (it is free \
-                 once this process's liveness record expires)"
-            );
-            locker.abandon().await;
-            drop(guard);
-            ExitCode::from(EX_SOFTWARE)
+            return ExitCode::from(EX_SOFTWARE);
         }
+    };
+    if lost_yet {
+        drop(guard);
+        locker.shutdown().await;
+        return ExitCode::from(EX_LOST);
+    }
+    let _ = guard.release().await;
+    locker.shutdown().await;
+    ExitCode::from(code)
+}
+
+/// How long `locker run` tries to kill an orphaned tree before it gives up on releasing.
+const ORPHANS_LIMIT: Duration = Duration::from_secs(10);
+
+/// Kills the command's group and every child of this process (the orphans of the tree,
+/// reparented here as the subreaper), reaping them, until none is left. False if some
+/// remained after `limit`.
+async fn kill_orphans(group: Option<i32>, limit: Duration) -> bool {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(group) = group {
+            let _ = kill(Pid::from_raw(-group), Signal::SIGKILL);
+        }
+        let children = crate::supervise::children_of(std::process::id());
+        if children.is_empty() {
+            return true;
+        }
+        for child in children {
+            let _ = kill(child, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -18,8 +18,18 @@
 //!
 //! Its exit code is the command's (128+N for a command ended by signal N), given only once
 //! the whole tree is gone: that is what `locker run` waits for before it releases the lock.
-//! It writes the command's process group to the socket, so that `locker run` can still kill
-//! the group if the supervisor itself is killed.
+//! It writes the command's process group to the socket once its signal handlers are installed
+//! and the command started: `locker run` holds signals back until then, and can still kill the
+//! group if the supervisor itself is killed.
+//!
+//! The command stays unreaped (a zombie) until the rest of its tree is gone, so that its
+//! process group id, which the supervisor keeps signalling, cannot be reused by another
+//! process group meanwhile.
+//!
+//! When `locker run` owns the terminal (it is the foreground job), the terminal is handed to
+//! the command's group, so that an interactive command can read it and Ctrl-C, Ctrl-\ reach it
+//! directly; it is handed back before the supervisor exits. A command holding a lock cannot be
+//! suspended from the terminal (Ctrl-Z): the lock would outlive it, so it is continued at once.
 
 use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
@@ -29,8 +39,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use nix::errno::Errno;
-use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::EX_SOFTWARE;
@@ -54,7 +64,8 @@ enum Event {
     Signal(Signal),
     /// `locker run` is gone, or asks for the tree to be killed now.
     ControlClosed,
-    /// The command itself exited with this exit code (128+N for signal N).
+    /// The command itself exited with this exit code (128+N for signal N); it stays unreaped
+    /// until the rest of the tree is gone.
     CommandExited(u8),
     /// No child is left: the whole tree is gone.
     TreeGone,
@@ -80,10 +91,10 @@ fn check_control_socket(fd: RawFd) -> nix::Result<()> {
     Ok(())
 }
 
-/// The direct children of this process (after reparenting: every orphan of the tree), from
-/// `/proc`.
-fn children() -> Vec<Pid> {
-    let me = std::process::id().to_string();
+/// The direct children of process `parent` (for the supervisor: after reparenting, every
+/// orphan of the tree), zombies included, from `/proc`.
+pub(crate) fn children_of(parent: u32) -> Vec<Pid> {
+    let parent = parent.to_string();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -94,48 +105,153 @@ fn children() -> Vec<Pid> {
         // pid (comm) state ppid ...: the name may hold spaces and parentheses.
         let after = &stat[stat.rfind(')')? + 1..];
         let ppid = after.split_whitespace().nth(1)?;
-        (ppid == me).then(|| Pid::from_raw(pid))
+        (ppid == parent).then(|| Pid::from_raw(pid))
     })
     .collect()
 }
 
-/// Sends `sig` to the command's group and to every child of this process (processes that left
-/// the group are reparented here once their parent is gone).
+/// Sends `sig` to the command's group and to every other child of this process (processes
+/// that left the group are reparented here once their parent is gone). A stopped process
+/// keeps a SIGTERM pending: it is continued too.
 fn signal_tree(group: Pid, sig: Signal) {
     let _ = kill(Pid::from_raw(-group.as_raw()), sig);
-    for child in children() {
+    let others: Vec<Pid> = children_of(std::process::id())
+        .into_iter()
+        .filter(|&c| c != group)
+        .collect();
+    for &child in &others {
         let _ = kill(child, sig);
+    }
+    if sig == Signal::SIGTERM {
+        let _ = kill(Pid::from_raw(-group.as_raw()), Signal::SIGCONT);
+        for child in others {
+            let _ = kill(child, Signal::SIGCONT);
+        }
+    }
+}
+
+/// Runs `f` with SIGTTOU blocked in this thread: a process outside the terminal's foreground
+/// group may then change it.
+fn with_sigttou_blocked<T>(f: impl FnOnce() -> T) -> T {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTTOU);
+    let mut old = SigSet::empty();
+    let blocked =
+        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old));
+    let result = f();
+    if blocked.is_ok() {
+        let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    }
+    result
+}
+
+/// The terminal's foreground group, if stdin is a terminal and `locker run` (this process's
+/// parent) is its foreground job: the group to hand the terminal back to.
+fn terminal_of_parent() -> Option<Pid> {
+    let foreground = nix::unistd::tcgetpgrp(std::io::stdin()).ok()?;
+    let parent_group = nix::unistd::getpgid(Some(nix::unistd::getppid())).ok()?;
+    (foreground == parent_group).then_some(foreground)
+}
+
+fn give_terminal(group: Pid) {
+    let _ = with_sigttou_blocked(|| nix::unistd::tcsetpgrp(std::io::stdin(), group));
+}
+
+/// Reaps the tree (on its own thread): everything but the command as it ends; the command once
+/// it exited and nothing else is left. Continues a command stopped from the terminal.
+fn reap(main: Pid, events: mpsc::Sender<Event>) {
+    let mut told_tty = false;
+    // Until the command exits: wait for any child, look before reaping.
+    loop {
+        match waitid(
+            Id::All,
+            WaitPidFlag::WEXITED | WaitPidFlag::WSTOPPED | WaitPidFlag::WNOWAIT,
+        ) {
+            Ok(WaitStatus::Stopped(pid, sig)) => {
+                // Consume the stop report.
+                let _ = waitpid(pid, Some(WaitPidFlag::WUNTRACED | WaitPidFlag::WNOHANG));
+                match sig {
+                    Signal::SIGTSTP => {
+                        say!("locker: a command that holds a lock cannot be suspended; continuing it");
+                        let _ = kill(Pid::from_raw(-main.as_raw()), Signal::SIGCONT);
+                        let _ = kill(pid, Signal::SIGCONT);
+                    }
+                    // Continuing it would only stop it again.
+                    Signal::SIGTTIN | Signal::SIGTTOU if !told_tty => {
+                        told_tty = true;
+                        say!(
+                            "locker: the command stopped to use the terminal, which `locker` does \
+                             not own (it runs in the background); give it no terminal \
+                             (</dev/null) or run `locker` in the foreground"
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            Ok(status) if status.pid() == Some(main) => {
+                if let Some(code) = status_code(status) {
+                    let _ = events.send(Event::CommandExited(code));
+                    break;
+                }
+            }
+            Ok(status) => {
+                if let Some(pid) = status.pid() {
+                    let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+                }
+            }
+            Err(Errno::EINTR) => {}
+            Err(_) => {
+                let _ = events.send(Event::TreeGone);
+                return;
+            }
+        }
+    }
+    // The command is a zombie now, which keeps its group id reserved: reap the others until
+    // none is left, then the command.
+    loop {
+        let others: Vec<Pid> = children_of(std::process::id())
+            .into_iter()
+            .filter(|&c| c != main)
+            .collect();
+        if others.is_empty() {
+            let _ = waitpid(main, None);
+            let _ = events.send(Event::TreeGone);
+            return;
+        }
+        for pid in others {
+            let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
 pub(crate) fn supervise(args: SuperviseArgs) -> ExitCode {
     let control = args.control_fd;
     if let Err(e) = check_control_socket(control) {
-        eprintln!("locker supervise: --control-fd {control}: {e} (it is started by `locker run`)");
+        say!("locker supervise: --control-fd {control}: {e} (it is started by `locker run`)");
         return ExitCode::from(EX_SOFTWARE);
     }
-    #[cfg(target_os = "linux")]
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-        eprintln!("locker: cannot become the subreaper of the command's tree: {e}");
+        say!("locker: cannot become the subreaper of the command's tree: {e}");
         return ExitCode::from(EX_SOFTWARE);
     }
     let (events, inbox) = mpsc::channel();
 
     // Signal handlers before the command starts, so no signal meant for it is lost or kills
-    // this process.
+    // this process (`locker run` holds signals back until the "group" line below).
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("locker: cannot start a runtime: {e}");
+            say!("locker: cannot start a runtime: {e}");
             return ExitCode::from(EX_SOFTWARE);
         }
     };
     let streams = runtime.block_on(async { crate::run::signal_streams() });
     let Ok(mut streams) = streams else {
-        eprintln!("locker: cannot listen for signals");
+        say!("locker: cannot listen for signals");
         return ExitCode::from(EX_SOFTWARE);
     };
     let signal_events = events.clone();
@@ -149,12 +265,13 @@ pub(crate) fn supervise(args: SuperviseArgs) -> ExitCode {
         })
     });
 
+    let terminal = terminal_of_parent();
     let mut command = std::process::Command::new(&args.command[0]);
     command.args(&args.command[1..]).process_group(0);
     let child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
-            eprintln!("locker: cannot run {:?}: {e}", args.command[0]);
+            say!("locker: cannot run {:?}: {e}", args.command[0]);
             return ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound {
                 127
             } else {
@@ -163,8 +280,13 @@ pub(crate) fn supervise(args: SuperviseArgs) -> ExitCode {
         }
     };
     let main = Pid::from_raw(child.id() as i32);
-    // The group is the command's pid (process_group(0)); `locker run` needs it only if this
-    // process dies.
+    if terminal.is_some() {
+        give_terminal(main);
+        // It may have been stopped reading the terminal before it was its own.
+        let _ = kill(Pid::from_raw(-main.as_raw()), Signal::SIGCONT);
+    }
+    // The group is the command's pid (process_group(0)). This line also tells `locker run`
+    // that signals can be passed on now.
     let _ = nix::sys::socket::send(
         control,
         format!("group {main}\n").as_bytes(),
@@ -184,21 +306,7 @@ pub(crate) fn supervise(args: SuperviseArgs) -> ExitCode {
         }
         let _ = control_events.send(Event::ControlClosed);
     });
-
-    std::thread::spawn(move || loop {
-        match waitpid(None, None) {
-            Ok(status) if status.pid() == Some(main) => {
-                if let Some(code) = status_code(status) {
-                    let _ = events.send(Event::CommandExited(code));
-                }
-            }
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(_) => {
-                let _ = events.send(Event::TreeGone);
-                break;
-            }
-        }
-    });
+    std::thread::spawn(move || reap(main, events));
 
     let mut code = None;
     // When the processes left are to be killed with SIGKILL.
@@ -217,8 +325,11 @@ pub(crate) fn supervise(args: SuperviseArgs) -> ExitCode {
             }
             Ok(Event::CommandExited(c)) => {
                 code = Some(c);
-                if !children().is_empty() {
-                    eprintln!(
+                let left = children_of(std::process::id())
+                    .into_iter()
+                    .any(|p| p != main);
+                if left {
+                    say!(
                         "locker: the command exited; stopping what it left running (SIGTERM, \
                          then SIGKILL after {})",
                         humantime::format_duration(args.kill_grace)
@@ -238,6 +349,9 @@ pub(crate) fn supervise(args: SuperviseArgs) -> ExitCode {
             signal_tree(main, Signal::SIGKILL);
             kill_at = Some(Instant::now() + Duration::from_millis(20));
         }
+    }
+    if let Some(group) = terminal {
+        give_terminal(group);
     }
     ExitCode::from(code.unwrap_or(EX_SOFTWARE))
 }

@@ -58,6 +58,44 @@ fn tree_pids(dir: &Path) -> Vec<i32> {
     }
 }
 
+fn wait_for_file(path: &Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A signal mask of `/proc/PID/status` (`SigCgt`, `SigIgn`).
+fn signal_mask(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .expect("mask")
+}
+
+fn has(mask: u64, sig: Signal) -> bool {
+    mask & (1 << (sig as i32 - 1)) != 0
+}
+
+/// Waits until `pid` catches `sig` (its handlers are installed).
+fn wait_catching(pid: u32, sig: Signal) {
+    let start = Instant::now();
+    while !has(signal_mask(pid, "SigCgt:"), sig) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no handler for {sig}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn wait_all_dead(pids: &[i32], limit: Duration) {
     let start = Instant::now();
     while pids.iter().any(|&p| alive(p)) {
@@ -128,27 +166,24 @@ fn kill_9_of_locker_kills_the_whole_tree_before_anyone_else_can_take_the_lock() 
 #[test]
 fn sighup_reaches_the_group_and_the_lock_is_held_until_the_command_exits() {
     let dir = tempfile::tempdir().expect("dir");
-    let script = r#"trap 'touch hup; sleep 1; exit 3' HUP
-sleep 300 & echo $$ $! > pids.tmp && mv pids.tmp pids
+    // The shell stays in its trap until the test says `go`; its background child marks the
+    // SIGHUP it got (before the command exited, so not from the cleanup after it).
+    let script = r#"trap 'touch hup; while [ ! -e go ]; do sleep 0.05; done; exit 3' HUP
+sh -c 'trap "touch child-hup; exit 0" HUP; while :; do sleep 0.05; done' & c=$!
+echo $$ $c > pids.tmp && mv pids.tmp pids
 wait; wait"#;
     let holder = spawn(dir.path(), &["run", "k", "--", "sh", "-c", script]);
     let pids = tree_pids(dir.path());
     wait_until_held(dir.path(), "k");
     signal(&holder, Signal::SIGHUP);
-    let start = Instant::now();
-    while !dir.path().join("hup").exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no SIGHUP reached the command"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_file(&dir.path().join("hup"));
+    wait_for_file(&dir.path().join("child-hup"));
     // The command is in its trap: `locker` survived the SIGHUP and holds the lock.
     assert!(alive(pids[0]));
     assert_eq!(status_json(dir.path(), "k")["held"], true);
+    std::fs::write(dir.path().join("go"), "").expect("go");
     let (code, stderr) = finish(holder, dir.path());
     assert_eq!(code, 3, "{stderr}");
-    // The background sleep got the SIGHUP too.
     wait_all_dead(&pids, Duration::from_millis(1));
     assert_eq!(status_json(dir.path(), "k")["held"], false);
 }
@@ -179,30 +214,20 @@ fn seppuku_stops_grandchildren_too_even_those_that_left_the_group_or_ignore_sigt
 }
 
 #[test]
-fn when_the_supervisor_dies_the_group_is_killed_and_the_lock_is_not_released() {
+fn when_the_supervisor_dies_locker_kills_the_orphaned_tree_before_it_releases() {
     let dir = tempfile::tempdir().expect("dir");
-    let script = "sleep 300 & echo $$ $! > pids.tmp && mv pids.tmp pids; wait";
-    // A liveness TTL long enough to see the lock still held after `locker` exits.
-    let holder = spawn_with(
-        locker(dir.path())
-            .env("LOCKER_LIVENESS_TTL", "30s")
-            .env("LOCKER_REPORT_EVERY", "1s")
-            .args(["run", "k", "--", "sh", "-c", script]),
-        dir.path(),
-    );
+    let holder = spawn(dir.path(), &["run", "k", "--", "sh", "-c", TREE]);
     let pids = tree_pids(dir.path());
     let supervisor = parent(pids[0]).expect("the shell's parent");
     assert_eq!(parent(supervisor), Some(holder.id() as i32));
+    // The tree, `setsid` process included, is orphaned: `locker`, as the subreaper, gets it.
     kill(Pid::from_raw(supervisor), Signal::SIGKILL).expect("kill the supervisor");
     let (code, stderr) = finish(holder, dir.path());
     assert_eq!(code, 70, "{stderr}");
-    assert!(stderr.contains("not released"), "{stderr}");
-    wait_all_dead(&pids, Duration::from_secs(5));
-    let status = status_json(dir.path(), "k");
-    assert_eq!(
-        status["held"], true,
-        "released although its command might still run"
-    );
+    assert!(stderr.contains("tree was killed"), "{stderr}");
+    // Released only once none of the tree runs.
+    wait_all_dead(&pids, Duration::from_millis(1));
+    assert_eq!(status_json(dir.path(), "k")["held"], false);
 }
 
 #[test]
@@ -214,7 +239,8 @@ fn a_signal_while_waiting_ends_the_wait_and_runs_nothing() {
         dir.path(),
         &["run", "--wait", "forever", "k", "--", "touch", "ran"],
     );
-    std::thread::sleep(Duration::from_millis(500));
+    wait_catching(waiter.id(), Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
     signal(&waiter, Signal::SIGTERM);
     assert_eq!(wait_code(waiter, Duration::from_secs(10)), 128 + 15);
     assert!(!dir.path().join("ran").exists());
@@ -230,19 +256,69 @@ fn a_signal_while_waiting_ends_the_wait_and_runs_nothing() {
 #[test]
 fn a_signal_ignored_at_start_stays_ignored_as_under_nohup() {
     let dir = tempfile::tempdir().expect("dir");
-    // `nohup`'s way: SIGHUP ignored before `locker` starts. The command inherits the ignoring
-    // and outlives a SIGHUP sent to `locker` (which is ignored too).
+    // `nohup`'s way: SIGHUP ignored before `locker` starts. `locker` installs no handler for it,
+    // and the command inherits the ignoring.
+    let script = "echo $$ > pids.tmp && mv pids.tmp pids; while [ ! -e go ]; do sleep 0.05; done";
     let holder = spawn_with(
-        Command::new("sh").arg("-c").arg(format!(
-            "trap '' HUP; exec {} run k -- sh -c 'echo $$ > pids.tmp && mv pids.tmp pids; sleep 1; touch done'",
-            BIN
-        )).envs(locker(dir.path()).get_envs().filter_map(|(k, v)| Some((k, v?)))),
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("trap '' HUP; exec {BIN} run k -- sh -c '{script}'"))
+            .envs(
+                locker(dir.path())
+                    .get_envs()
+                    .filter_map(|(k, v)| Some((k, v?))),
+            ),
         dir.path(),
     );
     let pids = tree_pids(dir.path());
+    wait_catching(holder.id(), Signal::SIGTERM);
+    assert!(has(signal_mask(holder.id(), "SigIgn:"), Signal::SIGHUP));
+    let command = u32::try_from(pids[0]).expect("pid");
+    assert!(has(signal_mask(command, "SigIgn:"), Signal::SIGHUP));
     signal(&holder, Signal::SIGHUP);
+    assert!(alive(pids[0]));
+    std::fs::write(dir.path().join("go"), "").expect("go");
     let (code, stderr) = finish(holder, dir.path());
     assert_eq!(code, 0, "{stderr}");
-    assert!(dir.path().join("done").exists());
-    wait_all_dead(&pids, Duration::from_millis(1));
+}
+
+#[test]
+fn an_interactive_command_gets_the_terminal_and_cannot_be_suspended() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("dir");
+    // `script` gives `locker` a terminal (a pty) whose foreground job it is, as in a shell.
+    let command = format!(
+        "{BIN} run k -- sh -c 'echo $$ > pids.tmp && mv pids.tmp pids; read x; echo got:$x'"
+    );
+    let mut term = locker(dir.path())
+        .get_envs()
+        .fold(&mut Command::new("timeout"), |c, (k, v)| match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        })
+        .args(["30", "script", "-qec", &command, "/dev/null"])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    let pids = tree_pids(dir.path());
+    let mut input = term.stdin.take().expect("stdin");
+    // Ctrl-Z reaches the command's group (the terminal's foreground group now), which is
+    // continued at once; then a line for `read`, which works only if the group owns the
+    // terminal (a background group would be stopped by SIGTTIN).
+    input.write_all(b"\x1a").expect("write");
+    std::thread::sleep(Duration::from_millis(300));
+    input.write_all(b"hello\n").expect("write");
+    let mut out = String::new();
+    term.stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read");
+    let status = term.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "{out}");
+    assert!(out.contains("got:hello"), "{out}");
+    assert!(out.contains("cannot be suspended"), "{out}");
+    wait_all_dead(&pids, Duration::from_secs(5));
 }
