@@ -13,6 +13,7 @@ mod memory;
 mod options;
 mod record;
 mod reporter;
+pub mod url_params;
 
 pub use backend::{
     factory_fn, AcquireOutcome, BackendFactory, Capabilities, ExtendOutcome, FnFactory,

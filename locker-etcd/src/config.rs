@@ -3,8 +3,9 @@
 use std::fmt;
 use std::time::Duration;
 
+use locker_core::url_params::{duration, encode_raw_userinfo};
 use locker_core::{Error, Result};
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+use percent_encoding::percent_decode_str;
 use url::Url;
 
 /// How long connecting (and authenticating) may take.
@@ -75,9 +76,7 @@ impl EtcdConfig {
             None => (None, rest),
         };
         let (hosts, tail) = after.split_at(after.find(['/', '?', '#']).unwrap_or(after.len()));
-        let encoded = userinfo.map_or_else(String::new, |u| {
-            format!("{}@", utf8_percent_encode(u, USERINFO_RAW))
-        });
+        let encoded = userinfo.map_or_else(String::new, |u| format!("{}@", encode_raw_userinfo(u)));
         // `host` stands in for the host list, read below.
         let parsed = Url::parse(&format!("{scheme}://{encoded}host{tail}"))
             .map_err(|e| bad(e.to_string()))?;
@@ -121,7 +120,7 @@ impl EtcdConfig {
             builder = builder.user(decode(parsed.username())?, decode(password)?);
         }
         for (name, value) in parsed.query_pairs() {
-            let duration = || parse_duration(&name, &value).map_err(bad);
+            let duration = || duration(&name, &value).map_err(bad);
             builder = match &*name {
                 "prefix" => builder.prefix(value.as_ref()),
                 "connect_timeout" => builder.connect_timeout(duration()?),
@@ -198,26 +197,6 @@ impl EtcdConfig {
     }
 }
 
-/// What a raw user info may hold that a URL's may not: encoded before the `url` crate reads it.
-/// `%` is left alone (percent-escapes stay escapes), and so is `:` (the first one ends the user).
-const USERINFO_RAW: &AsciiSet = &CONTROLS
-    .add(b' ')
-    .add(b'"')
-    .add(b'#')
-    .add(b'<')
-    .add(b'>')
-    .add(b'?')
-    .add(b'`')
-    .add(b'{')
-    .add(b'}')
-    .add(b'/')
-    .add(b'@')
-    .add(b'[')
-    .add(b'\\')
-    .add(b']')
-    .add(b'^')
-    .add(b'|');
-
 /// One `host:port` of the authority, read by the `url` crate; an IPv6 address keeps its
 /// brackets, as an endpoint needs them.
 fn parse_host(host: &str) -> std::result::Result<(String, u16), String> {
@@ -230,26 +209,6 @@ fn parse_host(host: &str) -> std::result::Result<(String, u16), String> {
         .port()
         .ok_or_else(|| "the host has no port".to_owned())?;
     Ok((name.to_owned(), port))
-}
-
-/// A duration parameter: a number with a unit (`1500ms`, `2s`, `1m`, as `humantime` reads them)
-/// or a bare number of seconds; more than zero.
-fn parse_duration(name: &str, value: &str) -> std::result::Result<Duration, String> {
-    let bad = || format!("{name} {value:?} is not a duration such as 1500ms, 2s or 1m");
-    let d = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        value
-            .parse::<f64>()
-            .ok()
-            .filter(|s| *s < 1e9)
-            .map(Duration::from_secs_f64)
-            .ok_or_else(bad)?
-    } else {
-        humantime::parse_duration(value).map_err(|_| bad())?
-    };
-    if d.is_zero() {
-        return Err(format!("{name} must be greater than zero"));
-    }
-    Ok(d)
 }
 
 impl fmt::Debug for EtcdConfig {

@@ -3,9 +3,10 @@
 use std::fmt;
 use std::time::Duration;
 
+use locker_core::url_params::{duration, encode_raw_userinfo};
 use locker_core::{Error, Result};
-use locker_sql::{parse_duration, Tables};
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+use locker_sql::Tables;
+use percent_encoding::percent_decode_str;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::ConnectOptions;
 use url::Url;
@@ -114,9 +115,8 @@ impl PostgresConfig {
             Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
             None => (None, rest),
         };
-        let userinfo = userinfo.map_or_else(String::new, |u| {
-            format!("{}@", utf8_percent_encode(u, USERINFO_RAW))
-        });
+        let userinfo =
+            userinfo.map_or_else(String::new, |u| format!("{}@", encode_raw_userinfo(u)));
         let mut parsed =
             Url::parse(&format!("{scheme}://{userinfo}{after}")).map_err(|e| bad(e.to_string()))?;
         if !matches!(parsed.scheme(), "postgres" | "postgresql") {
@@ -136,7 +136,7 @@ impl PostgresConfig {
         let mut passthrough = Vec::new();
         let pairs: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
         for (name, value) in pairs {
-            let duration = || parse_duration(&name, &value).map_err(bad);
+            let duration = || duration(&name, &value).map_err(bad);
             builder = match name.as_str() {
                 "max_connections" | "pool_max_connections" => builder.max_connections(
                     value
@@ -258,26 +258,6 @@ impl PostgresConfig {
         )
     }
 }
-
-/// What a raw user info may hold that a URL's may not: encoded before the `url` crate reads it.
-/// `%` is left alone (percent-escapes stay escapes), and so is `:` (the first one ends the user).
-const USERINFO_RAW: &AsciiSet = &CONTROLS
-    .add(b' ')
-    .add(b'"')
-    .add(b'#')
-    .add(b'<')
-    .add(b'>')
-    .add(b'?')
-    .add(b'`')
-    .add(b'{')
-    .add(b'}')
-    .add(b'/')
-    .add(b'@')
-    .add(b'[')
-    .add(b'\\')
-    .add(b']')
-    .add(b'^')
-    .add(b'|');
 
 fn ssl_mode_name(mode: PgSslMode) -> &'static str {
     match mode {

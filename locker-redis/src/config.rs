@@ -3,8 +3,9 @@
 use std::fmt;
 use std::time::Duration;
 
+use locker_core::url_params::{duration, encode_raw_userinfo};
 use locker_core::{Error, Result};
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+use percent_encoding::percent_decode_str;
 use url::{Host, Url};
 
 use crate::keys::KeyLayout;
@@ -225,9 +226,7 @@ fn parse_url(url: &str) -> Result<RedisConfigBuilder> {
         None => (None, rest),
     };
     let (hosts, tail) = after.split_at(after.find(['/', '?', '#']).unwrap_or(after.len()));
-    let userinfo = userinfo.map_or_else(String::new, |u| {
-        format!("{}@", utf8_percent_encode(u, USERINFO_RAW))
-    });
+    let userinfo = userinfo.map_or_else(String::new, |u| format!("{}@", encode_raw_userinfo(u)));
     // `host` stands in for the host list, read below.
     let parsed =
         Url::parse(&format!("{scheme}://{userinfo}host{tail}")).map_err(|e| bad(&e.to_string()))?;
@@ -283,7 +282,7 @@ fn parse_url(url: &str) -> Result<RedisConfigBuilder> {
         ..RedisConfigBuilder::default()
     };
     for (name, value) in parsed.query_pairs() {
-        let duration = || parse_duration(&name, &value).map_err(|why| bad(&why));
+        let duration = || duration(&name, &value).map_err(|why| bad(&why));
         builder = match &*name {
             "prefix" => builder.key_prefix(value.as_ref()),
             "client" => builder.client(client_named(&value).map_err(|why| bad(&why))?),
@@ -300,26 +299,6 @@ fn parse_url(url: &str) -> Result<RedisConfigBuilder> {
     Ok(builder)
 }
 
-/// What a raw user info may hold that a URL's may not: encoded before the `url` crate reads it.
-/// `%` is left alone (percent-escapes stay escapes), and so is `:` (the first one ends the user).
-const USERINFO_RAW: &AsciiSet = &CONTROLS
-    .add(b' ')
-    .add(b'"')
-    .add(b'#')
-    .add(b'<')
-    .add(b'>')
-    .add(b'?')
-    .add(b'`')
-    .add(b'{')
-    .add(b'}')
-    .add(b'/')
-    .add(b'@')
-    .add(b'[')
-    .add(b'\\')
-    .add(b']')
-    .add(b'^')
-    .add(b'|');
-
 /// `client=redis` or `client=fred`, when that client is compiled in.
 fn client_named(name: &str) -> std::result::Result<ClientLibrary, String> {
     match name {
@@ -335,26 +314,6 @@ fn client_named(name: &str) -> std::result::Result<ClientLibrary, String> {
         )),
         other => Err(format!("client {other:?} is neither redis nor fred")),
     }
-}
-
-/// A duration parameter: a number with a unit (`1500ms`, `2s`, `1m`, as `humantime` reads them)
-/// or a bare number of seconds; more than zero.
-fn parse_duration(name: &str, value: &str) -> std::result::Result<Duration, String> {
-    let bad = || format!("{name} {value:?} is not a duration such as 1500ms, 2s or 1m");
-    let d = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        value
-            .parse::<f64>()
-            .ok()
-            .filter(|s| *s < 1e9)
-            .map(Duration::from_secs_f64)
-            .ok_or_else(bad)?
-    } else {
-        humantime::parse_duration(value).map_err(|_| bad())?
-    };
-    if d.is_zero() {
-        return Err(format!("{name} must be greater than zero"));
-    }
-    Ok(d)
 }
 
 /// One host of the authority, read by the `url` crate: `name`, `name:port`, `[v6]:port`.

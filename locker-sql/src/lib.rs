@@ -103,29 +103,8 @@ pub fn ttl_ms(ttl: Duration) -> Result<i64> {
         .ok_or_else(|| Error::invalid_input(format!("TTL of {ttl:?} is too long")))
 }
 
-/// A duration from the URL parameter `name`: a number with a unit (`1500ms`, `2s`, `1m`, as
-/// `humantime` reads them) or a bare number of seconds (`5`, `0.5`); more than zero. The same
-/// rule as every other backend's URL (see the table of `locker::connect`).
-///
-/// # Errors
-/// A message naming the parameter and the value, for an `InvalidInput` error.
-pub fn parse_duration(name: &str, value: &str) -> std::result::Result<Duration, String> {
-    let bad = || format!("{name} {value:?} is not a duration such as 1500ms, 2s or 1m");
-    let d = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        value
-            .parse::<f64>()
-            .ok()
-            .filter(|s| *s < 1e9)
-            .map(Duration::from_secs_f64)
-            .ok_or_else(bad)?
-    } else {
-        humantime::parse_duration(value).map_err(|_| bad())?
-    };
-    if d.is_zero() {
-        return Err(format!("{name} must be greater than zero"));
-    }
-    Ok(d)
-}
+/// A duration from the URL parameter `name` (the rule every backend's URL follows).
+pub use locker_core::url_params::duration as parse_duration;
 
 /// Runs one database call within `limit`, mapping its error with `map`; past the limit, a
 /// retryable [`ErrorKind::Timeout`] naming `store`.
@@ -191,25 +170,6 @@ mod tests {
         ] {
             let e = Tables::new(schema, prefix).expect_err("invalid");
             assert_eq!(e.kind(), ErrorKind::InvalidInput);
-        }
-    }
-
-    #[test]
-    fn durations_have_units_or_are_seconds() {
-        for (value, expected) in [
-            ("2s", Duration::from_secs(2)),
-            ("1m", Duration::from_secs(60)),
-            ("1500ms", Duration::from_millis(1500)),
-            ("1m 30s", Duration::from_secs(90)),
-            ("1.5s", Duration::from_millis(1500)),
-            ("5", Duration::from_secs(5)),
-            ("0.25", Duration::from_millis(250)),
-        ] {
-            assert_eq!(parse_duration("t", value), Ok(expected), "{value}");
-        }
-        for value in ["", "0", "0s", "soon", "-1", "1e3", "5 parsecs", "1.2.3"] {
-            let e = parse_duration("busy_timeout", value).expect_err(value);
-            assert!(e.contains("busy_timeout"), "{e}");
         }
     }
 

@@ -4,8 +4,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use locker_core::url_params::duration;
 use locker_core::{Error, Result};
-use locker_sql::{parse_duration, Tables};
+use locker_sql::Tables;
 use percent_encoding::percent_decode_str;
 use url::form_urlencoded;
 
@@ -89,7 +90,7 @@ impl SqliteConfig {
         }
         let mut builder = SqliteConfig::builder(path.as_ref());
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-            let duration = || parse_duration(&name, &value).map_err(bad);
+            let duration = || duration(&name, &value).map_err(bad);
             builder = match &*name {
                 "table_prefix" => builder.table_prefix(value.as_ref()),
                 "busy_timeout" => builder.busy_timeout(duration()?),
