@@ -764,14 +764,21 @@ mod tests {
 ";
         let f = analyse_log(log);
         assert_eq!(
-            (f.stale_accepted, f.stale_accepted_before_newer_write, f.stale_refused),
+            (
+                f.stale_accepted,
+                f.stale_accepted_before_newer_write,
+                f.stale_refused
+            ),
             (0, 1, 1),
             "{f:?}"
         );
         assert!(f.ok(), "{f:?}");
         // Had it been accepted after Q's first write, it would be a violation.
         let f = analyse_log(&log.replace("4101 100 write-ok", "4103 100 write-ok"));
-        assert_eq!((f.stale_accepted, f.stale_accepted_before_newer_write), (1, 0));
+        assert_eq!(
+            (f.stale_accepted, f.stale_accepted_before_newer_write),
+            (1, 0)
+        );
         assert!(!f.ok());
     }
 
