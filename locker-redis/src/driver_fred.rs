@@ -186,15 +186,11 @@ impl Driver for FredDriver {
             .await;
         let reply = match first {
             Err(e) if e.details().starts_with("NOSCRIPT") => {
-                // A restarted or failed-over server forgot the script: load it where the keys
-                // live (every primary of a cluster) and try once more.
-                let _: String = self
-                    .client
-                    .script_load_cluster(source.as_str())
-                    .await
-                    .map_err(map_error)?;
+                // A restarted or newly promoted server forgot the script. EVAL, routed by the
+                // key to the node that answered, runs it and caches it there (loading it on
+                // every primary fails when one of them does not answer, e.g. in a failover).
                 self.client
-                    .evalsha(sha.as_str(), keys, args)
+                    .eval(source.as_str(), keys, args)
                     .await
                     .map_err(map_error)?
             }
@@ -261,6 +257,8 @@ pub(crate) fn map_error(e: FredError) -> Error {
         "BUSY",
         "MOVED",
         "ASK",
+        // Only if the EVAL fallback met another failover: the next call reloads it.
+        "NOSCRIPT",
     ]) || details.contains("Too many failed write attempts")
         || details.contains("Max attempts")
         || details.contains("Failed to send command")

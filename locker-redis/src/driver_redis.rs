@@ -26,7 +26,8 @@ enum Conn {
 
 pub(crate) struct RedisDriver {
     conn: Conn,
-    scripts: Vec<Script>,
+    /// Sources and SHA1s of the scripts, by `ScriptName::index`.
+    scripts: Vec<(String, String)>,
     label: String,
 }
 
@@ -136,7 +137,11 @@ impl RedisDriver {
             conn,
             scripts: ScriptName::ALL
                 .iter()
-                .map(|s| Script::new(&s.source()))
+                .map(|s| {
+                    let source = s.source();
+                    let sha = Script::new(&source).get_hash().to_owned();
+                    (source, sha)
+                })
                 .collect(),
             label: config.redacted_url(),
         })
@@ -196,20 +201,28 @@ async fn check_cluster_versions(conn: &mut ClusterConnection) -> Result<()> {
 #[async_trait]
 impl Driver for RedisDriver {
     async fn eval(&self, script: ScriptName, keys: &[&str], args: &[&str]) -> Result<Vec<String>> {
-        let mut invocation = self.scripts[script.index()].prepare_invoke();
-        for key in keys {
-            invocation.key(*key);
-        }
-        for arg in args {
-            invocation.arg(*arg);
-        }
-        // `invoke_async` sends EVALSHA and, after NOSCRIPT (a restarted or failed-over server),
-        // loads the script and sends it again.
-        let result = match self.conn.clone() {
-            Conn::Standalone(mut c) => invocation.invoke_async(&mut c).await,
-            Conn::Cluster(mut c) => invocation.invoke_async(&mut c).await,
+        let (source, sha) = &self.scripts[script.index()];
+        let command = |name: &str, body: &str| {
+            let mut cmd = redis::cmd(name);
+            cmd.arg(body).arg(keys.len()).arg(keys).arg(args);
+            cmd
         };
-        result.map_err(map_error)
+        match self.query(&command("EVALSHA", sha)).await {
+            // A restarted or newly promoted server forgot the script. EVAL, routed by the key
+            // to the node that answered, runs it and caches it there. (The `redis` crate's
+            // own fallback loads it on every node of a cluster, and fails when one of them does
+            // not answer, e.g. during a failover.)
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    redis::ErrorKind::Server(ServerErrorKind::NoScript)
+                ) =>
+            {
+                self.query(&command("EVAL", source)).await
+            }
+            other => other,
+        }
+        .map_err(map_error)
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>> {
@@ -239,6 +252,15 @@ impl Driver for RedisDriver {
     }
 }
 
+impl RedisDriver {
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match self.conn.clone() {
+            Conn::Standalone(mut c) => cmd.query_async(&mut c).await,
+            Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
+        }
+    }
+}
+
 impl fmt::Debug for RedisDriver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisDriver")
@@ -262,7 +284,9 @@ pub(crate) fn map_error(e: RedisError) -> Error {
             | ServerErrorKind::Ask
             | ServerErrorKind::MasterDown
             | ServerErrorKind::BusyLoading
-            | ServerErrorKind::ReadOnly,
+            | ServerErrorKind::ReadOnly
+            // Only if the EVAL fallback met another failover: the next call reloads it.
+            | ServerErrorKind::NoScript,
         ) => ErrorKind::Unavailable,
         K::InvalidClientConfig => ErrorKind::InvalidInput,
         // A stored value that is not text (or not what a script returns).

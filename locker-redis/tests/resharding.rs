@@ -12,24 +12,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::{ports, Node};
 use locker_conformance::servers::{self, Server, ServerKind};
 use locker_core::{ErrorKind, LockAttempt, LockGuard, Locker, ReleaseOutcome};
 use locker_redis::{ClientLibrary, RedisBackend, RedisConfig};
 
 const KEYS: [&str; 6] = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"];
-
-fn ports(server: &Server) -> Vec<u16> {
-    server
-        .endpoints()
-        .iter()
-        .map(|e| {
-            e.rsplit(':')
-                .next()
-                .and_then(|p| p.parse().ok())
-                .expect("port")
-        })
-        .collect()
-}
 
 fn config(server: &Server, client: ClientLibrary) -> RedisConfig {
     let mut builder = RedisConfig::builder();
@@ -55,51 +45,6 @@ fn locker(config: &RedisConfig) -> Locker {
         .extend_every(Duration::from_secs(1))
         .build()
         .expect("locker")
-}
-
-/// One node of the test cluster, reached directly (not through the cluster client).
-struct Node {
-    port: u16,
-    conn: redis::Connection,
-}
-
-impl Node {
-    fn open(port: u16) -> Node {
-        let conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-            .and_then(|c| c.get_connection())
-            .expect("connect to a node");
-        Node { port, conn }
-    }
-
-    fn cluster<T: redis::FromRedisValue>(&mut self, args: &[&str]) -> T {
-        let mut cmd = redis::cmd("CLUSTER");
-        for a in args {
-            cmd.arg(*a);
-        }
-        cmd.query(&mut self.conn)
-            .unwrap_or_else(|e| panic!("127.0.0.1:{}: CLUSTER {args:?}: {e}", self.port))
-    }
-
-    fn id(&mut self) -> String {
-        self.cluster(&["MYID"])
-    }
-
-    /// Whether this node serves `slot`, by its own view.
-    fn owns(&mut self, slot: u16) -> bool {
-        let nodes: String = self.cluster(&["NODES"]);
-        let line = nodes
-            .lines()
-            .find(|l| l.contains("myself"))
-            .expect("myself");
-        line.split_whitespace().skip(8).any(|range| {
-            let mut bounds = range.split('-').map(|b| b.parse::<u16>());
-            match (bounds.next(), bounds.next()) {
-                (Some(Ok(lo)), Some(Ok(hi))) => (lo..=hi).contains(&slot),
-                (Some(Ok(only)), None) => only == slot,
-                _ => false, // a migration marker such as [5-<-id]
-            }
-        })
-    }
 }
 
 /// Moves `slot` from `src` to `dst` the way `redis-cli --cluster reshard` does, one key at a
