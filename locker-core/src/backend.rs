@@ -65,6 +65,12 @@ pub struct Capabilities {
     /// The longest key, in bytes, the store accepts, when it is smaller than
     /// [`MAX_KEY_LEN`](crate::MAX_KEY_LEN).
     pub max_key_len: Option<usize>,
+    /// How long the store may take to fail over a node, when it can tell (Redis Cluster:
+    /// estimated from `cluster-node-timeout`). A process whose liveness record lives on a failed
+    /// node cannot refresh it meanwhile: a liveness TTL shorter than this loses every lock of
+    /// such a process. The locker warns, or refuses to start with
+    /// [`LockerOptions::refuse_liveness_shorter_than_failover`](crate::LockerOptions).
+    pub failover_time: Option<Duration>,
 }
 
 impl Default for Capabilities {
@@ -75,6 +81,7 @@ impl Default for Capabilities {
             shared_across_processes: true,
             atomic_take_over: false,
             max_key_len: None,
+            failover_time: None,
         }
     }
 }

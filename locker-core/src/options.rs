@@ -49,6 +49,10 @@ pub struct LockerOptions {
     pub extend_every: Duration,
     /// See [`DEFAULT_LOCK_TTL`].
     pub lock_ttl: Duration,
+    /// Refuse to start (a non-retryable `InvalidInput` from [`Locker::ready`], `acquire` and
+    /// `mutex`) rather than only warn when the store says it may take longer to fail over than
+    /// `liveness_ttl` ([`Capabilities::failover_time`](crate::Capabilities)). Off by default.
+    pub refuse_liveness_shorter_than_failover: bool,
 }
 
 impl Default for LockerOptions {
@@ -60,6 +64,7 @@ impl Default for LockerOptions {
             recheck_every: DEFAULT_RECHECK_EVERY,
             extend_every: DEFAULT_EXTEND_EVERY,
             lock_ttl: DEFAULT_LOCK_TTL,
+            refuse_liveness_shorter_than_failover: false,
         }
     }
 }
@@ -161,6 +166,13 @@ impl LockerBuilder {
     /// How long a lock lives without an extension ([`DEFAULT_LOCK_TTL`]).
     pub fn lock_ttl(mut self, d: Duration) -> Self {
         self.options.lock_ttl = d;
+        self
+    }
+
+    /// Refuse to start rather than only warn when the store may take longer to fail over than
+    /// the liveness TTL ([`LockerOptions::refuse_liveness_shorter_than_failover`]).
+    pub fn refuse_liveness_shorter_than_failover(mut self, refuse: bool) -> Self {
+        self.options.refuse_liveness_shorter_than_failover = refuse;
         self
     }
 

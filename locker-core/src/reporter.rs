@@ -275,6 +275,7 @@ impl Reporter {
             process_hash,
             report_every: options.report_every,
             liveness_ttl: options.liveness_ttl,
+            refuse_short_liveness: options.refuse_liveness_shorter_than_failover,
             retry_every: options.recheck_every.min(options.report_every),
             lock_ttl: options.lock_ttl,
             start_timeout: options.reporter_start_timeout,
@@ -368,6 +369,7 @@ struct Task {
     process_hash: Arc<str>,
     report_every: Duration,
     liveness_ttl: Duration,
+    refuse_short_liveness: bool,
     retry_every: Duration,
     lock_ttl: Duration,
     start_timeout: Duration,
@@ -382,7 +384,10 @@ impl Task {
             let attempt = timeout(self.start_timeout, self.factory.connect());
             tokio::select! {
                 res = attempt => match res {
-                    Ok(Ok(backend)) => break backend,
+                    Ok(Ok(backend)) => match self.check_failover_time(&*backend) {
+                        Ok(()) => break backend,
+                        Err(e) => self.fail(e),
+                    },
                     Ok(Err(e)) => self.fail(e),
                     Err(_) => self.fail(Error::new(
                         ErrorKind::Timeout,
@@ -492,6 +497,29 @@ impl Task {
                 format!("liveness write took longer than {:?}", self.liveness_ttl),
             )),
         }
+    }
+
+    /// A liveness TTL the store's failover would outlast: every lock of this process would be
+    /// lost when the node holding its liveness record fails. A warning, or an error by option.
+    fn check_failover_time(&self, backend: &dyn LockBackend) -> Result<()> {
+        let Some(failover) = backend.capabilities().failover_time else {
+            return Ok(());
+        };
+        if self.liveness_ttl > failover {
+            return Ok(());
+        }
+        let message = format!(
+            "liveness_ttl ({:?}) does not outlive a failover of the store (about {failover:?}): \
+             when the node holding this process's liveness record fails, every lock of this \
+             process is taken over; use a liveness TTL above {failover:?}, or a shorter node \
+             timeout on the store",
+            self.liveness_ttl
+        );
+        if self.refuse_short_liveness {
+            return Err(Error::invalid_input(message));
+        }
+        tracing::warn!("{message}");
+        Ok(())
     }
 
     fn fail(&self, e: Error) {

@@ -199,6 +199,31 @@ impl Driver for FredDriver {
         Ok(reply.into_iter().map(Option::unwrap_or_default).collect())
     }
 
+    async fn cluster_node_timeout(&self) -> Option<Duration> {
+        if !self.client.is_clustered() {
+            return None;
+        }
+        let primaries = self
+            .client
+            .cached_cluster_state()
+            .map(|state| state.unique_primary_nodes())
+            .unwrap_or_default();
+        let mut longest = None;
+        for primary in primaries {
+            let config = CustomCommand::new_static("CONFIG", ClusterHash::Random, false);
+            let reply: std::result::Result<Vec<String>, FredError> = self
+                .client
+                .with_cluster_node(primary)
+                .custom(config, vec!["GET", "cluster-node-timeout"])
+                .await;
+            let timeout = reply
+                .ok()
+                .and_then(|pair| crate::backend::node_timeout_from_reply(&pair));
+            longest = longest.max(timeout);
+        }
+        longest
+    }
+
     async fn get(&self, key: &str) -> Result<Option<String>> {
         self.client.get(key).await.map_err(map_error)
     }

@@ -2,6 +2,7 @@
 //! server, a cluster connection (following `MOVED`/`ASK`) for a cluster.
 
 use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use locker_core::{find_io_error, is_definite_io_error, Error, ErrorKind, Result};
@@ -223,6 +224,25 @@ impl Driver for RedisDriver {
             other => other,
         }
         .map_err(map_error)
+    }
+
+    async fn cluster_node_timeout(&self) -> Option<Duration> {
+        let Conn::Cluster(mut conn) = self.conn.clone() else {
+            return None;
+        };
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg("cluster-node-timeout");
+        // The raw reply: one node's, or a map from each node to its own.
+        let reply = conn.req_packed_command(&cmd).await.ok()?;
+        let replies = match reply {
+            Value::Map(replies) => replies.into_iter().map(|(_, r)| r).collect(),
+            other => vec![other],
+        };
+        replies
+            .into_iter()
+            .filter_map(|r| redis::from_redis_value::<Vec<String>>(r).ok())
+            .filter_map(|pair| crate::backend::node_timeout_from_reply(&pair))
+            .max()
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>> {
