@@ -58,7 +58,7 @@ Exit codes:
 Environment:
   LOCKER_URL and LOCKER_<FLAG> set each global flag (LOCKER_LOCK_TTL=10m ...).
   RUST_LOG filters the library's log lines on stderr (RUST_LOG=locker=debug); -v, -vv, -vvv
-  show info, debug and trace lines without it.";
+  show info, debug and trace lines without it (by default: warnings and errors).";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -266,13 +266,13 @@ pub(crate) fn fail(e: &locker::Error) -> ExitCode {
 }
 
 /// Log lines of the library on stderr, as `-v` or `RUST_LOG` choose; nothing by default but
-/// errors.
+/// warnings and errors.
 fn init_tracing(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => EnvFilter::new(spec),
         _ => EnvFilter::new(match verbose {
-            0 => "error",
+            0 => "warn",
             1 => "info",
             2 => "debug",
             _ => "trace",

@@ -191,11 +191,13 @@ pub async fn safety_shutdown_waits_for_running_jobs(fx: &Fixture) -> Verdict {
     // Warm `b` up (connection, first liveness write), so that its checks below are quick.
     let _ = acquired(&b, &fx.key("warm-up")).await.release().await;
     let done = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicBool::new(false));
     let (end_job, job_may_end) = tokio::sync::oneshot::channel::<()>();
     let job = {
-        let (a, key, done) = (a.clone(), key.clone(), done.clone());
+        let (a, key, done, started) = (a.clone(), key.clone(), done.clone(), started.clone());
         tokio::spawn(async move {
             a.acquire_and_run(&key, |_heartbeat| async move {
+                started.store(true, Ordering::SeqCst);
                 // A job that does not beat, so it does not notice the drain.
                 let _ = job_may_end.await;
                 done.store(true, Ordering::SeqCst);
@@ -205,8 +207,12 @@ pub async fn safety_shutdown_waits_for_running_jobs(fx: &Fixture) -> Verdict {
     };
     let start = Instant::now();
     let owner = loop {
-        if let Some(lock) = b.inspect(&key).await.expect("inspect") {
-            break lock.owner_hash;
+        // The job runs (not only its lock written: the acquire's reply may still be on its
+        // way to `a`, and a shutdown then finds no running job yet).
+        if started.load(Ordering::SeqCst) {
+            if let Some(lock) = b.inspect(&key).await.expect("inspect") {
+                break lock.owner_hash;
+            }
         }
         assert!(start.elapsed() < limit(fx), "the job never took the lock");
         tokio::time::sleep(Duration::from_millis(10)).await;
