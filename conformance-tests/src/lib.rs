@@ -19,6 +19,7 @@ pub mod cases;
 pub mod interpose;
 mod memory;
 pub mod servers;
+pub mod start;
 
 pub use memory::memory_setup;
 pub use servers::{ServerControl, ServerError};

@@ -4,12 +4,9 @@
 use std::time::Duration;
 
 use locker_conformance::servers::{self, ServerKind};
-use locker_core::{ErrorKind, Locker};
+use locker_conformance::start::{fails_at_once, locker_with_long_start};
+use locker_core::ErrorKind;
 use locker_postgres::{PostgresBackend, PostgresConfig};
-
-/// Well under the locker's start timeout (60 s here): a call that returns within it did not
-/// wait for it. (sqlx's pool alone retries a refused connection for the whole connect timeout.)
-const NOT_WAITED: Duration = Duration::from_secs(5);
 
 fn config(url: &str) -> PostgresConfig {
     PostgresConfig::from_url(url)
@@ -23,10 +20,7 @@ fn config(url: &str) -> PostgresConfig {
 #[tokio::test]
 async fn a_refused_port_is_a_definite_retryable_error_naming_the_address() {
     let config = config("postgres://u@127.0.0.1:1/db");
-    let e = tokio::time::timeout(NOT_WAITED, PostgresBackend::connect(&config))
-        .await
-        .expect("connect waited for its timeout")
-        .expect_err("nothing listens on port 1");
+    let e = fails_at_once("connect", PostgresBackend::connect(&config)).await;
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
     assert!(e.is_retryable() && e.is_definite(), "{e:?}");
     assert!(
@@ -34,22 +28,13 @@ async fn a_refused_port_is_a_definite_retryable_error_naming_the_address() {
         "{e}"
     );
 
-    let locker = Locker::builder(config)
-        .reporter_start_timeout(Duration::from_secs(60))
-        .build()
-        .expect("valid options");
-    let e = tokio::time::timeout(NOT_WAITED, locker.ready())
-        .await
-        .expect("ready waited for the start timeout")
-        .expect_err("nothing listens on port 1");
+    let locker = locker_with_long_start(config);
+    let e = fails_at_once("ready", locker.ready()).await;
     assert!(
         e.to_string().contains("connection refused by 127.0.0.1:1"),
         "{e}"
     );
-    let e = tokio::time::timeout(NOT_WAITED, locker.acquire("job"))
-        .await
-        .expect("acquire waited for the start timeout")
-        .expect_err("nothing listens on port 1");
+    let e = fails_at_once("acquire", locker.acquire("job")).await;
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
     locker.abandon().await;
 }
@@ -59,10 +44,7 @@ async fn a_database_that_does_not_exist_is_invalid_input() {
     let server = servers::shared(ServerKind::Postgres).unwrap_or_else(|e| panic!("{e}"));
     let mut url = url_without_database(server.url());
     url.push_str("/no_such_database_for_locker");
-    let e = tokio::time::timeout(NOT_WAITED, PostgresBackend::connect(&config(&url)))
-        .await
-        .expect("connect waited for its timeout")
-        .expect_err("the database does not exist");
+    let e = fails_at_once("connect", PostgresBackend::connect(&config(&url))).await;
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
     assert!(!e.is_retryable());
     assert!(e.to_string().contains("no_such_database_for_locker"), "{e}");
