@@ -63,6 +63,11 @@ impl ServerControl for MemoryControl {
         Ok(())
     }
 
+    /// As a stop: the simulated store keeps nothing either way.
+    fn kill(&self) -> Result<(), ServerError> {
+        self.stop()
+    }
+
     fn start(&self) -> Result<(), ServerError> {
         self.0.set_unavailable(false);
         Ok(())

@@ -1,6 +1,6 @@
 //! The testcontainers provider: each server kind starts in containers on the host's network,
-//! answers, stops answering while paused, comes back on the same ports after a restart, and
-//! leaves no container once dropped.
+//! answers, stops answering while paused, comes back on the same ports after a restart and after
+//! a kill, and leaves no container once dropped.
 //!
 //! These tests need a Docker engine, so they are `#[ignore]`d in a plain `cargo test`;
 //! `scripts/test` starts one and runs them with `--ignored`. Without an engine they fail, saying
@@ -163,6 +163,17 @@ fn lifecycle(kind: ServerKind) {
         node.stop().expect("stop one node");
         node.start().expect("start one node");
         assert!(all_answer_soon(&server), "after one node's restart");
+    }
+    {
+        // A killed node (`docker kill`) starts again on its port.
+        let node = server.node(0).expect("node 0");
+        node.kill().expect("kill");
+        assert!(
+            !answers(kind, &server.endpoints()[0]),
+            "a killed server answered"
+        );
+        node.start().expect("start after a kill");
+        assert!(all_answer_soon(&server), "after a kill and a start");
     }
 
     drop(control);

@@ -1,4 +1,5 @@
-//! Each server kind starts, answers, pauses, restarts and stops, and leaves no process behind.
+//! Each server kind starts, answers, pauses, restarts, is killed and stops, and leaves no process
+//! behind; a Redis Cluster with replicas forms, fails over and restarts.
 
 use std::time::Duration;
 
@@ -62,6 +63,21 @@ fn lifecycle(kind: ServerKind) {
         node.start().expect("start one node");
     }
 
+    {
+        // A kill (SIGKILL) leaves nothing running, and the node starts again on its port.
+        let node = server.node(0).expect("node 0");
+        let killed = node.pids();
+        node.kill().expect("kill");
+        assert!(
+            killed.iter().all(|p| !alive(*p)),
+            "a killed server's processes are gone when kill returns: {killed:?}"
+        );
+        assert!(node.pids().is_empty(), "a killed node is not running");
+        assert!(!answers(&server.endpoints()[0]), "a killed server answered");
+        node.start().expect("start after a kill");
+        assert!(answers(&server.endpoints()[0]), "same port after a kill");
+    }
+
     let pids = server.pids();
     assert!(pids.iter().all(|p| alive(*p)));
     drop(server);
@@ -94,6 +110,89 @@ fn etcd_starts_and_stops() {
 #[test]
 fn etcd_cluster_starts_and_stops() {
     lifecycle(ServerKind::EtcdCluster);
+}
+
+/// One command to a Redis node, its reply as text (a bulk string's content, or the line).
+fn redis_command(endpoint: &str, command: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(
+        &([127, 0, 0, 1], tcp_port(endpoint)).into(),
+        Duration::from_secs(1),
+    ) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(format!("{command}\r\n").as_bytes()).is_err() {
+        return String::new();
+    }
+    let mut reply = Vec::new();
+    let mut buf = [0; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&reply);
+        let Some((head, body)) = text.split_once("\r\n") else {
+            continue;
+        };
+        match head.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+            Some(len) if body.len() < len => continue,
+            Some(len) => return body[..len].to_owned(),
+            None => return head.to_owned(),
+        }
+    }
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+/// Waits up to `limit` for `check`.
+fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while !check() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+#[test]
+fn a_redis_cluster_with_replicas_forms_fails_over_and_restarts() {
+    let server = servers::start_redis_cluster_with_replicas().unwrap_or_else(|e| panic!("{e}"));
+    let endpoints = server.endpoints().to_vec();
+    assert_eq!(endpoints.len(), 6, "{server:?}");
+    // Nodes 0 to 2 serve the slots; node i + 3 replicates node i, with its link up.
+    for i in 0..3 {
+        let info = redis_command(&endpoints[i], "INFO replication");
+        assert!(info.contains("role:master"), "node {i}: {info}");
+        let info = redis_command(&endpoints[i + 3], "INFO replication");
+        let master = format!("master_port:{}", tcp_port(&endpoints[i]));
+        assert!(
+            info.contains("role:slave")
+                && info.contains(&master)
+                && info.contains("master_link_status:up"),
+            "node {}: {info}",
+            i + 3
+        );
+    }
+    // A killed master's replica takes over.
+    server.node(0).expect("node 0").kill().expect("kill");
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            redis_command(&endpoints[3], "INFO replication").contains("role:master")
+                && redis_command(&endpoints[3], "CLUSTER INFO").contains("cluster_state:ok")
+        }),
+        "node 3 was not promoted"
+    );
+    // The whole cluster restarts as it is now: the old master comes back as a replica.
+    let control = server.control().expect("control");
+    control.restart().expect("restart after a failover");
+    let info = redis_command(&endpoints[0], "INFO replication");
+    assert!(
+        info.contains("role:slave") && info.contains("master_link_status:up"),
+        "node 0 after the restart: {info}"
+    );
 }
 
 #[test]

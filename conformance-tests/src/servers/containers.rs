@@ -161,21 +161,7 @@ pub(super) fn start(kind: ServerKind) -> Result<Server, ServerError> {
                 None,
             )
         }
-        ServerKind::RedisCluster => {
-            let mut ports = Vec::new();
-            let mut nodes = Vec::new();
-            for _ in 0..3 {
-                let port = free_port(redis::BUS_OFFSET)?;
-                nodes.push(redis_node(kind, port, true)?);
-                ports.push(port);
-            }
-            let endpoints = ports
-                .iter()
-                .map(|p| format!("redis://127.0.0.1:{p}"))
-                .collect();
-            let ready: GroupReady = Box::new(move || redis::form_cluster(&ports));
-            server(kind, endpoints, nodes, Some(ready))
-        }
+        ServerKind::RedisCluster => redis_cluster(3, 0),
         ServerKind::Postgres => {
             let port = free_port(0)?;
             let node = ContainerNode::create(
@@ -236,6 +222,25 @@ pub(super) fn start(kind: ServerKind) -> Result<Server, ServerError> {
             server(kind, endpoints, nodes, None)
         }
     }
+}
+
+/// A Redis Cluster of `masters` masters, each with `replicas_each` replicas, in containers (see
+/// [`super::start_redis_cluster_with_replicas`] for the order of its nodes).
+pub(super) fn redis_cluster(masters: usize, replicas_each: usize) -> Result<Server, ServerError> {
+    let kind = ServerKind::RedisCluster;
+    let mut ports = Vec::new();
+    let mut nodes = Vec::new();
+    for _ in 0..masters * (1 + replicas_each) {
+        let port = free_port(redis::BUS_OFFSET)?;
+        nodes.push(redis_node(kind, port, true)?);
+        ports.push(port);
+    }
+    let endpoints = ports
+        .iter()
+        .map(|p| format!("redis://127.0.0.1:{p}"))
+        .collect();
+    let ready: GroupReady = Box::new(move || redis::form_cluster(&ports, masters));
+    server(kind, endpoints, nodes, Some(ready))
 }
 
 /// A server of `kind` made of containers, started and ready.
@@ -479,6 +484,38 @@ impl ServerControl for ContainerNode {
         Ok(())
     }
 
+    fn kill(&self) -> Result<(), ServerError> {
+        let mut state = self.lock();
+        if !state.running {
+            return Ok(());
+        }
+        let id = state
+            .container
+            .as_ref()
+            .map(|c| c.id().to_owned())
+            .ok_or_else(|| ServerError::failed(format!("{}: removed", self.label)))?;
+        // A paused container is unpaused first, as `stop` does (the engine may refuse to kill
+        // it); it can then run for the moment between the two calls.
+        if state.paused {
+            docker_cli(&self.label, &["unpause", &id])?;
+            state.paused = false;
+        }
+        docker_cli(&self.label, &["kill", "--signal", "KILL", &id])?;
+        // The engine reports the container exited once it has reaped it.
+        let start = Instant::now();
+        while self.engine(&state, "inspect", |c| c.is_running())? {
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err(ServerError::failed(format!(
+                    "{}: still running 10 s after docker kill",
+                    self.label
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        state.running = false;
+        Ok(())
+    }
+
     fn start(&self) -> Result<(), ServerError> {
         self.spawn()?;
         self.wait_ready(Duration::from_secs(60))
@@ -486,6 +523,26 @@ impl ServerControl for ContainerNode {
 
     fn pids(&self) -> Vec<u32> {
         Vec::new()
+    }
+}
+
+/// Runs `docker ARGS...` against [`docker_host`] (testcontainers has no kill), failing with its
+/// error output.
+fn docker_cli(label: &str, args: &[&str]) -> Result<(), ServerError> {
+    let out = Command::new("docker")
+        .env("DOCKER_HOST", docker_host())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| ServerError::io(format!("{label}: run docker {}", args.join(" ")), e))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ServerError::failed(format!(
+            "{label}: docker {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
     }
 }
 

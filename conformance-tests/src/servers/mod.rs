@@ -1,4 +1,5 @@
-//! Real servers for backend tests: Redis, a 3-master Redis Cluster, PostgreSQL, etcd and a
+//! Real servers for backend tests: Redis, a 3-master Redis Cluster (with a replica for each
+//! master for failover tests: [`start_redis_cluster_with_replicas`]), PostgreSQL, etcd and a
 //! 3-member etcd cluster.
 //!
 //! Each comes from one of three providers, chosen by `LOCKER_TEST_PROVIDER`:
@@ -42,6 +43,10 @@ pub trait ServerControl: Send + Sync + fmt::Debug {
     fn resume(&self) -> Result<(), ServerError>;
     /// Stops the server, keeping its port and data directory.
     fn stop(&self) -> Result<(), ServerError>;
+    /// Kills the server at once (SIGKILL to its processes, or `docker kill`): no shutdown, no
+    /// last reply or write. Like [`stop`](Self::stop) it keeps the port and data directory, so
+    /// [`start`](Self::start) brings it back.
+    fn kill(&self) -> Result<(), ServerError>;
     /// Starts a stopped server again, on the same port with the same data, and waits until it
     /// is ready.
     fn start(&self) -> Result<(), ServerError>;
@@ -99,7 +104,8 @@ impl ServerError {
 pub enum ServerKind {
     /// One Redis server.
     Redis,
-    /// A Redis Cluster of 3 masters (no replicas).
+    /// A Redis Cluster of 3 masters (no replicas; [`start_redis_cluster_with_replicas`] adds
+    /// one to each).
     RedisCluster,
     /// One PostgreSQL server.
     Postgres,
@@ -310,6 +316,10 @@ impl<M: Member> ServerControl for Group<M> {
         self.nodes.iter().try_for_each(|n| n.stop())
     }
 
+    fn kill(&self) -> Result<(), ServerError> {
+        self.all_at_once(|n| n.kill())
+    }
+
     fn start(&self) -> Result<(), ServerError> {
         // Members of a cluster wait for each other: start all, then wait for all.
         self.nodes.iter().try_for_each(|n| n.spawn())?;
@@ -482,6 +492,38 @@ pub fn start_private(kind: ServerKind) -> Result<Server, ServerError> {
             _ => start_process(kind),
         },
         Provider::Process => start_process(kind),
+    }
+}
+
+/// Starts a private Redis Cluster of 3 masters, each with one replica, that the harness
+/// controls: for failover tests. Endpoints and [`Server::node`] indices 0 to 2 are the masters
+/// as started, 3 to 5 their replicas (node `i + 3` replicates node `i`); a failover changes
+/// who is master, so ask the nodes (`CLUSTER NODES`) after one. The cluster runs with
+/// `cluster-node-timeout 2000`. It is returned once whole: every node reports
+/// `cluster_state:ok`, every replica's link is up, and every node gives the same account of
+/// the roles.
+///
+/// The provider is chosen as [`start_private`] chooses it (`env` falls back to the default
+/// choice: no environment variable names such a cluster).
+pub fn start_redis_cluster_with_replicas() -> Result<Server, ServerError> {
+    let kind = ServerKind::RedisCluster;
+    let chosen = std::env::var("LOCKER_TEST_PROVIDER").ok();
+    let provider = match provider_for(kind, chosen.as_deref(), false)? {
+        Provider::Env => provider_for(kind, None, false)?,
+        other => other,
+    };
+    match provider {
+        Provider::Testcontainers => {
+            #[cfg(feature = "testcontainers")]
+            {
+                containers::redis_cluster(3, 1)
+            }
+            #[cfg(not(feature = "testcontainers"))]
+            {
+                start_container(kind)
+            }
+        }
+        _ => redis::start_cluster_with_replicas(),
     }
 }
 

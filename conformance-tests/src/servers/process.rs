@@ -202,20 +202,59 @@ impl ServerControl for ServerProcess {
     }
 
     fn stop(&self) -> Result<(), ServerError> {
-        let Some(mut running) = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        else {
+        self.halt(false)
+    }
+
+    fn kill(&self) -> Result<(), ServerError> {
+        self.halt(true)
+    }
+
+    fn start(&self) -> Result<(), ServerError> {
+        self.spawn()?;
+        self.wait_ready(Duration::from_secs(60))
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.pid()
+            .and_then(|p| u32::try_from(p.as_raw()).ok())
+            .into_iter()
+            .collect()
+    }
+}
+
+impl ServerProcess {
+    /// Stops the server with its stop signal (waking it first if paused), or with `kill` at
+    /// once with SIGKILL to its whole group (a paused one too), and reaps it, keeping its data.
+    fn halt(&self, kill_now: bool) -> Result<(), ServerError> {
+        let mut slot = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(pid) = slot.as_ref().map(|r| r.pid) else {
             return Ok(());
         };
-        let pid = running.pid;
-        let _ = killpg(pid, Signal::SIGCONT);
-        let _ = kill(pid, self.stop_signal);
-        if !wait_until(Duration::from_secs(15), || !process_alive(pid)) {
-            let _ = killpg(pid, Signal::SIGKILL);
+        if kill_now {
+            // ESRCH: it died by itself, and is reaped below all the same.
+            match killpg(pid, Signal::SIGKILL) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(e) => {
+                    return Err(ServerError::failed(format!(
+                        "{}: SIGKILL failed: {e}",
+                        self.label
+                    )))
+                }
+            }
+        }
+        let Some(mut running) = slot.take() else {
+            return Ok(());
+        };
+        drop(slot);
+        if kill_now {
             wait_until(Duration::from_secs(5), || !process_alive(pid));
+        } else {
+            let _ = killpg(pid, Signal::SIGCONT);
+            let _ = kill(pid, self.stop_signal);
+            if !wait_until(Duration::from_secs(15), || !process_alive(pid)) {
+                let _ = killpg(pid, Signal::SIGKILL);
+                wait_until(Duration::from_secs(5), || !process_alive(pid));
+            }
         }
         // A line (not end of input) tells the wrapper this stop was ours: it reaps the server
         // and exits, keeping the data for a restart.
@@ -234,18 +273,6 @@ impl ServerControl for ServerProcess {
             }
         }
         Ok(())
-    }
-
-    fn start(&self) -> Result<(), ServerError> {
-        self.spawn()?;
-        self.wait_ready(Duration::from_secs(60))
-    }
-
-    fn pids(&self) -> Vec<u32> {
-        self.pid()
-            .and_then(|p| u32::try_from(p.as_raw()).ok())
-            .into_iter()
-            .collect()
     }
 }
 

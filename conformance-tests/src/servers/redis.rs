@@ -100,6 +100,10 @@ pub(super) fn server_args(port: u16, dir: &str, cluster: bool) -> Vec<String> {
                 "nodes.conf",
                 "--cluster-node-timeout",
                 "2000",
+                // A replica's first sync starts at once, not after the default 5 s wait for
+                // other replicas to share a diskless transfer.
+                "--repl-diskless-sync-delay",
+                "0",
             ]
             .map(str::to_owned),
         );
@@ -139,11 +143,21 @@ pub(super) fn start_custom(extra: Vec<OsString>, tls: bool) -> Result<Server, Se
 
 /// Starts a Redis Cluster of 3 masters owning all 16384 slots.
 pub(super) fn start_cluster() -> Result<Server, ServerError> {
+    start_cluster_of(3, 0)
+}
+
+/// Starts a Redis Cluster of 3 masters owning all 16384 slots, each with one replica: nodes
+/// 0 to 2 are the masters, node `i + 3` replicates node `i`.
+pub(super) fn start_cluster_with_replicas() -> Result<Server, ServerError> {
+    start_cluster_of(3, 1)
+}
+
+fn start_cluster_of(masters: usize, replicas_each: usize) -> Result<Server, ServerError> {
     let mut processes = Vec::new();
     let mut dirs: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
     let mut endpoints = Vec::new();
     let mut ports = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..masters * (1 + replicas_each) {
         let port = free_port(BUS_OFFSET)?;
         ports.push(port);
         let (process, dir) = node(port, true, ServerKind::RedisCluster)?;
@@ -156,7 +170,7 @@ pub(super) fn start_cluster() -> Result<Server, ServerError> {
         Provider::Process,
         endpoints,
         processes,
-        Some(Box::new(move || form_cluster(&ports))),
+        Some(Box::new(move || form_cluster(&ports, masters))),
         dirs,
     )
 }
@@ -198,24 +212,31 @@ pub(super) fn answers(port: u16) -> bool {
         .is_some_and(|r| r.starts_with('+') || r.starts_with('-'))
 }
 
-/// Makes 3 (or more) cluster-enabled Redis servers on loopback `ports` one cluster, and waits
-/// until every node reports `cluster_state:ok`. On first start each node takes an equal share of
-/// the 16384 slots and its own config epoch, then the first meets the others (what
-/// `redis-cli --cluster create` does); a restart keeps all that in each node's `nodes.conf`.
-/// Every step is decided from what the nodes report, so a pass that fails half-way (a node slow
-/// to answer) is simply repeated, until 60 s have passed.
-pub(super) fn form_cluster(ports: &[u16]) -> Result<(), ServerError> {
+/// Makes cluster-enabled Redis servers on loopback `ports` one cluster whose first `masters`
+/// nodes share the 16384 slots and whose others replicate them in turn (node `masters + j`
+/// replicates node `j % masters`), and waits until it is whole: every node reports
+/// `cluster_state:ok` and, with replicas, every node knows every other, all give the same
+/// account of who is master and who replicates whom, nobody is flagged failing, and every
+/// replica's link to its master is up.
+///
+/// On first start each master takes an equal share of the slots and each node its own config
+/// epoch, then the first node meets the others, and each replica, once it knows its master, is
+/// told to replicate it (what `redis-cli --cluster create --cluster-replicas` does); a restart
+/// keeps all that in each node's `nodes.conf` (after a failover, whoever is master now stays
+/// so). Every step is decided from what the nodes report, so a pass that fails half-way (a node
+/// slow to answer) is simply repeated, until 60 s have passed.
+pub(super) fn form_cluster(ports: &[u16], masters: usize) -> Result<(), ServerError> {
     let start = Instant::now();
     let mut last = String::new();
     loop {
-        match cluster_step(ports) {
+        match cluster_step(ports, masters) {
             Ok(true) => return Ok(()),
             Ok(false) => {}
             Err(e) => last = format!(" (last: {e})"),
         }
         if start.elapsed() > Duration::from_secs(60) {
             return Err(ServerError::failed(format!(
-                "the Redis Cluster on ports {ports:?} did not reach cluster_state:ok within \
+                "the Redis Cluster on ports {ports:?} ({masters} masters) was not whole within \
                  60 s{last}"
             )));
         }
@@ -223,8 +244,8 @@ pub(super) fn form_cluster(ports: &[u16]) -> Result<(), ServerError> {
     }
 }
 
-/// One pass of [`form_cluster`]: `Ok(true)` once every node reports `cluster_state:ok`.
-fn cluster_step(ports: &[u16]) -> Result<bool, String> {
+/// One pass of [`form_cluster`]: `Ok(true)` once the cluster is whole.
+fn cluster_step(ports: &[u16], masters: usize) -> Result<bool, String> {
     let infos = ports
         .iter()
         .map(|&p| {
@@ -233,7 +254,12 @@ fn cluster_step(ports: &[u16]) -> Result<bool, String> {
                 .ok_or_else(|| format!("127.0.0.1:{p} did not answer CLUSTER INFO"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if infos.iter().all(|i| i.contains("cluster_state:ok")) {
+    let n = ports.len();
+    let masters = masters.clamp(1, n.max(1));
+    // Slot-less masters (replicas-to-be) report `ok` as soon as the masters cover the slots.
+    if infos.iter().all(|i| i.contains("cluster_state:ok"))
+        && (masters >= n || replicas_ready(ports, masters)?)
+    {
         return Ok(true);
     }
     let field = |info: &str, name: &str| {
@@ -252,15 +278,14 @@ fn cluster_step(ports: &[u16]) -> Result<bool, String> {
             args.get(1).copied().unwrap_or_default()
         )),
     };
-    let n = ports.len();
     for (i, (&port, info)) in ports.iter().zip(&infos).enumerate() {
         // Only a node that has met no other is still unconfigured.
         if field(info, "cluster_known_nodes") != Some(1) {
             continue;
         }
-        if field(info, "cluster_slots_assigned") == Some(0) {
+        if i < masters && field(info, "cluster_slots_assigned") == Some(0) {
             // ADDSLOTS, not ADDSLOTSRANGE, which needs Redis 7.
-            let slots: Vec<String> = (16384 * i / n..16384 * (i + 1) / n)
+            let slots: Vec<String> = (16384 * i / masters..16384 * (i + 1) / masters)
                 .map(|s| s.to_string())
                 .collect();
             let mut args = vec!["CLUSTER", "ADDSLOTS"];
@@ -280,5 +305,123 @@ fn cluster_step(ports: &[u16]) -> Result<bool, String> {
             expect_ok(first, &["CLUSTER", "MEET", "127.0.0.1", &port.to_string()])?;
         }
     }
+    // A replica-to-be that knows every node and is still a master without slots (a first
+    // start) is told whom to replicate.
+    for (j, (&port, info)) in ports.iter().zip(&infos).enumerate().skip(masters) {
+        if field(info, "cluster_known_nodes") != Some(n as u64) {
+            continue;
+        }
+        let view = cluster_nodes(port)?;
+        let me = view
+            .iter()
+            .find(|l| l.myself)
+            .ok_or_else(|| format!("127.0.0.1:{port}: no `myself` in CLUSTER NODES"))?;
+        if me.master && !me.has_slots {
+            let master_port = ports[j % masters];
+            let master = view
+                .iter()
+                .find(|l| l.port == master_port && !l.troubled)
+                .ok_or_else(|| format!("127.0.0.1:{port} does not know 127.0.0.1:{master_port}"))?;
+            expect_ok(port, &["CLUSTER", "REPLICATE", &master.id])?;
+        }
+    }
     Ok(false)
+}
+
+/// One line of `CLUSTER NODES`, as far as cluster formation needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeLine {
+    id: String,
+    port: u16,
+    myself: bool,
+    master: bool,
+    /// The id of the master this node replicates, for a replica.
+    replicates: Option<String>,
+    /// Flagged failing (`fail`, `fail?`), or not yet met (`handshake`, `noaddr`).
+    troubled: bool,
+    has_slots: bool,
+}
+
+/// The node on `port`'s account of the cluster (`CLUSTER NODES`).
+fn cluster_nodes(port: u16) -> Result<Vec<NodeLine>, String> {
+    let reply = command(port, &["CLUSTER", "NODES"])
+        .filter(|r| r.starts_with('$'))
+        .ok_or_else(|| format!("127.0.0.1:{port} did not answer CLUSTER NODES"))?;
+    Ok(reply
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 8 {
+                return None;
+            }
+            // `ip:port@cport` (Redis 7 may add `,hostname`).
+            let port = fields[1]
+                .split('@')
+                .next()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()?;
+            let flags: Vec<&str> = fields[2].split(',').collect();
+            Some(NodeLine {
+                id: fields[0].to_owned(),
+                port,
+                myself: flags.contains(&"myself"),
+                master: flags.contains(&"master"),
+                replicates: (fields[3] != "-").then(|| fields[3].to_owned()),
+                troubled: flags
+                    .iter()
+                    .any(|f| matches!(*f, "fail" | "fail?" | "handshake" | "noaddr")),
+                has_slots: fields.len() > 8,
+            })
+        })
+        .collect())
+}
+
+/// Whether a cluster whose every node reports `cluster_state:ok` has its replicas in place:
+/// every node's account names all nodes, flags none, and agrees with the others on roles;
+/// `masters` masters serve slots, each with its share of replicas; and every replica's link to
+/// its master is up.
+fn replicas_ready(ports: &[u16], masters: usize) -> Result<bool, String> {
+    let mut first: Option<Vec<(String, bool, Option<String>)>> = None;
+    for &port in ports {
+        let view = cluster_nodes(port)?;
+        if view.len() != ports.len() || view.iter().any(|l| l.troubled) {
+            return Ok(false);
+        }
+        let mut roles: Vec<(String, bool, Option<String>)> = view
+            .iter()
+            .map(|l| (l.id.clone(), l.master, l.replicates.clone()))
+            .collect();
+        roles.sort();
+        match &first {
+            None => {
+                let serving: Vec<&NodeLine> =
+                    view.iter().filter(|l| l.master && l.has_slots).collect();
+                let each = (ports.len() - masters) / masters;
+                let whole = serving.len() == masters
+                    && serving.iter().all(|m| {
+                        view.iter()
+                            .filter(|l| l.replicates.as_deref() == Some(m.id.as_str()))
+                            .count()
+                            == each
+                    });
+                if !whole {
+                    return Ok(false);
+                }
+                first = Some(roles);
+            }
+            Some(f) if *f != roles => return Ok(false),
+            Some(_) => {}
+        }
+    }
+    for &port in ports {
+        let info = command(port, &["INFO", "replication"])
+            .ok_or_else(|| format!("127.0.0.1:{port} did not answer INFO replication"))?;
+        if info.contains("role:slave") && !info.contains("master_link_status:up") {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

@@ -60,3 +60,96 @@ impl Node {
         })
     }
 }
+
+/// One line of `CLUSTER NODES`: a node as some node of the cluster sees it.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub id: String,
+    pub port: u16,
+    pub master: bool,
+    /// The id of the master it replicates, for a replica.
+    pub replicates: Option<String>,
+    /// Flagged `fail` (agreed by a majority of masters; not `fail?`, one node's suspicion).
+    pub failed: bool,
+    /// The slot ranges it serves (migration markers left out).
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl NodeInfo {
+    pub fn serves(&self, slot: u16) -> bool {
+        self.slots
+            .iter()
+            .any(|(lo, hi)| (*lo..=*hi).contains(&slot))
+    }
+}
+
+/// Parses a `CLUSTER NODES` reply.
+pub fn parse_nodes(text: &str) -> Vec<NodeInfo> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 {
+                return None;
+            }
+            let port = f[1].split('@').next()?.rsplit(':').next()?.parse().ok()?;
+            let flags: Vec<&str> = f[2].split(',').collect();
+            let slots = f[8..]
+                .iter()
+                .filter_map(|range| {
+                    let mut bounds = range.split('-').map(|b| b.parse::<u16>());
+                    match (bounds.next(), bounds.next()) {
+                        (Some(Ok(lo)), Some(Ok(hi))) => Some((lo, hi)),
+                        (Some(Ok(only)), None) => Some((only, only)),
+                        _ => None,
+                    }
+                })
+                .collect();
+            Some(NodeInfo {
+                id: f[0].to_owned(),
+                port,
+                master: flags.contains(&"master"),
+                replicates: (f[3] != "-").then(|| f[3].to_owned()),
+                failed: flags.contains(&"fail"),
+                slots,
+            })
+        })
+        .collect()
+}
+
+impl Node {
+    /// A node reached with connect, read and write timeouts, for polling a cluster in trouble.
+    pub fn open_with_timeout(port: u16, timeout: std::time::Duration) -> redis::RedisResult<Node> {
+        let conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+            .get_connection_with_timeout(timeout)?;
+        conn.set_read_timeout(Some(timeout))?;
+        conn.set_write_timeout(Some(timeout))?;
+        Ok(Node { port, conn })
+    }
+
+    /// This node's account of the cluster (`CLUSTER NODES`).
+    pub fn try_view(&mut self) -> redis::RedisResult<Vec<NodeInfo>> {
+        let text: String = redis::cmd("CLUSTER").arg("NODES").query(&mut self.conn)?;
+        Ok(parse_nodes(&text))
+    }
+
+    /// `CLUSTER INFO`'s `cluster_state` (`ok` or `fail`).
+    pub fn try_state(&mut self) -> redis::RedisResult<String> {
+        let text: String = redis::cmd("CLUSTER").arg("INFO").query(&mut self.conn)?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix("cluster_state:"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned())
+    }
+
+    /// `INFO <section>`.
+    pub fn try_info(&mut self, section: &str) -> redis::RedisResult<String> {
+        redis::cmd("INFO").arg(section).query(&mut self.conn)
+    }
+
+    /// The slot of a (full, prefixed) Redis key.
+    pub fn keyslot(&mut self, key: &str) -> u16 {
+        self.cluster(&["KEYSLOT", key])
+    }
+}
