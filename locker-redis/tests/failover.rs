@@ -720,7 +720,7 @@ async fn case(client: ClientLibrary, fault: Fault) {
     drop(server);
 
     // The verdicts.
-    let log = rec.with(|l| std::mem::take(l));
+    let log = rec.with(std::mem::take);
     let t = &timeline;
     let since_fault = |i: Instant| ms(i.saturating_duration_since(t.fault));
     let at = |i: Option<Instant>| i.map_or("-".to_owned(), |i| format!("{} ms", since_fault(i)));
