@@ -20,6 +20,7 @@ pub mod interpose;
 mod memory;
 pub mod servers;
 pub mod start;
+pub mod wedge;
 
 pub use memory::memory_setup;
 pub use servers::{ServerControl, ServerError};

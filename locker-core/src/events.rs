@@ -17,6 +17,10 @@ pub enum BackgroundSource {
     /// Releasing a lock failed; retryable failures are retried until the lock would have
     /// expired anyway.
     Release,
+    /// A connection failed several times in a row, and a new one could not be made; it is
+    /// tried again with a backoff. See
+    /// [`LockerOptions::reconnect_after_failures`](crate::LockerOptions::reconnect_after_failures).
+    Connection,
 }
 
 /// A recoverable error that no caller was waiting for, sent to

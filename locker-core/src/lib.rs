@@ -7,6 +7,7 @@ mod clock;
 mod error;
 mod events;
 mod hash;
+mod healing;
 mod heartbeat;
 mod locker;
 mod memory;
@@ -30,7 +31,8 @@ pub use locker::{LockAttempt, LockGuard, LockRequest, Locker, OwnerStatus, RunOu
 pub use memory::{CallCounts, MemoryBackend};
 pub use options::{
     LockerBuilder, LockerOptions, DEFAULT_EXTEND_EVERY, DEFAULT_LIVENESS_TTL, DEFAULT_LOCK_TTL,
-    DEFAULT_RECHECK_EVERY, DEFAULT_REPORTER_START_TIMEOUT, DEFAULT_REPORT_EVERY,
+    DEFAULT_RECHECK_EVERY, DEFAULT_RECONNECT_AFTER_FAILURES, DEFAULT_REPORTER_START_TIMEOUT,
+    DEFAULT_REPORT_EVERY, DEFAULT_SLOW_CALL_AFTER,
 };
 pub use record::{LockData, ProcessData};
 

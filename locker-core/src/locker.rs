@@ -16,6 +16,7 @@ use crate::clock::{nanos, Clock};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{BackgroundError, BackgroundSource, Events};
 use crate::hash::{new_owner_hash, new_process_hash, parse_owner_hash, validate_key};
+use crate::healing::Healing;
 use crate::heartbeat::{Heartbeat, LockState, Loss};
 use crate::options::{LockerBuilder, LockerOptions};
 use crate::record::LockData;
@@ -156,7 +157,16 @@ pub(crate) struct Inner {
 impl Inner {
     pub(crate) async fn backend(&self) -> Result<Arc<dyn LockBackend>> {
         self.backend
-            .get_or_try_init(|| self.factory.connect())
+            .get_or_try_init(|| async {
+                let backend = self.factory.connect().await?;
+                Ok::<_, Error>(Healing::wrap(
+                    backend,
+                    self.factory.clone(),
+                    "job",
+                    &self.options,
+                    self.events.clone(),
+                ))
+            })
             .await
             .cloned()
     }

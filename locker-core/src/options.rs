@@ -33,6 +33,18 @@ pub const DEFAULT_EXTEND_EVERY: Duration = Duration::from_secs(60);
 /// runtime, a slow network) without losing its lock.
 pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(5 * 60);
 
+/// How many failures in a row make the locker replace a connection (`0`: never). A failure is
+/// an error saying the store is unreachable or did not answer, or each
+/// [`DEFAULT_SLOW_CALL_AFTER`] that a call waits without an answer; any answer resets the
+/// count. Both connections (the jobs' one and the reporter's) heal this way, because a client
+/// library may keep a broken connection for good (seen after a Redis Cluster failover).
+pub const DEFAULT_RECONNECT_AFTER_FAILURES: u32 = 3;
+
+/// How long a call may wait for the store before each further wait of that length counts as a
+/// failure toward [`DEFAULT_RECONNECT_AFTER_FAILURES`]. The call itself goes on: a slow
+/// answer is still used, until its caller's own deadline.
+pub const DEFAULT_SLOW_CALL_AFTER: Duration = Duration::from_secs(1);
+
 /// The timings of a [`Locker`]; see the `DEFAULT_*` constants for each default and its reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -53,6 +65,10 @@ pub struct LockerOptions {
     /// `mutex`) rather than only warn when the store says it may take longer to fail over than
     /// `liveness_ttl` ([`Capabilities::failover_time`](crate::Capabilities)). Off by default.
     pub refuse_liveness_shorter_than_failover: bool,
+    /// See [`DEFAULT_RECONNECT_AFTER_FAILURES`].
+    pub reconnect_after_failures: u32,
+    /// See [`DEFAULT_SLOW_CALL_AFTER`].
+    pub slow_call_after: Duration,
 }
 
 impl Default for LockerOptions {
@@ -65,6 +81,8 @@ impl Default for LockerOptions {
             extend_every: DEFAULT_EXTEND_EVERY,
             lock_ttl: DEFAULT_LOCK_TTL,
             refuse_liveness_shorter_than_failover: false,
+            reconnect_after_failures: DEFAULT_RECONNECT_AFTER_FAILURES,
+            slow_call_after: DEFAULT_SLOW_CALL_AFTER,
         }
     }
 }
@@ -83,6 +101,7 @@ impl LockerOptions {
             ("recheck_every", self.recheck_every),
             ("extend_every", self.extend_every),
             ("lock_ttl", self.lock_ttl),
+            ("slow_call_after", self.slow_call_after),
         ];
         for (name, d) in named {
             if d.is_zero() {
@@ -176,6 +195,20 @@ impl LockerBuilder {
         self
     }
 
+    /// How many failures in a row make the locker replace a connection, `0` for never
+    /// ([`DEFAULT_RECONNECT_AFTER_FAILURES`]).
+    pub fn reconnect_after_failures(mut self, failures: u32) -> Self {
+        self.options.reconnect_after_failures = failures;
+        self
+    }
+
+    /// How long a call waits for the store before each further wait of that length counts as
+    /// a failure ([`DEFAULT_SLOW_CALL_AFTER`]).
+    pub fn slow_call_after(mut self, d: Duration) -> Self {
+        self.options.slow_call_after = d;
+        self
+    }
+
     /// Checks the timings and makes the locker. Nothing connects yet: the reporter thread and
     /// the connections start with the first acquire.
     ///
@@ -202,6 +235,8 @@ mod tests {
         assert_eq!(o.recheck_every, Duration::from_millis(5_000));
         assert_eq!(o.extend_every, Duration::from_millis(60_000));
         assert_eq!(o.lock_ttl, Duration::from_millis(300_000));
+        assert_eq!(o.reconnect_after_failures, 3);
+        assert_eq!(o.slow_call_after, Duration::from_secs(1));
         o.validate().expect("defaults are valid");
     }
 
@@ -213,6 +248,7 @@ mod tests {
             |b| b.report_every(Duration::from_secs(6)),
             |b| b.extend_every(Duration::from_secs(300)),
             |b| b.recheck_every(Duration::MAX),
+            |b| b.slow_call_after(Duration::ZERO),
         ];
         for case in cases {
             let b = case(Locker::builder(MemoryBackend::new()));

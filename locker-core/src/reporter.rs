@@ -21,6 +21,7 @@ use crate::backend::{BackendFactory, LockBackend, ReleaseOutcome};
 use crate::clock::{nanos, Clock};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{BackgroundSource, Events};
+use crate::healing::Healing;
 use crate::options::LockerOptions;
 use crate::record::ProcessData;
 
@@ -279,6 +280,7 @@ impl Reporter {
             retry_every: options.recheck_every.min(options.report_every),
             lock_ttl: options.lock_ttl,
             start_timeout: options.reporter_start_timeout,
+            options: options.clone(),
             clock,
             events,
         };
@@ -373,6 +375,8 @@ struct Task {
     retry_every: Duration,
     lock_ttl: Duration,
     start_timeout: Duration,
+    /// For the connection's healing (see [`Healing`]).
+    options: LockerOptions,
     clock: Clock,
     events: Events,
 }
@@ -422,6 +426,13 @@ impl Task {
             }
         };
 
+        let backend = Healing::wrap(
+            backend,
+            self.factory.clone(),
+            "reporter",
+            &self.options,
+            self.events.clone(),
+        );
         let mut releases = JoinSet::new();
         let mut undos = JoinSet::new();
         for (key, owner_hash, deadline, kind) in pending {
@@ -434,17 +445,37 @@ impl Task {
         }
         let mut ticker = tokio::time::interval(self.report_every);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Commands first: a stop must not wait behind liveness writes that a hung store makes
+        // last their whole timeout (nor lose a coin toss against the next tick), and a write
+        // in flight is dropped for it.
         let (forget, abandon, ack) = loop {
             tokio::select! {
-                _ = ticker.tick() => self.report(&*backend).await,
-                cmd = rx.recv() => match cmd {
-                    Some(Command::Release { key, owner_hash, deadline, kind }) => {
-                        let set = if kind == ReleaseKind::Held { &mut releases } else { &mut undos };
-                        set.spawn(self.release(backend.clone(), key, owner_hash, deadline, kind));
+                biased;
+                cmd = rx.recv() => {
+                    if let Some(stop) = self.handle(cmd, &backend, &mut releases, &mut undos) {
+                        break stop;
                     }
-                    Some(Command::Stop { forget, abandon, ack }) => break (forget, abandon, ack),
-                    None => break (true, false, None),
-                },
+                }
+                _ = ticker.tick() => {
+                    let report = self.report(&*backend);
+                    tokio::pin!(report);
+                    let stop = loop {
+                        tokio::select! {
+                            biased;
+                            cmd = rx.recv() => {
+                                if let Some(stop) =
+                                    self.handle(cmd, &backend, &mut releases, &mut undos)
+                                {
+                                    break Some(stop);
+                                }
+                            }
+                            () = &mut report => break None,
+                        }
+                    };
+                    if let Some(stop) = stop {
+                        break stop;
+                    }
+                }
                 Some(_) = releases.join_next(), if !releases.is_empty() => {}
                 Some(_) = undos.join_next(), if !undos.is_empty() => {}
             }
@@ -477,6 +508,38 @@ impl Task {
         }
         if let Some(ack) = ack {
             let _ = ack.send(());
+        }
+    }
+
+    /// Runs one command; a stop (or the end of the channel) is returned as what to do.
+    fn handle(
+        &self,
+        cmd: Option<Command>,
+        backend: &Arc<dyn LockBackend>,
+        releases: &mut JoinSet<()>,
+        undos: &mut JoinSet<()>,
+    ) -> Option<(bool, bool, Option<oneshot::Sender<()>>)> {
+        match cmd {
+            Some(Command::Release {
+                key,
+                owner_hash,
+                deadline,
+                kind,
+            }) => {
+                let set = if kind == ReleaseKind::Held {
+                    releases
+                } else {
+                    undos
+                };
+                set.spawn(self.release(backend.clone(), key, owner_hash, deadline, kind));
+                None
+            }
+            Some(Command::Stop {
+                forget,
+                abandon,
+                ack,
+            }) => Some((forget, abandon, ack)),
+            None => Some((true, false, None)),
         }
     }
 

@@ -1,0 +1,339 @@
+//! Connections that replace themselves when they keep failing.
+//!
+//! A client library may lose a connection for good and never say so: after a Redis Cluster
+//! failover, a connection that carried many concurrent calls was seen timing out every command
+//! for the rest of a run, while the reporter's own connection kept the process looking alive.
+//! The locker does not trust a connection to heal itself. Both of its connections (the jobs'
+//! one, and the reporter's on its own thread) go through a [`Healing`] backend, which counts
+//! failures in a row and opens a new connection from the [`BackendFactory`] when they pile up.
+//!
+//! What counts as a failure: an error that says the store is unreachable or did not answer
+//! ([`ErrorKind::Unavailable`], [`ErrorKind::Timeout`]), and each
+//! [`slow_call_after`](crate::LockerOptions::slow_call_after) that a call waits without an
+//! answer (a wedged connection may never answer at all, and a caller may wait long). Any
+//! answer from the store, even an error such as a corrupt record, resets the count. After
+//! [`reconnect_after_failures`](crate::LockerOptions::reconnect_after_failures) failures in a
+//! row, one task (never more) connects again, on the runtime that made the connection, and
+//! swaps the new connection in. Calls still waiting on the old one fail at their next slow tick
+//! with a retryable [`ErrorKind::Unavailable`], and their callers retry as after any failure
+//! (an acquire's possible write is undone as for any failed acquire). A failed reconnect is
+//! reported as a [`BackgroundSource::Connection`] error and tried again with a backoff.
+//! Nothing is retried here: this layer only chooses the connection.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::runtime::Handle;
+use tokio::time::{timeout, Instant};
+
+use crate::backend::{
+    AcquireOutcome, BackendFactory, Capabilities, ExtendOutcome, LockBackend, ReleaseOutcome,
+};
+use crate::error::{Error, ErrorKind, Result};
+use crate::events::{BackgroundSource, Events};
+use crate::options::LockerOptions;
+use crate::record::{LockData, ProcessData};
+
+/// The first wait after a failed reconnect; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
+
+/// A backend that replaces its connection after repeated failures; see the module docs.
+pub(crate) struct Healing {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    factory: Arc<dyn BackendFactory>,
+    /// "job" or "reporter", for the logs.
+    side: &'static str,
+    after: u32,
+    slow_call: Duration,
+    connect_timeout: Duration,
+    events: Events,
+    /// The runtime that made the first connection: the new ones are made there too.
+    runtime: Handle,
+    current: RwLock<Arc<Generation>>,
+    /// One reconnect at a time.
+    reconnecting: AtomicBool,
+    backoff: Mutex<Backoff>,
+    replacements: AtomicU64,
+}
+
+struct Backoff {
+    not_before: Option<Instant>,
+    next: Duration,
+}
+
+struct Generation {
+    backend: Arc<dyn LockBackend>,
+    /// Failures in a row on this connection.
+    failures: AtomicU32,
+    /// Set when a newer connection took this one's place.
+    replaced: AtomicBool,
+}
+
+impl Generation {
+    fn new(backend: Arc<dyn LockBackend>) -> Arc<Self> {
+        Arc::new(Generation {
+            backend,
+            failures: AtomicU32::new(0),
+            replaced: AtomicBool::new(false),
+        })
+    }
+}
+
+impl std::fmt::Debug for Healing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Healing")
+            .field("side", &self.shared.side)
+            .field("backend", &self.shared.current().backend)
+            .field(
+                "replacements",
+                &self.shared.replacements.load(Ordering::Relaxed),
+            )
+            .finish()
+    }
+}
+
+impl Healing {
+    /// Wraps `backend`, a connection just made by `factory`. Without a tokio runtime to
+    /// reconnect on, or with healing turned off, `backend` is returned as it is.
+    pub(crate) fn wrap(
+        backend: Arc<dyn LockBackend>,
+        factory: Arc<dyn BackendFactory>,
+        side: &'static str,
+        options: &LockerOptions,
+        events: Events,
+    ) -> Arc<dyn LockBackend> {
+        let Ok(runtime) = Handle::try_current() else {
+            return backend;
+        };
+        if options.reconnect_after_failures == 0 {
+            return backend;
+        }
+        Arc::new(Healing {
+            shared: Arc::new(Shared {
+                factory,
+                side,
+                after: options.reconnect_after_failures,
+                slow_call: options.slow_call_after,
+                connect_timeout: options.reporter_start_timeout,
+                events,
+                runtime,
+                current: RwLock::new(Generation::new(backend)),
+                reconnecting: AtomicBool::new(false),
+                backoff: Mutex::new(Backoff {
+                    not_before: None,
+                    next: FIRST_BACKOFF,
+                }),
+                replacements: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+impl Shared {
+    fn current(&self) -> Arc<Generation> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Runs one call on `generation`'s connection, counting its failures and slow ticks.
+    async fn watch<T>(
+        self: &Arc<Self>,
+        generation: &Arc<Generation>,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        tokio::pin!(call);
+        let slow = tokio::time::sleep(self.slow_call);
+        tokio::pin!(slow);
+        loop {
+            tokio::select! {
+                biased;
+                result = &mut call => {
+                    match &result {
+                        Err(e) if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout) => {
+                            self.failed(generation);
+                        }
+                        // The store answered, even if only to refuse.
+                        _ => {
+                            if generation.failures.load(Ordering::Relaxed) != 0 {
+                                generation.failures.store(0, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    return result;
+                }
+                () = &mut slow => {
+                    if generation.replaced.load(Ordering::Acquire) {
+                        return Err(Error::new(
+                            ErrorKind::Unavailable,
+                            format!(
+                                "the {} connection was replaced while this call waited for \
+                                 its answer",
+                                self.side
+                            ),
+                        ));
+                    }
+                    self.failed(generation);
+                    slow.as_mut().reset(Instant::now() + self.slow_call);
+                }
+            }
+        }
+    }
+
+    fn failed(self: &Arc<Self>, generation: &Arc<Generation>) {
+        let failures = generation.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < self.after || generation.replaced.load(Ordering::Acquire) {
+            return;
+        }
+        if self.reconnecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let in_backoff = match self.backoff.lock() {
+            Ok(b) => b.not_before.is_some_and(|t| Instant::now() < t),
+            Err(_) => false,
+        };
+        if in_backoff {
+            self.reconnecting.store(false, Ordering::Release);
+            return;
+        }
+        // Resets `reconnecting` however the task ends, even if the runtime is gone and the
+        // task is dropped unpolled.
+        let busy = Busy(self.clone());
+        let old = generation.clone();
+        self.runtime.spawn(async move {
+            let shared = busy.0.clone();
+            shared.reconnect(&old, failures).await;
+            drop(busy);
+        });
+    }
+
+    async fn reconnect(&self, old: &Arc<Generation>, failures: u32) {
+        let result = match timeout(self.connect_timeout, self.factory.connect()).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("connecting took longer than {:?}", self.connect_timeout),
+            )),
+        };
+        match result {
+            Ok(backend) => {
+                {
+                    let mut current = match self.current.write() {
+                        Ok(c) => c,
+                        Err(poisoned) => poisoned.into_inner(),
+                    };
+                    *current = Generation::new(backend);
+                }
+                old.replaced.store(true, Ordering::Release);
+                if let Ok(mut b) = self.backoff.lock() {
+                    b.not_before = None;
+                    b.next = FIRST_BACKOFF;
+                }
+                let n = self.replacements.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(
+                    side = self.side,
+                    failures,
+                    replacements = n,
+                    "replaced a store connection that kept failing"
+                );
+            }
+            Err(e) => {
+                let wait = match self.backoff.lock() {
+                    Ok(mut b) => {
+                        let wait = b.next;
+                        b.not_before = Some(Instant::now() + wait);
+                        b.next = (b.next * 2).min(MAX_BACKOFF);
+                        wait
+                    }
+                    Err(_) => FIRST_BACKOFF,
+                };
+                let message = format!(
+                    "the {} connection failed {failures} times in a row, and a new one could \
+                     not be made ({}); trying again in {wait:?} or later",
+                    self.side,
+                    e.message()
+                );
+                self.events.emit(
+                    BackgroundSource::Connection,
+                    Error::new(e.kind(), message).with_source(e),
+                );
+            }
+        }
+    }
+}
+
+struct Busy(Arc<Shared>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.reconnecting.store(false, Ordering::Release);
+    }
+}
+
+/// Runs `$call` with `$b` bound to the current connection, through [`Shared::watch`].
+macro_rules! healed {
+    ($self:ident, |$b:ident| $call:expr) => {{
+        let generation = $self.shared.current();
+        let $b = &*generation.backend;
+        $self.shared.watch(&generation, $call).await
+    }};
+}
+
+#[async_trait]
+impl LockBackend for Healing {
+    fn capabilities(&self) -> Capabilities {
+        self.shared.current().backend.capabilities()
+    }
+
+    async fn acquire(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
+        healed!(self, |b| b.acquire(key, data, ttl))
+    }
+
+    async fn extend(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        owner_hash: &str,
+    ) -> Result<ExtendOutcome> {
+        healed!(self, |b| b.extend(key, data, ttl, owner_hash))
+    }
+
+    async fn release(&self, key: &str, owner_hash: &str) -> Result<ReleaseOutcome> {
+        healed!(self, |b| b.release(key, owner_hash))
+    }
+
+    async fn take_over(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        dead_owner_hash: &str,
+    ) -> Result<AcquireOutcome> {
+        healed!(self, |b| b.take_over(key, data, ttl, dead_owner_hash))
+    }
+
+    async fn ping(&self, process_hash: &str, data: &ProcessData, ttl: Duration) -> Result<()> {
+        healed!(self, |b| b.ping(process_hash, data, ttl))
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<LockData>> {
+        healed!(self, |b| b.read(key))
+    }
+
+    async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {
+        healed!(self, |b| b.read_process(process_hash))
+    }
+
+    async fn forget_process(&self, process_hash: &str) -> Result<()> {
+        healed!(self, |b| b.forget_process(process_hash))
+    }
+}
