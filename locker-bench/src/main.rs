@@ -19,6 +19,7 @@ use locker_conformance::servers::{self, ServerKind};
 
 mod chaos;
 mod counting;
+mod durable;
 mod raw;
 
 #[derive(Parser, Debug)]
@@ -46,6 +47,13 @@ struct Cli {
     /// Observation window of the background cost.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     window: Duration,
+    /// Repeats of the Redis durable-mode comparison (a plain slice and a durable slice each,
+    /// on a primary with one replica); 0 to skip.
+    #[arg(long, default_value_t = 5)]
+    durable_repeats: usize,
+    /// Length of one slice of the durable-mode comparison.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    slice: Duration,
     #[command(subcommand)]
     hold: Option<Sub>,
 }
@@ -458,7 +466,7 @@ fn main() {
         humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
         machine()
     );
-    println!("Command: `cargo run --release -p locker-bench -- --backends {} --duration {:?} --tasks {} --takeover-trials {}`", cli.backends.join(","), cli.duration, cli.tasks, cli.takeover_trials);
+    println!("Command: `cargo run --release -p locker-bench -- --backends {} --duration {:?} --tasks {} --takeover-trials {} --durable-repeats {} --slice {:?}`", cli.backends.join(","), cli.duration, cli.tasks, cli.takeover_trials, cli.durable_repeats, cli.slice);
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut keep = Vec::new();
     for backend in &cli.backends {
@@ -492,5 +500,8 @@ fn main() {
             }
         };
         runtime.block_on(bench_backend(&cli, backend, &url));
+        if matches!(backend.as_str(), "redis" | "fred") && cli.durable_repeats > 0 {
+            runtime.block_on(durable::compare(&cli, backend));
+        }
     }
 }

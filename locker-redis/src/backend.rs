@@ -10,7 +10,7 @@ use locker_core::{
     ProcessData, ReleaseOutcome, Result,
 };
 
-use crate::config::{ClientLibrary, RedisConfig};
+use crate::config::{ClientLibrary, RedisConfig, WaitForReplicas};
 use crate::scripts::{parse_record, parse_reply, record_without_token, Reply, ScriptName};
 
 /// A fencing counter outlives its last lock by at least this long; after that the server's
@@ -23,6 +23,16 @@ const FENCE_TTL: Duration = Duration::from_secs(24 * 3600);
 pub(crate) trait Driver: Send + Sync + fmt::Debug + 'static {
     /// Runs a script by SHA (loading it after `NOSCRIPT`) and returns its array of strings.
     async fn eval(&self, script: ScriptName, keys: &[&str], args: &[&str]) -> Result<Vec<String>>;
+    /// [`eval`](Self::eval), then `WAIT replicas timeout` on the connection that carried the
+    /// script (pipelined, to the node that serves `keys[0]`): the script's reply and the number
+    /// of replicas that acknowledged the connection's writes.
+    async fn eval_and_wait(
+        &self,
+        script: ScriptName,
+        keys: &[&str],
+        args: &[&str],
+        wait: WaitForReplicas,
+    ) -> Result<(Vec<String>, u64)>;
     async fn get(&self, key: &str) -> Result<Option<String>>;
     async fn set_px(&self, key: &str, value: &str, ttl_ms: u64) -> Result<()>;
     async fn del(&self, key: &str) -> Result<()>;
@@ -131,13 +141,60 @@ impl RedisBackend {
         let (lock, fence) = (self.config.keys.lock(key), self.config.keys.fence(key));
         let mut args = vec![record.as_str(), ttl.as_str(), fence_ttl.as_str()];
         args.extend(dead_owner);
-        let reply = self.driver.eval(script, &[&lock, &fence], &args).await?;
-        match parse_reply(key, reply)? {
-            Reply::Acquired(json) => Ok(AcquireOutcome::Acquired(parse_record(key, &json)?)),
-            Reply::Held(json) => Ok(AcquireOutcome::Held(parse_record(key, &json)?)),
-            other => Err(unexpected(key, &other)),
+        let Some(wait) = self.config.wait_for_replicas else {
+            let reply = self.driver.eval(script, &[&lock, &fence], &args).await?;
+            return match parse_reply(key, reply)? {
+                Reply::Acquired(json) => Ok(AcquireOutcome::Acquired(parse_record(key, &json)?)),
+                Reply::Held(json) => Ok(AcquireOutcome::Held(parse_record(key, &json)?)),
+                other => Err(unexpected(key, &other)),
+            };
+        };
+        let (reply, acked) = self
+            .driver
+            .eval_and_wait(script, &[&lock, &fence], &args, wait)
+            .await?;
+        let outcome = match parse_reply(key, reply)? {
+            Reply::Acquired(json) => AcquireOutcome::Acquired(parse_record(key, &json)?),
+            Reply::Held(json) => AcquireOutcome::Held(parse_record(key, &json)?),
+            other => return Err(unexpected(key, &other)),
+        };
+        let replayed = match &outcome {
+            AcquireOutcome::Acquired(_) if acked >= u64::from(wait.replicas) => return Ok(outcome),
+            AcquireOutcome::Acquired(_) => false,
+            // This owner's record, found by a resent acquire (the `redis` crate resends a
+            // cluster pipeline after a lost connection; a `Locker` takes it as acquired). The
+            // first send wrote it, on a connection that is gone: this `WAIT` did not count that
+            // write, so nothing says it is durable.
+            AcquireOutcome::Held(holder) if holder.owner_hash == data.owner_hash => true,
+            // Nothing written.
+            AcquireOutcome::Held(_) => return Ok(outcome),
+        };
+        // Granted on the master, not known to be on any replica that a failover would promote:
+        // not a lock to hand out. Undo it now (the caller may retry at once), if still ours; a
+        // `Locker` also undoes a failed acquire in the background, which covers a failure here.
+        let undone = match self.release(key, &data.owner_hash).await {
+            Ok(_) => "it was released",
+            Err(_) => "releasing it failed too (a `Locker` keeps trying in the background)",
+        };
+        if replayed {
+            return Err(Error::unavailable(format!(
+                "the lock was written on the master by an acquire sent again after a lost \
+                 connection, and WAIT cannot vouch for the first write; {undone}; try again"
+            ))
+            .with_key(key));
         }
+        Err(not_acknowledged(key, wait, acked, "lock", undone))
     }
+}
+
+/// The retryable error of a durable write that too few replicas acknowledged in time.
+fn not_acknowledged(key: &str, wait: WaitForReplicas, acked: u64, what: &str, then: &str) -> Error {
+    Error::unavailable(format!(
+        "the {what} was written on the master, but only {acked} of {} replicas acknowledged it \
+         within {:?} (WAIT); {then}; try again",
+        wait.replicas, wait.timeout
+    ))
+    .with_key(key)
 }
 
 fn unexpected(key: &str, reply: &Reply) -> Error {
@@ -188,12 +245,41 @@ impl LockBackend for RedisBackend {
         let ttl = ttl_ms(ttl)?.to_string();
         let record = record_without_token(data);
         let lock = self.config.keys.lock(key);
-        let reply = self
-            .driver
-            .eval(ScriptName::Extend, &[&lock], &[&record, &ttl, owner_hash])
-            .await?;
+        let (args, wait) = (
+            [record.as_str(), &ttl, owner_hash],
+            self.config.wait_for_replicas,
+        );
+        let (reply, acked) = match wait {
+            None => (
+                self.driver
+                    .eval(ScriptName::Extend, &[&lock], &args)
+                    .await?,
+                None,
+            ),
+            Some(wait) => {
+                let (reply, acked) = self
+                    .driver
+                    .eval_and_wait(ScriptName::Extend, &[&lock], &args, wait)
+                    .await?;
+                (reply, Some((wait, acked)))
+            }
+        };
         match parse_reply(key, reply)? {
-            Reply::Extended(json) => Ok(ExtendOutcome::Extended(parse_record(key, &json)?)),
+            Reply::Extended(json) => {
+                if let Some((wait, acked)) = acked {
+                    if acked < u64::from(wait.replicas) {
+                        // Still this owner's on the master, extended; the heartbeat retries.
+                        return Err(not_acknowledged(
+                            key,
+                            wait,
+                            acked,
+                            "extension",
+                            "the lock stays held",
+                        ));
+                    }
+                }
+                Ok(ExtendOutcome::Extended(parse_record(key, &json)?))
+            }
             Reply::NoKey => Ok(ExtendOutcome::NoKey),
             Reply::Held(json) => Ok(ExtendOutcome::Held(parse_record(key, &json)?)),
             other => Err(unexpected(key, &other)),

@@ -17,6 +17,31 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// retried by the locker) rather than left to hold up a heartbeat.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a durable write waits for its replicas when the URL gives `wait_replicas` but no
+/// `wait_timeout`. A replica on the same network acknowledges within a millisecond or two; a
+/// `WAIT` blocks its whole connection (every lock call multiplexed on it) while it waits, so a
+/// replica that is gone should cost each write little, and the lock call is retried anyway.
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// The opt-in durable mode: after each write that grants or keeps a lock (acquire, take-over,
+/// extend), wait until `replicas` replicas have acknowledged it, for at most `timeout`
+/// (`WAIT replicas timeout`). See [`RedisConfigBuilder::wait_for_replicas`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct WaitForReplicas {
+    /// How many replicas must acknowledge (at least 1).
+    pub replicas: u32,
+    /// How long to wait for them (more than zero, less than the command timeout).
+    pub timeout: Duration,
+}
+
+impl WaitForReplicas {
+    /// The `WAIT` timeout in whole milliseconds, rounded up (`WAIT n 0` would block forever).
+    pub(crate) fn timeout_ms(&self) -> u64 {
+        u64::try_from(self.timeout.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+    }
+}
+
 /// Which Rust Redis client the backend drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
@@ -72,12 +97,15 @@ pub struct RedisConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) command_timeout: Duration,
     pub(crate) client: ClientLibrary,
+    pub(crate) wait_for_replicas: Option<WaitForReplicas>,
 }
 
 impl RedisConfig {
     /// Parses a `redis://`, `rediss://`, `redis+cluster://` or `rediss+cluster://` URL
     /// (`redis-cluster://` and `rediss-cluster://` too), with its query parameters: `prefix`,
-    /// `client` (`redis` or `fred`), `connect_timeout` and `command_timeout`. This is the parser
+    /// `client` (`redis` or `fred`), `connect_timeout`, `command_timeout`, and the durable mode's
+    /// `wait_replicas` and `wait_timeout` (see
+    /// [`wait_for_replicas`](RedisConfigBuilder::wait_for_replicas)). This is the parser
     /// `locker::connect` uses; its documentation has the table of every scheme's parameters.
     ///
     /// The user name and the password are percent-decoded, and so are the parameters' values
@@ -125,6 +153,8 @@ impl RedisConfig {
             connect_timeout: self.connect_timeout,
             command_timeout: self.command_timeout,
             client: self.client,
+            wait_replicas: self.wait_for_replicas.map(|w| w.replicas),
+            wait_timeout: self.wait_for_replicas.map(|w| w.timeout),
         }
     }
 
@@ -180,6 +210,11 @@ impl RedisConfig {
     /// See [`DEFAULT_COMMAND_TIMEOUT`].
     pub fn command_timeout(&self) -> Duration {
         self.command_timeout
+    }
+
+    /// The durable mode, when on: see [`RedisConfigBuilder::wait_for_replicas`].
+    pub fn wait_for_replicas(&self) -> Option<WaitForReplicas> {
+        self.wait_for_replicas
     }
 
     /// The URL of this configuration with the password replaced by `***`.
@@ -288,13 +323,39 @@ fn parse_url(url: &str) -> Result<RedisConfigBuilder> {
             "client" => builder.client(client_named(&value).map_err(|why| bad(&why))?),
             "connect_timeout" => builder.connect_timeout(duration()?),
             "command_timeout" => builder.command_timeout(duration()?),
+            "wait_replicas" => {
+                let n = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| {
+                        bad(&format!(
+                            "wait_replicas {value:?} is not a number of replicas (1 or more)"
+                        ))
+                    })?;
+                builder.wait_replicas = Some(n);
+                builder
+            }
+            "wait_timeout" => {
+                builder.wait_timeout = Some(duration()?);
+                builder
+            }
             other => {
                 return Err(bad(&format!(
-                    "unknown parameter {other:?} (expected prefix, client, connect_timeout or \
-                     command_timeout; see the table of `locker::connect`)"
+                    "unknown parameter {other:?} (expected prefix, client, connect_timeout, \
+                     command_timeout, wait_replicas or wait_timeout; see the table of \
+                     `locker::connect`)"
                 )))
             }
         };
+    }
+    if builder.wait_timeout.is_some() && builder.wait_replicas.is_none() {
+        return Err(bad(
+            "wait_timeout needs wait_replicas (how many replicas to wait for)",
+        ));
+    }
+    if builder.wait_replicas.is_some() && builder.wait_timeout.is_none() {
+        builder.wait_timeout = Some(DEFAULT_WAIT_TIMEOUT);
     }
     Ok(builder)
 }
@@ -343,6 +404,7 @@ impl fmt::Debug for RedisConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
             .field("client", &self.client)
+            .field("wait_for_replicas", &self.wait_for_replicas)
             .finish()
     }
 }
@@ -368,6 +430,8 @@ pub struct RedisConfigBuilder {
     connect_timeout: Duration,
     command_timeout: Duration,
     client: ClientLibrary,
+    wait_replicas: Option<u32>,
+    wait_timeout: Option<Duration>,
 }
 
 impl Default for RedisConfigBuilder {
@@ -384,6 +448,8 @@ impl Default for RedisConfigBuilder {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             client: ClientLibrary::default(),
+            wait_replicas: None,
+            wait_timeout: None,
         }
     }
 }
@@ -455,11 +521,81 @@ impl RedisConfigBuilder {
         self
     }
 
+    /// The durable mode (off by default): after each write that grants or keeps a lock
+    /// (acquire, take-over, extend), wait until at least `replicas` replicas of the master that
+    /// took it have acknowledged it, for at most `timeout`, with Redis' `WAIT replicas timeout`.
+    /// URL form: `wait_replicas=1&wait_timeout=100ms` (the timeout defaults to
+    /// [`DEFAULT_WAIT_TIMEOUT`]).
+    ///
+    /// **What it protects against.** Redis replicates asynchronously: a master answers a write
+    /// before any replica has it. When that master fails and a replica is promoted (Redis
+    /// Cluster, Sentinel), or when a paused master wakes up, acknowledges writes it had queued,
+    /// then turns into a replica of the master elected meanwhile and discards them, a lock that
+    /// was granted or extended is silently lost: another process may then take it while this
+    /// one believes it holds it. With this mode, a granted or extended lock is on `replicas`
+    /// replicas before the call returns, so a failover to one of them keeps it. (It is not a
+    /// guarantee against everything: the promoted replica may be one that did not acknowledge,
+    /// and a replica without persistence that restarts forgets it; see Redis' documentation of
+    /// `WAIT`.) Operators can also refuse writes on a master that lost its replicas with
+    /// `min-replicas-to-write` and `min-replicas-max-lag`, which bounds the same loss on the
+    /// server side for every client.
+    ///
+    /// **When fewer replicas acknowledge within `timeout`:**
+    /// - acquire and take-over: the lock was written on the master but is not known to be
+    ///   durable. The backend releases it (if it is still this owner's, one more round trip,
+    ///   not waited for) and fails with a retryable
+    ///   [`ErrorKind::Unavailable`](locker_core::ErrorKind::Unavailable) error ("... of N
+    ///   replicas acknowledged ..."). A `Locker` also undoes a failed acquire in the background
+    ///   (its release-if-ours), so the key is free again, and trying again is safe. After a
+    ///   failed take-over the dead owner's lock is gone too: its process was dead.
+    /// - extend: a retryable `Unavailable` error; the lock stays this owner's on the master,
+    ///   with the extension, and the heartbeat retries. Until an extension is acknowledged, the
+    ///   locker counts the lock's time from the last one that was, which is the one a promoted
+    ///   replica has.
+    /// - outcomes that write nothing (held by another owner, no key) are returned as they are.
+    ///
+    /// Releases and liveness pings are not waited for: a lost release only leaves a lock to
+    /// expire (or be taken over), and a liveness record is rewritten every report interval.
+    ///
+    /// **Cost.** `WAIT` is sent in the same pipeline as the script, on the same connection
+    /// (Redis counts the writes of the connection `WAIT` is sent on), to the master that serves
+    /// the key's slot: one round trip from the client, plus the master's round trip to its
+    /// replicas. While a `WAIT` waits, the server answers nothing else on that connection, which
+    /// carries every lock call of a `Locker`: with replicas that do not answer, each durable
+    /// write costs up to `timeout` and the writes queue behind each other. `locker-bench`
+    /// measures the cost with one replica on the same machine (BENCHMARKS.md).
+    ///
+    /// **Clients.** With the `redis` crate the pipeline goes to one node and is resent whole
+    /// after a redirection or a reconnection (a resent acquire that finds its own record wrote
+    /// nothing on the new connection, so it counts as not acknowledged). With `fred`, the two
+    /// commands are sent once each (`max_attempts` 1), because fred would resend one of them
+    /// alone, and a `WAIT` alone on another connection would count nothing; a redirection or a
+    /// dropped connection is then a retryable error.
+    ///
+    /// `build` refuses `replicas` = 0, a zero `timeout`, and a `timeout` that is not shorter
+    /// than the command timeout (the command would time out first), with
+    /// [`ErrorKind::InvalidInput`](locker_core::ErrorKind::InvalidInput). A standalone server
+    /// without replicas fails every durable write, after `timeout`: replicas are the point.
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait_replicas = Some(replicas);
+        self.wait_timeout = Some(timeout);
+        self
+    }
+
+    /// Turns the durable mode off (the default).
+    pub fn no_wait_for_replicas(mut self) -> Self {
+        self.wait_replicas = None;
+        self.wait_timeout = None;
+        self
+    }
+
     /// Checks and builds.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`](locker_core::ErrorKind::InvalidInput) for no node, a
-    /// database number on a cluster, zero timeouts, or a key prefix with a broken hash tag.
+    /// database number on a cluster, zero timeouts, a key prefix with a broken hash tag, or a
+    /// durable mode (see [`wait_for_replicas`](Self::wait_for_replicas)) with no replica, a zero
+    /// wait timeout or one not shorter than the command timeout.
     pub fn build(mut self) -> Result<RedisConfig> {
         if self.nodes.is_empty() {
             self.nodes.push(("127.0.0.1".to_owned(), 6379));
@@ -471,6 +607,35 @@ impl RedisConfigBuilder {
         if self.connect_timeout.is_zero() || self.command_timeout.is_zero() {
             return Err(Error::invalid_input("timeouts must be greater than zero"));
         }
+        let wait_for_replicas = match (self.wait_replicas, self.wait_timeout) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(Error::invalid_input(
+                    "a wait timeout needs a number of replicas to wait for",
+                ))
+            }
+            (Some(replicas), timeout) => {
+                let timeout = timeout.unwrap_or(DEFAULT_WAIT_TIMEOUT);
+                if replicas == 0 {
+                    return Err(Error::invalid_input(
+                        "wait for replicas: the number of replicas must be 1 or more",
+                    ));
+                }
+                if timeout.is_zero() {
+                    return Err(Error::invalid_input(
+                        "wait for replicas: the timeout must be greater than zero",
+                    ));
+                }
+                if timeout >= self.command_timeout {
+                    return Err(Error::invalid_input(format!(
+                        "wait for replicas: the timeout ({timeout:?}) must be shorter than the \
+                         command timeout ({:?}), which would end the call first",
+                        self.command_timeout
+                    )));
+                }
+                Some(WaitForReplicas { replicas, timeout })
+            }
+        };
         let topology = if cluster {
             Topology::Cluster { nodes: self.nodes }
         } else {
@@ -488,6 +653,7 @@ impl RedisConfigBuilder {
             connect_timeout: self.connect_timeout,
             command_timeout: self.command_timeout,
             client: self.client,
+            wait_for_replicas,
         })
     }
 }
@@ -502,6 +668,8 @@ impl fmt::Debug for RedisConfigBuilder {
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("database", &self.database)
             .field("key_prefix", &self.key_prefix)
+            .field("wait_replicas", &self.wait_replicas)
+            .field("wait_timeout", &self.wait_timeout)
             .finish()
     }
 }
@@ -724,6 +892,80 @@ mod tests {
             assert!(!text.contains("hunter2"), "{text}");
             assert!(text.contains("bob"), "{text}");
         }
+    }
+
+    #[test]
+    fn the_durable_mode_is_off_by_default_and_read_from_the_url() {
+        let c = RedisConfig::from_url("redis://h").expect("url");
+        assert_eq!(c.wait_for_replicas(), None);
+        let c = RedisConfig::from_url("redis://h?wait_replicas=2&wait_timeout=250ms").expect("url");
+        assert_eq!(
+            c.wait_for_replicas(),
+            Some(WaitForReplicas {
+                replicas: 2,
+                timeout: Duration::from_millis(250)
+            })
+        );
+        let c = RedisConfig::from_url("redis+cluster://a:1,b:2?wait_replicas=1").expect("url");
+        assert_eq!(
+            c.wait_for_replicas().map(|w| w.timeout),
+            Some(DEFAULT_WAIT_TIMEOUT)
+        );
+        // It survives a trip through the builder, and can be turned off there.
+        let again = c.clone().into_builder().build().expect("build");
+        assert_eq!(again.wait_for_replicas(), c.wait_for_replicas());
+        let off = c
+            .into_builder()
+            .no_wait_for_replicas()
+            .build()
+            .expect("build");
+        assert_eq!(off.wait_for_replicas(), None);
+        assert!(format!("{again:?}").contains("wait_for_replicas: Some"));
+    }
+
+    #[test]
+    fn a_bad_durable_mode_is_a_typed_error() {
+        for (url, named) in [
+            ("redis://u:hunter2@h?wait_replicas=0", "wait_replicas"),
+            ("redis://u:hunter2@h?wait_replicas=-1", "wait_replicas"),
+            ("redis://u:hunter2@h?wait_replicas=one", "wait_replicas"),
+            ("redis://u:hunter2@h?wait_replicas=", "wait_replicas"),
+            ("redis://u:hunter2@h?wait_timeout=100ms", "wait_replicas"),
+            (
+                "redis://u:hunter2@h?wait_replicas=1&wait_timeout=0",
+                "wait_timeout",
+            ),
+            (
+                "redis://u:hunter2@h?wait_replicas=1&wait_timeout=soon",
+                "wait_timeout",
+            ),
+            (
+                "redis://u:hunter2@h?wait_replicas=1&wait_timeout=5s",
+                "shorter than the command timeout",
+            ),
+            (
+                "redis://u:hunter2@h?wait_replicas=1&wait_timeout=2s&command_timeout=1s",
+                "shorter than the command timeout",
+            ),
+        ] {
+            let e = RedisConfig::from_url(url).expect_err(url);
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{url}");
+            assert!(e.to_string().contains(named), "{url}: {e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+        for builder in [
+            RedisConfig::builder().wait_for_replicas(0, Duration::from_millis(100)),
+            RedisConfig::builder().wait_for_replicas(1, Duration::ZERO),
+            RedisConfig::builder().wait_for_replicas(1, DEFAULT_COMMAND_TIMEOUT),
+        ] {
+            let e = builder.clone().build().expect_err("refused");
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{builder:?}");
+        }
+        let ok = RedisConfig::builder()
+            .wait_for_replicas(1, Duration::from_micros(1))
+            .build()
+            .expect("a microsecond is a millisecond for WAIT");
+        assert_eq!(ok.wait_for_replicas().map(|w| w.timeout_ms()), Some(1));
     }
 
     #[test]

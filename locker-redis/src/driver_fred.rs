@@ -13,12 +13,12 @@ use fred::prelude::{
 use fred::rustls::pki_types::pem::PemObject;
 use fred::rustls::pki_types::CertificateDer;
 use fred::rustls::{ClientConfig, RootCertStore};
-use fred::types::config::{TlsConfig, TlsConnector, TlsHostMapping};
+use fred::types::config::{Options, TlsConfig, TlsConnector, TlsHostMapping};
 use fred::types::{ClusterHash, CustomCommand, Value};
 use locker_core::{is_definite_io_error, Error, ErrorKind, Result};
 
 use crate::backend::Driver;
-use crate::config::{RedisConfig, Topology};
+use crate::config::{RedisConfig, Topology, WaitForReplicas};
 use crate::scripts::ScriptName;
 use crate::version;
 
@@ -197,6 +197,75 @@ impl Driver for FredDriver {
             other => other.map_err(map_error)?,
         };
         Ok(reply.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    async fn eval_and_wait(
+        &self,
+        script: ScriptName,
+        keys: &[&str],
+        args: &[&str],
+        wait: WaitForReplicas,
+    ) -> Result<(Vec<String>, u64)> {
+        let (source, sha) = &self.scripts[script.index()];
+        let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        // `WAIT` counts the writes of the connection it is sent on, so it must follow the script
+        // on the script's connection. fred routes each command of a pipeline on its own: `WAIT`
+        // goes to the slot of the lock's key, so to the same node's connection, in order. But
+        // fred would resend the script alone to another node after a redirection, or either
+        // command alone after a reconnection (when the other was answered): a `WAIT` that
+        // answers for another connection's writes could say "acknowledged" for nothing. Each
+        // such resend is another write attempt, so one attempt each (fred does not inherit the
+        // client's number of attempts when one is set) makes them fail instead, retryably
+        // (after a `MOVED`, fred has refreshed its slot map first); the caller retries both.
+        let slot = keys
+            .first()
+            .map_or(0, |k| fred::util::redis_keyslot(k.as_bytes()));
+        let once = Options {
+            max_attempts: Some(1),
+            ..Options::default()
+        };
+        // fred's pipelines have no script methods: both are custom commands, routed by slot.
+        let run = |name: &'static str, body: &str| {
+            let mut script_args = vec![body.to_owned(), keys.len().to_string()];
+            script_args.extend(keys.iter().cloned());
+            script_args.extend(args.iter().cloned());
+            let pipeline = self.client.pipeline().with_options(&once);
+            async move {
+                let script_cmd = CustomCommand::new_static(name, ClusterHash::Custom(slot), false);
+                let queued: std::result::Result<(), FredError> =
+                    pipeline.custom(script_cmd, script_args).await;
+                queued.map_err(map_error)?;
+                let wait_cmd = CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), false);
+                let queued: std::result::Result<(), FredError> = pipeline
+                    .custom(
+                        wait_cmd,
+                        vec![wait.replicas.to_string(), wait.timeout_ms().to_string()],
+                    )
+                    .await;
+                queued.map_err(map_error)?;
+                let mut replies = pipeline.try_all::<Value>().await.into_iter();
+                match (replies.next(), replies.next()) {
+                    (Some(script), Some(wait)) => Ok((script, wait)),
+                    _ => Err(Error::new(
+                        ErrorKind::Other,
+                        "a pipeline of 2 commands answered fewer replies",
+                    )),
+                }
+            }
+        };
+        let (script_reply, wait_reply) = match run("EVALSHA", sha).await? {
+            // As in `eval`: the node forgot the script; its `WAIT` answered for nothing.
+            (Err(e), _) if e.details().starts_with("NOSCRIPT") => run("EVAL", source).await?,
+            other => other,
+        };
+        let reply: Vec<Option<String>> =
+            script_reply.and_then(|v| v.convert()).map_err(map_error)?;
+        let acked: u64 = wait_reply.and_then(|v| v.convert()).map_err(map_error)?;
+        Ok((
+            reply.into_iter().map(Option::unwrap_or_default).collect(),
+            acked,
+        ))
     }
 
     async fn cluster_node_timeout(&self) -> Option<Duration> {

@@ -15,7 +15,7 @@ use redis::{
 };
 
 use crate::backend::Driver;
-use crate::config::{RedisConfig, Topology};
+use crate::config::{RedisConfig, Topology, WaitForReplicas};
 use crate::scripts::ScriptName;
 use crate::version;
 
@@ -226,6 +226,47 @@ impl Driver for RedisDriver {
         .map_err(map_error)
     }
 
+    async fn eval_and_wait(
+        &self,
+        script: ScriptName,
+        keys: &[&str],
+        args: &[&str],
+        wait: WaitForReplicas,
+    ) -> Result<(Vec<String>, u64)> {
+        let (source, sha) = &self.scripts[script.index()];
+        // One pipeline, so one connection: `WAIT` counts the writes of the connection it is
+        // sent on. The cluster connection routes a pipeline by its first key (the lock's), to
+        // that slot's master (`WAIT` alone would go to every primary), and retries it whole
+        // after a redirection or a reconnection; the connection manager sends it on one
+        // connection or fails it.
+        let pipeline = |name: &str, body: &str| {
+            let mut pipe = redis::pipe();
+            pipe.cmd(name).arg(body).arg(keys.len()).arg(keys).arg(args);
+            pipe.cmd("WAIT").arg(wait.replicas).arg(wait.timeout_ms());
+            pipe
+        };
+        let replies = self.query_pipeline(&pipeline("EVALSHA", sha)).await?;
+        let replies = match replies {
+            // As in `eval`: the node forgot the script; its `WAIT` answered for nothing.
+            [Value::ServerError(e), _] if matches!(e.kind(), Some(ServerErrorKind::NoScript)) => {
+                self.query_pipeline(&pipeline("EVAL", source)).await?
+            }
+            other => other,
+        };
+        let [script_reply, wait_reply] = replies;
+        let from_value = |value: Value| -> Result<Value> {
+            match value {
+                Value::ServerError(e) => Err(map_error(e.into())),
+                value => Ok(value),
+            }
+        };
+        let reply: Vec<String> =
+            redis::from_redis_value(from_value(script_reply)?).map_err(|e| map_error(e.into()))?;
+        let acked: u64 =
+            redis::from_redis_value(from_value(wait_reply)?).map_err(|e| map_error(e.into()))?;
+        Ok((reply, acked))
+    }
+
     async fn cluster_node_timeout(&self) -> Option<Duration> {
         let Conn::Cluster(mut conn) = self.conn.clone() else {
             return None;
@@ -273,6 +314,24 @@ impl Driver for RedisDriver {
 }
 
 impl RedisDriver {
+    /// The two replies of a two-command pipeline, each a value or the server's error.
+    async fn query_pipeline(&self, pipe: &redis::Pipeline) -> Result<[Value; 2]> {
+        let replies = match self.conn.clone() {
+            Conn::Standalone(mut c) => c.req_packed_commands(pipe, 0, 2).await,
+            Conn::Cluster(mut c) => c.req_packed_commands(pipe, 0, 2).await,
+        }
+        .map_err(map_error)?;
+        <[Value; 2]>::try_from(replies).map_err(|replies| {
+            Error::new(
+                ErrorKind::Other,
+                format!(
+                    "a pipeline of 2 commands answered {} replies",
+                    replies.len()
+                ),
+            )
+        })
+    }
+
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
         match self.conn.clone() {
             Conn::Standalone(mut c) => cmd.query_async(&mut c).await,

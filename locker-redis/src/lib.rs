@@ -19,6 +19,6 @@ mod version;
 
 pub use backend::RedisBackend;
 pub use config::{
-    ClientLibrary, RedisConfig, RedisConfigBuilder, DEFAULT_COMMAND_TIMEOUT,
-    DEFAULT_CONNECT_TIMEOUT,
+    ClientLibrary, RedisConfig, RedisConfigBuilder, WaitForReplicas, DEFAULT_COMMAND_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_WAIT_TIMEOUT,
 };

@@ -81,6 +81,8 @@ pub const SCHEMES: &[&str] = &[
 /// | | `client` | `redis` or `fred`: the client library (its feature must be compiled in) | `redis` when compiled in, else `fred` |
 /// | | `connect_timeout` | duration of a connection attempt | `5s` |
 /// | | `command_timeout` | duration of one command | `5s` |
+/// | | `wait_replicas` | durable mode: after each acquire, take-over and extend, wait until this many replicas acknowledged it (`WAIT`), else a retryable error (see `redis::RedisConfigBuilder::wait_for_replicas`) | off |
+/// | | `wait_timeout` | durable mode: how long to wait for them (shorter than `command_timeout`; needs `wait_replicas`) | `100ms` |
 /// | `postgres`, `postgresql` | `schema` | schema of the tables (a plain identifier) | `public` |
 /// | | `table_prefix` | prefix of the table names (a plain identifier) | `locker_` |
 /// | | `migrate` | `true` or `false`: create or upgrade the tables on connect | `true` |

@@ -1,0 +1,540 @@
+//! The durable mode (`RedisConfigBuilder::wait_for_replicas`), on a real primary and replica,
+//! with both clients: a durable acquire or extend returns once the replica has the record; with
+//! the replica frozen, acquire, take-over and extend fail with a retryable error after about the
+//! wait timeout, and no lock is left behind by the failed acquire or take-over; without the
+//! option no `WAIT` reaches the server. On a Redis Cluster whose masters each have a replica,
+//! `WAIT` goes to the master of the key's slot: a frozen replica fails the writes of its own
+//! master's keys only.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{ports, Node};
+use locker_conformance::servers::{self, Server, ServerControl};
+use locker_core::{
+    AcquireOutcome, ErrorKind, ExtendOutcome, LockAttempt, LockBackend, LockData, Locker,
+    ReleaseOutcome,
+};
+use locker_redis::{ClientLibrary, RedisBackend, RedisConfig};
+use redis::aio::MultiplexedConnection;
+
+/// The wait timeout of the frozen-replica case: long enough for a replica on loopback on a
+/// busy machine, short enough that a frozen one is noticed quickly.
+const WAIT: Duration = Duration::from_millis(500);
+
+/// The wait timeout where the replica answers: only success is checked, so room for a loaded
+/// machine (2 cores shared by the servers, the tests and the build).
+const WAIT_LONG: Duration = Duration::from_secs(2);
+
+/// A primary and its replica, each started by the harness, the replica in sync.
+struct Pair {
+    primary: Server,
+    replica: Server,
+}
+
+fn port(server: &Server) -> u16 {
+    server
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port")
+}
+
+async fn conn(port: u16) -> MultiplexedConnection {
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+async fn info(conn: &mut MultiplexedConnection, section: &str) -> String {
+    redis::cmd("INFO")
+        .arg(section)
+        .query_async(conn)
+        .await
+        .expect("INFO")
+}
+
+impl Pair {
+    async fn start() -> Pair {
+        let primary = tokio::task::spawn_blocking(|| {
+            // Full syncs start at once rather than after the default 5 s of diskless delay.
+            servers::start_redis_with(["--repl-diskless-sync-delay", "0"], false)
+        })
+        .await
+        .expect("task")
+        .unwrap_or_else(|e| panic!("primary: {e}"));
+        let primary_port = port(&primary).to_string();
+        let replica = tokio::task::spawn_blocking(move || {
+            servers::start_redis_with(["--replicaof", "127.0.0.1", primary_port.as_str()], false)
+        })
+        .await
+        .expect("task")
+        .unwrap_or_else(|e| panic!("replica: {e}"));
+        let pair = Pair { primary, replica };
+        pair.wait_in_sync().await;
+        pair
+    }
+
+    /// Waits until the primary sees its replica online and the replica's link is up.
+    async fn wait_in_sync(&self) {
+        let (mut p, mut r) = (self.primary_conn().await, self.replica_conn().await);
+        let start = Instant::now();
+        loop {
+            let (pi, ri) = (
+                info(&mut p, "replication").await,
+                info(&mut r, "replication").await,
+            );
+            if pi.contains("state=online") && ri.contains("master_link_status:up") {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the replica did not sync within 30 s:\n{pi}\n{ri}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn primary_conn(&self) -> MultiplexedConnection {
+        conn(port(&self.primary)).await
+    }
+
+    async fn replica_conn(&self) -> MultiplexedConnection {
+        conn(port(&self.replica)).await
+    }
+
+    /// A configuration of the primary, durable with this wait timeout, or not.
+    fn config(&self, client: ClientLibrary, wait: Option<Duration>) -> RedisConfig {
+        let builder = RedisConfig::builder()
+            .node("127.0.0.1", port(&self.primary))
+            .client(client)
+            .key_prefix("durable:");
+        match wait {
+            Some(timeout) => builder.wait_for_replicas(1, timeout),
+            None => builder,
+        }
+        .build()
+        .expect("config")
+    }
+
+    /// Freezes the replica (SIGSTOP) until the returned value is dropped.
+    async fn freeze_replica(&self) -> Frozen {
+        let control = self.replica.control().expect("replica control");
+        let c = control.clone();
+        tokio::task::spawn_blocking(move || c.pause())
+            .await
+            .expect("task")
+            .expect("pause");
+        Frozen(control)
+    }
+}
+
+/// A frozen replica, thawed when dropped (also when an assertion fails).
+struct Frozen(Arc<dyn ServerControl>);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = self.0.resume();
+    }
+}
+
+async fn get(conn: &mut MultiplexedConnection, key: &str) -> Option<String> {
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("GET")
+}
+
+/// Calls of `WAIT` the primary has served since its start (0 when none).
+async fn wait_calls(conn: &mut MultiplexedConnection) -> u64 {
+    let stats = info(conn, "commandstats").await;
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_wait:"))
+        .and_then(|rest| rest.split(',').find_map(|f| f.strip_prefix("calls=")))
+        .map_or(0, |n| n.parse().expect("calls"))
+}
+
+/// Runs every script once, so that none is sent twice (`NOSCRIPT`, then whole) afterwards.
+async fn warm_up(locker: &Locker, backend: &RedisBackend) {
+    let LockAttempt::Acquired(guard) = locker.acquire("warm").await.expect("acquire") else {
+        panic!("warm held")
+    };
+    guard.extend().await.expect("extend");
+    assert_eq!(
+        guard.release().await.expect("release"),
+        ReleaseOutcome::Released
+    );
+    let ttl = Duration::from_secs(60);
+    let warm = backend
+        .take_over("warm", &data("warm"), ttl, "nobody")
+        .await;
+    assert!(matches!(warm, Ok(AcquireOutcome::Acquired(_))), "{warm:?}");
+    assert_eq!(
+        backend.release("warm", "warm").await.expect("release"),
+        ReleaseOutcome::Released
+    );
+}
+
+fn data(owner: &str) -> LockData {
+    LockData::new(owner.to_owned(), "test-process".to_owned(), None)
+}
+
+async fn durable_writes_are_on_the_replica_when_they_return(client: ClientLibrary) {
+    let pair = Pair::start().await;
+    let locker = Locker::builder(pair.config(client, Some(WAIT_LONG)))
+        .build()
+        .expect("locker");
+    let backend = RedisBackend::connect(&pair.config(client, Some(WAIT_LONG)))
+        .await
+        .expect("connect");
+    let (mut primary, mut replica) = (pair.primary_conn().await, pair.replica_conn().await);
+    let key = "replicated";
+    let lock_key = backend.lock_key(key);
+    warm_up(&locker, &backend).await;
+    let base = wait_calls(&mut primary).await;
+
+    let LockAttempt::Acquired(guard) = locker.acquire(key).await.expect("acquire") else {
+        panic!("{key} held")
+    };
+    // No wait on our side: the acquire returned after the replica acknowledged.
+    let on_replica = get(&mut replica, &lock_key).await.expect("on the replica");
+    assert!(on_replica.contains(guard.owner_hash()), "{on_replica}");
+    let before = get(&mut primary, &lock_key).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    guard.extend().await.expect("extend");
+    let extended = get(&mut primary, &lock_key).await;
+    assert_ne!(extended, before, "the extension rewrote the record");
+    assert_eq!(get(&mut replica, &lock_key).await, extended);
+    // One WAIT after the acquire, one after the extension; the release waits for nothing.
+    assert_eq!(wait_calls(&mut primary).await - base, 2);
+    assert_eq!(
+        guard.release().await.expect("release"),
+        ReleaseOutcome::Released
+    );
+    assert_eq!(wait_calls(&mut primary).await - base, 2);
+
+    // The backend alone: acquire and take-over of a dead owner's lock.
+    let taken = "taken-over";
+    let dead = data("dead-owner");
+    assert!(matches!(
+        backend.acquire(taken, &dead, Duration::from_secs(60)).await,
+        Ok(AcquireOutcome::Acquired(_))
+    ));
+    let ours = data("new-owner");
+    match backend
+        .take_over(taken, &ours, Duration::from_secs(60), "dead-owner")
+        .await
+        .expect("take over")
+    {
+        AcquireOutcome::Acquired(stored) => assert_eq!(stored.owner_hash, "new-owner"),
+        AcquireOutcome::Held(h) => panic!("held by {}", h.owner_hash),
+    }
+    let on_replica = get(&mut replica, &backend.lock_key(taken)).await;
+    assert!(on_replica.expect("on the replica").contains("new-owner"));
+    assert_eq!(wait_calls(&mut primary).await - base, 4);
+
+    // The same acquire sent again (as the `redis` crate resends a cluster pipeline after a lost
+    // connection) finds its own record and writes nothing its `WAIT` could count: refused, and
+    // undone, where a plain backend would answer `Held` by this owner.
+    let e = backend
+        .acquire(taken, &ours, Duration::from_secs(60))
+        .await
+        .expect_err("a resent acquire is not known durable");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(e.to_string().contains("sent again"), "{e}");
+    assert_eq!(backend.read(taken).await.expect("read"), None);
+    locker.shutdown().await;
+}
+
+async fn a_frozen_replica_fails_durable_writes_and_leaves_no_lock(client: ClientLibrary) {
+    let pair = Pair::start().await;
+    let config = pair.config(client, Some(WAIT));
+    let locker = Locker::builder(config.clone()).build().expect("locker");
+    let backend = RedisBackend::connect(&config).await.expect("connect");
+    let mut primary = pair.primary_conn().await;
+    let ttl = Duration::from_secs(60);
+
+    // Held before the freeze: a lock to extend, and a dead owner's lock to take over.
+    let LockAttempt::Acquired(guard) = locker.acquire("kept").await.expect("acquire") else {
+        panic!("kept held")
+    };
+    let dead = data("dead-owner");
+    assert!(matches!(
+        backend.acquire("taken-over", &dead, ttl).await,
+        Ok(AcquireOutcome::Acquired(_))
+    ));
+    assert!(matches!(
+        backend.acquire("kept-raw", &data("raw-owner"), ttl).await,
+        Ok(AcquireOutcome::Acquired(_))
+    ));
+
+    let frozen = pair.freeze_replica().await;
+    let not_acknowledged = |what: &str, e: &locker_core::Error, elapsed: Duration| {
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{what}: {e}");
+        assert!(e.is_retryable(), "{what}: {e}");
+        assert!(
+            e.to_string().contains("only 0 of 1 replicas acknowledged"),
+            "{what}: {e}"
+        );
+        assert!(
+            elapsed >= WAIT && elapsed < WAIT + Duration::from_secs(2),
+            "{what}: failed after {elapsed:?}, the wait timeout is {WAIT:?}"
+        );
+    };
+
+    // Through a locker: the error, and the key free as soon as it is returned.
+    let start = Instant::now();
+    let e = locker.acquire("refused").await.expect_err("not durable");
+    not_acknowledged("locker acquire", &e, start.elapsed());
+    assert!(e.to_string().contains("it was released"), "{e}");
+    let lock_key = backend.lock_key("refused");
+    assert_eq!(get(&mut primary, &lock_key).await, None);
+
+    // The backend alone: nothing but the backend undoes its write.
+    let start = Instant::now();
+    let e = backend
+        .acquire("refused-raw", &data("raw-owner"), ttl)
+        .await
+        .expect_err("not durable");
+    not_acknowledged("backend acquire", &e, start.elapsed());
+    assert_eq!(
+        get(&mut primary, &backend.lock_key("refused-raw")).await,
+        None
+    );
+
+    let start = Instant::now();
+    let e = backend
+        .take_over("taken-over", &data("new-owner"), ttl, "dead-owner")
+        .await
+        .expect_err("not durable");
+    not_acknowledged("take-over", &e, start.elapsed());
+    assert_eq!(
+        get(&mut primary, &backend.lock_key("taken-over")).await,
+        None
+    );
+
+    // An extension stays written on the master and the lock stays ours. The backend says so
+    // with the error; a locker's beat reports it in the background and retries.
+    let start = Instant::now();
+    let e = backend
+        .extend("kept-raw", &data("raw-owner"), ttl, "raw-owner")
+        .await
+        .expect_err("not durable");
+    not_acknowledged("backend extend", &e, start.elapsed());
+    assert!(e.to_string().contains("the lock stays held"), "{e}");
+    let kept = get(&mut primary, &backend.lock_key("kept-raw")).await;
+    assert!(kept.expect("kept-raw").contains("raw-owner"));
+    let mut errors = locker.subscribe_errors();
+    let start = Instant::now();
+    guard
+        .extend()
+        .await
+        .expect("a retryable failure leaves the lock held");
+    let reported = errors.try_recv().expect("the failed extension, reported");
+    not_acknowledged("locker extend", &reported.error, start.elapsed());
+    let kept = get(&mut primary, &backend.lock_key("kept")).await;
+    assert!(kept.expect("kept").contains(guard.owner_hash()));
+
+    // Outcomes that write nothing are not errors, frozen replica or not.
+    match backend
+        .extend("refused", &data("raw-owner"), ttl, "raw-owner")
+        .await
+        .expect("no key")
+    {
+        ExtendOutcome::NoKey => {}
+        other => panic!("{other:?}"),
+    }
+
+    // Thawed: the same calls succeed again.
+    drop(frozen);
+    pair.wait_in_sync().await;
+    guard.extend().await.expect("extend after the thaw");
+    match locker
+        .acquire("refused")
+        .await
+        .expect("acquire after the thaw")
+    {
+        LockAttempt::Acquired(g) => {
+            assert_eq!(
+                g.release().await.expect("release"),
+                ReleaseOutcome::Released
+            )
+        }
+        LockAttempt::Held(h) => panic!("still held by {}", h.owner_hash),
+    }
+    assert_eq!(
+        guard.release().await.expect("release"),
+        ReleaseOutcome::Released
+    );
+    locker.shutdown().await;
+}
+
+async fn without_the_option_no_wait_is_sent(client: ClientLibrary) {
+    let pair = Pair::start().await;
+    let locker = Locker::builder(pair.config(client, None))
+        .build()
+        .expect("locker");
+    let mut primary = pair.primary_conn().await;
+    let LockAttempt::Acquired(guard) = locker.acquire("plain").await.expect("acquire") else {
+        panic!("plain held")
+    };
+    guard.extend().await.expect("extend");
+    assert_eq!(
+        guard.release().await.expect("release"),
+        ReleaseOutcome::Released
+    );
+    let stats = info(&mut primary, "commandstats").await;
+    assert!(stats.contains("cmdstat_evalsha:"), "{stats}");
+    assert_eq!(wait_calls(&mut primary).await, 0, "{stats}");
+
+    // And with a frozen replica, nothing waits for it.
+    let _frozen = pair.freeze_replica().await;
+    let start = Instant::now();
+    let LockAttempt::Acquired(guard) = locker.acquire("plain-frozen").await.expect("acquire")
+    else {
+        panic!("plain-frozen held")
+    };
+    guard.extend().await.expect("extend");
+    assert!(start.elapsed() < WAIT, "took {:?}", start.elapsed());
+    assert_eq!(
+        guard.release().await.expect("release"),
+        ReleaseOutcome::Released
+    );
+    assert_eq!(wait_calls(&mut primary).await, 0);
+    locker.shutdown().await;
+}
+
+async fn on_a_cluster_wait_goes_to_the_key_s_master(client: ClientLibrary) {
+    let cluster = tokio::task::spawn_blocking(servers::start_redis_cluster_with_replicas)
+        .await
+        .expect("task")
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Nodes 0 to 2 are the masters, node i + 3 replicates node i.
+    let masters = ports(&cluster)[..3].to_vec();
+    let mut builder = RedisConfig::builder();
+    for port in &masters {
+        builder = builder.node("127.0.0.1", *port);
+    }
+    let config = builder
+        .cluster(true)
+        .client(client)
+        .key_prefix("durable:")
+        .wait_for_replicas(1, WAIT)
+        .build()
+        .expect("config");
+    let backend = RedisBackend::connect(&config).await.expect("connect");
+    let ttl = Duration::from_secs(60);
+
+    // Two keys on two masters: `frozen` on the master whose replica is frozen below.
+    let mut nodes: Vec<Node> = masters.iter().map(|p| Node::open(*p)).collect();
+    let mut master_of = |key: &str| {
+        let slot: u16 = nodes[0].cluster(&["KEYSLOT", &backend.lock_key(key)]);
+        (0..nodes.len())
+            .find(|&i| nodes[i].owns(slot))
+            .expect("a master serving the slot")
+    };
+    let frozen_key = "k0";
+    let frozen_master = master_of(frozen_key);
+    let other_key = (1..)
+        .map(|i| format!("k{i}"))
+        .find(|k| master_of(k) != frozen_master)
+        .expect("a key on another master");
+    // Every script loaded on both masters, so that what is timed below is one pipeline.
+    for key in [frozen_key, other_key.as_str()] {
+        let warm = backend.take_over(key, &data("warm"), ttl, "nobody").await;
+        assert!(matches!(warm, Ok(AcquireOutcome::Acquired(_))), "{warm:?}");
+        assert_eq!(
+            backend.release(key, "warm").await.expect("release"),
+            ReleaseOutcome::Released
+        );
+    }
+
+    let control = cluster.node(frozen_master + 3).expect("replica control");
+    let frozen = {
+        let c = control.clone();
+        tokio::task::spawn_blocking(move || c.pause())
+            .await
+            .expect("task")
+            .expect("pause");
+        Frozen(control)
+    };
+    let start = Instant::now();
+    match backend.acquire(&other_key, &data("other"), ttl).await {
+        Ok(AcquireOutcome::Acquired(_)) => {}
+        other => panic!("{other_key} on another master: {other:?}"),
+    }
+    assert!(
+        start.elapsed() < WAIT,
+        "{other_key} waited {:?}: its WAIT went to the master of the frozen replica",
+        start.elapsed()
+    );
+    let start = Instant::now();
+    let e = backend
+        .acquire(frozen_key, &data("frozen"), ttl)
+        .await
+        .expect_err("its master's replica is frozen");
+    let elapsed = start.elapsed();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(e.to_string().contains("only 0 of 1"), "{e}");
+    assert!(
+        elapsed >= WAIT,
+        "failed after {elapsed:?}, before the wait timeout"
+    );
+    assert_eq!(backend.read(frozen_key).await.expect("read"), None);
+    drop(frozen);
+
+    // Thawed: the key's master has its replica again.
+    let start = Instant::now();
+    loop {
+        match backend.acquire(frozen_key, &data("frozen"), ttl).await {
+            Ok(AcquireOutcome::Acquired(_)) => break,
+            Err(e) if e.is_retryable() && start.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("after the thaw: {other:?}"),
+        }
+    }
+}
+
+macro_rules! for_client {
+    ($client:expr, $feature:literal, $($name:ident => $case:ident),* $(,)?) => {
+        $(
+            #[cfg(feature = $feature)]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $case($client).await;
+            }
+        )*
+    };
+}
+
+for_client!(
+    ClientLibrary::Redis,
+    "redis",
+    redis_rs_durable_writes_are_on_the_replica_when_they_return =>
+        durable_writes_are_on_the_replica_when_they_return,
+    redis_rs_a_frozen_replica_fails_durable_writes_and_leaves_no_lock =>
+        a_frozen_replica_fails_durable_writes_and_leaves_no_lock,
+    redis_rs_without_the_option_no_wait_is_sent => without_the_option_no_wait_is_sent,
+    redis_rs_on_a_cluster_wait_goes_to_the_key_s_master =>
+        on_a_cluster_wait_goes_to_the_key_s_master,
+);
+
+for_client!(
+    ClientLibrary::Fred,
+    "fred",
+    fred_durable_writes_are_on_the_replica_when_they_return =>
+        durable_writes_are_on_the_replica_when_they_return,
+    fred_a_frozen_replica_fails_durable_writes_and_leaves_no_lock =>
+        a_frozen_replica_fails_durable_writes_and_leaves_no_lock,
+    fred_without_the_option_no_wait_is_sent => without_the_option_no_wait_is_sent,
+    fred_on_a_cluster_wait_goes_to_the_key_s_master =>
+        on_a_cluster_wait_goes_to_the_key_s_master,
+);
