@@ -41,21 +41,30 @@ async fn start_pair() -> (Server, Server) {
         .get_multiplexed_async_connection()
         .await
         .expect("connect to the primary");
+    // Listed online is not enough: after a diskless full sync, a replica acknowledges nothing
+    // until it has sent its first `REPLCONF ACK`, up to a second later. Ready is a write that
+    // `WAIT` sees acknowledged.
     let start = Instant::now();
     loop {
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
+        let () = redis::cmd("SET")
+            .arg("bench/probe")
+            .arg("1")
             .query_async(&mut conn)
             .await
-            .expect("INFO");
-        if info.contains("state=online") {
+            .expect("SET");
+        let acked: u64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(200)
+            .query_async(&mut conn)
+            .await
+            .expect("WAIT");
+        if acked >= 1 {
             break;
         }
         assert!(
             start.elapsed() < Duration::from_secs(30),
-            "the replica did not sync within 30 s"
+            "the replica acknowledged nothing within 30 s"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     (primary, replica)
 }

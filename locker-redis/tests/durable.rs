@@ -80,23 +80,16 @@ impl Pair {
         pair
     }
 
-    /// Waits until the primary sees its replica online and the replica's link is up.
+    /// Waits until the replica acknowledges the primary's writes.
     async fn wait_in_sync(&self) {
-        let (mut p, mut r) = (self.primary_conn().await, self.replica_conn().await);
+        let mut p = self.primary_conn().await;
         let start = Instant::now();
-        loop {
-            let (pi, ri) = (
-                info(&mut p, "replication").await,
-                info(&mut r, "replication").await,
-            );
-            if pi.contains("state=online") && ri.contains("master_link_status:up") {
-                return;
-            }
+        while !acknowledged(&mut p, "probe").await {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
-                "the replica did not sync within 30 s:\n{pi}\n{ri}"
+                "the replica acknowledged nothing within 30 s:\n{}",
+                info(&mut p, "replication").await
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -143,6 +136,28 @@ impl Drop for Frozen {
     }
 }
 
+/// Whether a write of `key` on this connection is acknowledged by a replica within 200 ms (the
+/// test connection's own response timeout is 500 ms).
+///
+/// A replica listed `state=online` right after a diskless full sync acknowledges nothing until
+/// it has sent its first `REPLCONF ACK`, up to a second later (the master streams nothing to it
+/// before that): readiness is a write that a `WAIT` sees acknowledged.
+async fn acknowledged(conn: &mut MultiplexedConnection, key: &str) -> bool {
+    let () = redis::cmd("SET")
+        .arg(key)
+        .arg("1")
+        .query_async(conn)
+        .await
+        .expect("SET");
+    let acked: u64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(200)
+        .query_async(conn)
+        .await
+        .expect("WAIT");
+    acked >= 1
+}
+
 async fn get(conn: &mut MultiplexedConnection, key: &str) -> Option<String> {
     redis::cmd("GET")
         .arg(key)
@@ -151,7 +166,8 @@ async fn get(conn: &mut MultiplexedConnection, key: &str) -> Option<String> {
         .expect("GET")
 }
 
-/// Calls of `WAIT` the primary has served since its start (0 when none).
+/// Calls of `WAIT` the primary has served since its start (0 when none), readiness probes
+/// included.
 async fn wait_calls(conn: &mut MultiplexedConnection) -> u64 {
     let stats = info(conn, "commandstats").await;
     stats
@@ -382,6 +398,8 @@ async fn without_the_option_no_wait_is_sent(client: ClientLibrary) {
         .build()
         .expect("locker");
     let mut primary = pair.primary_conn().await;
+    // Only the harness's readiness probe (`acknowledged`) has sent a `WAIT` so far.
+    let base = wait_calls(&mut primary).await;
     let LockAttempt::Acquired(guard) = locker.acquire("plain").await.expect("acquire") else {
         panic!("plain held")
     };
@@ -392,7 +410,7 @@ async fn without_the_option_no_wait_is_sent(client: ClientLibrary) {
     );
     let stats = info(&mut primary, "commandstats").await;
     assert!(stats.contains("cmdstat_evalsha:"), "{stats}");
-    assert_eq!(wait_calls(&mut primary).await, 0, "{stats}");
+    assert_eq!(wait_calls(&mut primary).await - base, 0, "{stats}");
 
     // And with a frozen replica, nothing waits for it.
     let _frozen = pair.freeze_replica().await;
@@ -407,7 +425,7 @@ async fn without_the_option_no_wait_is_sent(client: ClientLibrary) {
         guard.release().await.expect("release"),
         ReleaseOutcome::Released
     );
-    assert_eq!(wait_calls(&mut primary).await, 0);
+    assert_eq!(wait_calls(&mut primary).await - base, 0);
     locker.shutdown().await;
 }
 
@@ -418,6 +436,25 @@ async fn on_a_cluster_wait_goes_to_the_key_s_master(client: ClientLibrary) {
         .unwrap_or_else(|e| panic!("{e}"));
     // Nodes 0 to 2 are the masters, node i + 3 replicates node i.
     let masters = ports(&cluster)[..3].to_vec();
+    // Each master's replica acknowledges writes (see `acknowledged`): a key of its own slots.
+    for &master in &masters {
+        let mut node = Node::open(master);
+        let key = (0..)
+            .map(|i| format!("probe{{{i}}}"))
+            .find(|k| {
+                let slot = node.keyslot(k);
+                node.owns(slot)
+            })
+            .expect("a key of this master");
+        let mut c = conn(master).await;
+        let start = Instant::now();
+        while !acknowledged(&mut c, &key).await {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "127.0.0.1:{master}: its replica acknowledged nothing within 30 s"
+            );
+        }
+    }
     let mut builder = RedisConfig::builder();
     for port in &masters {
         builder = builder.node("127.0.0.1", *port);
