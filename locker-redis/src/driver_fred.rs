@@ -247,9 +247,12 @@ impl Driver for FredDriver {
                 let mut replies = pipeline.try_all::<Value>().await.into_iter();
                 match (replies.next(), replies.next()) {
                     (Some(script), Some(wait)) => Ok((script, wait)),
-                    _ => Err(Error::new(
+                    // fred ends a pipeline with one error when a command of it could not be
+                    // written again (after a redirection, the attempt it is not allowed).
+                    (Some(Err(e)), None) => Err(map_error(e)),
+                    other => Err(Error::new(
                         ErrorKind::Other,
-                        "a pipeline of 2 commands answered fewer replies",
+                        format!("a pipeline of 2 commands answered {other:?}"),
                     )),
                 }
             }

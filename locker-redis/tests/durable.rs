@@ -429,12 +429,14 @@ async fn without_the_option_no_wait_is_sent(client: ClientLibrary) {
     locker.shutdown().await;
 }
 
-async fn on_a_cluster_wait_goes_to_the_key_s_master(client: ClientLibrary) {
+/// A cluster of 3 masters with a replica each, every replica acknowledging its master's
+/// writes, and a durable backend on it. Nodes 0 to 2 are the masters, node i + 3 replicates
+/// node i.
+async fn durable_cluster(client: ClientLibrary) -> (Server, Vec<u16>, RedisBackend) {
     let cluster = tokio::task::spawn_blocking(servers::start_redis_cluster_with_replicas)
         .await
         .expect("task")
         .unwrap_or_else(|e| panic!("{e}"));
-    // Nodes 0 to 2 are the masters, node i + 3 replicates node i.
     let masters = ports(&cluster)[..3].to_vec();
     // Each master's replica acknowledges writes (see `acknowledged`): a key of its own slots.
     for &master in &masters {
@@ -467,6 +469,22 @@ async fn on_a_cluster_wait_goes_to_the_key_s_master(client: ClientLibrary) {
         .build()
         .expect("config");
     let backend = RedisBackend::connect(&config).await.expect("connect");
+    (cluster, masters, backend)
+}
+
+/// Freezes node `i` of a cluster until the returned value is dropped.
+async fn freeze_node(cluster: &Server, i: usize) -> Frozen {
+    let control = cluster.node(i).expect("node control");
+    let c = control.clone();
+    tokio::task::spawn_blocking(move || c.pause())
+        .await
+        .expect("task")
+        .expect("pause");
+    Frozen(control)
+}
+
+async fn on_a_cluster_wait_goes_to_the_key_s_master(client: ClientLibrary) {
+    let (cluster, masters, backend) = durable_cluster(client).await;
     let ttl = Duration::from_secs(60);
 
     // Two keys on two masters: `frozen` on the master whose replica is frozen below.
@@ -493,15 +511,7 @@ async fn on_a_cluster_wait_goes_to_the_key_s_master(client: ClientLibrary) {
         );
     }
 
-    let control = cluster.node(frozen_master + 3).expect("replica control");
-    let frozen = {
-        let c = control.clone();
-        tokio::task::spawn_blocking(move || c.pause())
-            .await
-            .expect("task")
-            .expect("pause");
-        Frozen(control)
-    };
+    let frozen = freeze_node(&cluster, frozen_master + 3).await;
     let start = Instant::now();
     match backend.acquire(&other_key, &data("other"), ttl).await {
         Ok(AcquireOutcome::Acquired(_)) => {}
@@ -540,6 +550,88 @@ async fn on_a_cluster_wait_goes_to_the_key_s_master(client: ClientLibrary) {
     }
 }
 
+/// A slot moved to another master after the client loaded its slot map: the script is
+/// answered `MOVED` by the old master, where its `WAIT` went too. The write must then be waited
+/// for on the new master, or fail: never "acknowledged" by the old master's `WAIT` (which counts
+/// nothing of it). The new master's replica is frozen, so any success would be a false one.
+async fn a_moved_slot_is_never_acknowledged_by_the_old_master(client: ClientLibrary) {
+    let (cluster, masters, backend) = durable_cluster(client).await;
+    let ttl = Duration::from_secs(60);
+    let mut nodes: Vec<Node> = masters.iter().map(|p| Node::open(*p)).collect();
+    // A key never written (its slot holds no key, so it can move without migrating keys).
+    let (key, slot, from) = (0..)
+        .map(|i| format!("moved{i}"))
+        .find_map(|key| {
+            let slot = nodes[0].keyslot(&backend.lock_key(&key));
+            let from = (0..3).find(|&i| nodes[i].owns(slot))?;
+            let empty: u64 = nodes[from].cluster(&["COUNTKEYSINSLOT", &slot.to_string()]);
+            (empty == 0).then_some((key, slot, from))
+        })
+        .expect("a key in an empty slot");
+    let to = (from + 1) % 3;
+    // The acquire script loaded on every master, the new one included: otherwise the moved
+    // script would answer `NOSCRIPT` there, and the fallback would send it again with its own
+    // `WAIT`, hiding what this case is about.
+    for master in 0..3 {
+        let key = (0..)
+            .map(|i| format!("warm{i}"))
+            .find(|k| {
+                let slot = nodes[0].keyslot(&backend.lock_key(k));
+                nodes[master].owns(slot)
+            })
+            .expect("a key of this master");
+        let warm = backend.acquire(&key, &data("warm"), ttl).await;
+        assert!(matches!(warm, Ok(AcquireOutcome::Acquired(_))), "{warm:?}");
+        assert_eq!(
+            backend.release(&key, "warm").await.expect("release"),
+            ReleaseOutcome::Released
+        );
+    }
+    let target_id = nodes[to].id();
+    // The target first, then the others (what `redis-cli --cluster reshard` ends with).
+    for i in [to, from, (from + 2) % 3] {
+        let () = nodes[i].cluster(&["SETSLOT", &slot.to_string(), "NODE", &target_id]);
+    }
+    let start = Instant::now();
+    while !(nodes[to].owns(slot) && (0..3).all(|i| i == to || !nodes[i].owns(slot))) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "slot {slot} did not move"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let frozen = freeze_node(&cluster, to + 3).await;
+    for attempt in 0..2 {
+        match backend.acquire(&key, &data("moved"), ttl).await {
+            Err(e) => {
+                eprintln!("attempt {attempt}: {e}");
+                assert!(e.is_retryable(), "attempt {attempt}: {e}")
+            }
+            Ok(outcome) => panic!(
+                "attempt {attempt}: {outcome:?}, with the new master's replica frozen: the \
+                 WAIT answered for another connection's writes"
+            ),
+        }
+    }
+    let mut target = conn(masters[to]).await;
+    assert_eq!(get(&mut target, &backend.lock_key(&key)).await, None);
+    drop(frozen);
+
+    let start = Instant::now();
+    loop {
+        match backend.acquire(&key, &data("moved"), ttl).await {
+            Ok(AcquireOutcome::Acquired(_)) => break,
+            Err(e) if e.is_retryable() && start.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("after the thaw: {other:?}"),
+        }
+    }
+    let stored = get(&mut target, &backend.lock_key(&key)).await;
+    assert!(stored.expect("on the new master").contains("moved"));
+}
+
 macro_rules! for_client {
     ($client:expr, $feature:literal, $($name:ident => $case:ident),* $(,)?) => {
         $(
@@ -562,6 +654,8 @@ for_client!(
     redis_rs_without_the_option_no_wait_is_sent => without_the_option_no_wait_is_sent,
     redis_rs_on_a_cluster_wait_goes_to_the_key_s_master =>
         on_a_cluster_wait_goes_to_the_key_s_master,
+    redis_rs_a_moved_slot_is_never_acknowledged_by_the_old_master =>
+        a_moved_slot_is_never_acknowledged_by_the_old_master,
 );
 
 for_client!(
@@ -574,4 +668,6 @@ for_client!(
     fred_without_the_option_no_wait_is_sent => without_the_option_no_wait_is_sent,
     fred_on_a_cluster_wait_goes_to_the_key_s_master =>
         on_a_cluster_wait_goes_to_the_key_s_master,
+    fred_a_moved_slot_is_never_acknowledged_by_the_old_master =>
+        a_moved_slot_is_never_acknowledged_by_the_old_master,
 );
