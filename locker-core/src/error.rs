@@ -84,6 +84,7 @@ pub struct Error {
     retryable: bool,
     /// `None`: follows `retryable` (see [`Error::is_definite`]).
     definite: Option<bool>,
+    store_answered: bool,
     key: Option<String>,
     holder: Option<Box<LockData>>,
     source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
@@ -97,6 +98,7 @@ impl Error {
             message: message.into(),
             retryable: kind.is_retryable_by_default(),
             definite: None,
+            store_answered: false,
             key: None,
             holder: None,
             source: None,
@@ -147,6 +149,22 @@ impl Error {
     pub fn set_definite(mut self, definite: bool) -> Self {
         self.definite = Some(definite);
         self
+    }
+
+    /// Marks the error as the store's own answer to the call (a server error reply such as
+    /// `CLUSTERDOWN` or `TRYAGAIN`, or too few replicas acknowledging a durable write): the
+    /// connection carried the call and its answer, so the locker's connection healing does not
+    /// count the error as a failure of the connection (see
+    /// [`LockerOptions::reconnect_after_failures`](crate::LockerOptions::reconnect_after_failures)).
+    pub fn set_store_answered(mut self, answered: bool) -> Self {
+        self.store_answered = answered;
+        self
+    }
+
+    /// Whether the store itself answered with this error (see
+    /// [`set_store_answered`](Self::set_store_answered)).
+    pub fn store_answered(&self) -> bool {
+        self.store_answered
     }
 
     /// Whether the failure is an answer rather than the lack of one: the store, the operating

@@ -8,10 +8,12 @@
 //! failures in a row and opens a new connection from the [`BackendFactory`] when they pile up.
 //!
 //! What counts as a failure: an error that says the store is unreachable or did not answer
-//! ([`ErrorKind::Unavailable`], [`ErrorKind::Timeout`]), and each
-//! [`slow_call_after`](crate::LockerOptions::slow_call_after) that a call waits without an
-//! answer (a wedged connection may never answer at all, and a caller may wait long). Any
-//! answer from the store, even an error such as a corrupt record, resets the count. After
+//! ([`ErrorKind::Unavailable`], [`ErrorKind::Timeout`], unless the store itself gave it: see
+//! [`Error::set_store_answered`]), and each
+//! [`slow_call_after`](crate::LockerOptions::slow_call_after) that a call waits while no call
+//! on the connection got an answer (a wedged connection may never answer at all, and a caller
+//! may wait long; a busy one that answers others is working). Any answer from the store, even
+//! an error such as a corrupt record, resets the count. After
 //! [`reconnect_after_failures`](crate::LockerOptions::reconnect_after_failures) failures in a
 //! row, one task (never more) connects again, on the runtime that made the connection, and
 //! swaps the new connection in. Calls still waiting on the old one fail at their next slow tick
@@ -72,6 +74,9 @@ struct Generation {
     backend: Arc<dyn LockBackend>,
     /// Failures in a row on this connection.
     failures: AtomicU32,
+    /// Answers received on this connection: a slow tick counts as a failure only when none
+    /// came since the call's previous tick (a busy connection that answers others is working).
+    answers: AtomicU64,
     /// Set when a newer connection took this one's place.
     replaced: AtomicBool,
 }
@@ -81,6 +86,7 @@ impl Generation {
         Arc::new(Generation {
             backend,
             failures: AtomicU32::new(0),
+            answers: AtomicU64::new(0),
             replaced: AtomicBool::new(false),
         })
     }
@@ -153,16 +159,20 @@ impl Shared {
         tokio::pin!(call);
         let slow = tokio::time::sleep(self.slow_call);
         tokio::pin!(slow);
+        let mut answers_seen = generation.answers.load(Ordering::Relaxed);
         loop {
             tokio::select! {
                 biased;
                 result = &mut call => {
                     match &result {
-                        Err(e) if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout) => {
+                        Err(e) if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout)
+                            && !e.store_answered() =>
+                        {
                             self.failed(generation);
                         }
                         // The store answered, even if only to refuse.
                         _ => {
+                            generation.answers.fetch_add(1, Ordering::Relaxed);
                             if generation.failures.load(Ordering::Relaxed) != 0 {
                                 generation.failures.store(0, Ordering::Relaxed);
                             }
@@ -181,7 +191,11 @@ impl Shared {
                             ),
                         ));
                     }
-                    self.failed(generation);
+                    let answers = generation.answers.load(Ordering::Relaxed);
+                    if answers == answers_seen {
+                        self.failed(generation);
+                    }
+                    answers_seen = answers;
                     slow.as_mut().reset(Instant::now() + self.slow_call);
                 }
             }

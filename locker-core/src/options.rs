@@ -34,15 +34,16 @@ pub const DEFAULT_EXTEND_EVERY: Duration = Duration::from_secs(60);
 pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(5 * 60);
 
 /// How many failures in a row make the locker replace a connection (`0`: never). A failure is
-/// an error saying the store is unreachable or did not answer, or each
-/// [`DEFAULT_SLOW_CALL_AFTER`] that a call waits without an answer; any answer resets the
-/// count. Both connections (the jobs' one and the reporter's) heal this way, because a client
+/// an error saying the store is unreachable or did not answer (not one the store itself
+/// replied, see [`Error::set_store_answered`]), or each [`DEFAULT_SLOW_CALL_AFTER`] that a
+/// call waits while the connection answers nothing; any answer resets the count. Both connections (the jobs' one and the reporter's) heal this way, because a client
 /// library may keep a broken connection for good (seen after a Redis Cluster failover).
 pub const DEFAULT_RECONNECT_AFTER_FAILURES: u32 = 3;
 
 /// How long a call may wait for the store before each further wait of that length counts as a
-/// failure toward [`DEFAULT_RECONNECT_AFTER_FAILURES`]. The call itself goes on: a slow
-/// answer is still used, until its caller's own deadline.
+/// failure toward [`DEFAULT_RECONNECT_AFTER_FAILURES`], when no other call on the same
+/// connection got an answer meanwhile (a busy connection that answers is working). The call
+/// itself goes on: a slow answer is still used, until its caller's own deadline.
 pub const DEFAULT_SLOW_CALL_AFTER: Duration = Duration::from_secs(1);
 
 /// The timings of a [`Locker`]; see the `DEFAULT_*` constants for each default and its reason.

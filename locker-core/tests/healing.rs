@@ -2,13 +2,13 @@
 //! wedged one by one: a wedged connection's calls never answer. The same cases run against real
 //! servers behind a TCP proxy in each backend's `tests/wedge.rs`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use locker_core::{
-    async_trait, AcquireOutcome, BackendFactory, ExtendOutcome, LockAttempt, LockBackend, LockData,
-    Locker, LockerBuilder, MemoryBackend, ProcessData, ReleaseOutcome, Result,
+    async_trait, AcquireOutcome, BackendFactory, Error, ExtendOutcome, LockAttempt, LockBackend,
+    LockData, Locker, LockerBuilder, MemoryBackend, ProcessData, ReleaseOutcome, Result,
 };
 
 /// A connection to the shared store that hangs for good once wedged.
@@ -16,6 +16,8 @@ use locker_core::{
 struct Conn {
     store: MemoryBackend,
     wedged: Arc<AtomicBool>,
+    /// Acquires fail: 0 never, 1 with an error the store answered, 2 with a lost connection.
+    refuse: Arc<AtomicU8>,
 }
 
 impl Conn {
@@ -33,6 +35,11 @@ impl LockBackend for Conn {
     }
     async fn acquire(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
         self.gate().await;
+        match self.refuse.load(Ordering::SeqCst) {
+            1 => return Err(Error::unavailable("TRYAGAIN").set_store_answered(true)),
+            2 => return Err(Error::unavailable("connection reset")),
+            _ => {}
+        }
         self.store.acquire(key, data, ttl).await
     }
     async fn extend(
@@ -72,6 +79,7 @@ impl LockBackend for Conn {
 struct Factory {
     store: MemoryBackend,
     opened: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+    refuse: Arc<AtomicU8>,
 }
 
 impl Factory {
@@ -79,6 +87,7 @@ impl Factory {
         Factory {
             store: store.clone(),
             opened: Arc::default(),
+            refuse: Arc::default(),
         }
     }
     fn opened(&self) -> usize {
@@ -99,6 +108,7 @@ impl BackendFactory for Factory {
         Ok(Arc::new(Conn {
             store: self.store.clone(),
             wedged,
+            refuse: self.refuse.clone(),
         }))
     }
 }
@@ -208,4 +218,28 @@ async fn a_stop_does_not_wait_for_a_hung_liveness_write() {
         .await
         .expect("abandon waited for the hung liveness write");
     eprintln!("abandon took {:?}", start.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_the_store_answered_do_not_replace_a_connection() {
+    for (refuse, replaced) in [(1, false), (2, true)] {
+        let store = MemoryBackend::new();
+        let factory = Factory::new(&store);
+        let a = builder(&factory).build().expect("options");
+        a.ready().await.expect("ready");
+        factory.refuse.store(refuse, Ordering::SeqCst);
+        for _ in 0..10 {
+            let e = a.acquire("k").await.expect_err("refused");
+            assert!(e.is_retryable(), "{e}");
+        }
+        // A replacement is made in the background: give it time to show.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            factory.opened() > 2,
+            replaced,
+            "refuse mode {refuse}: {} connections opened",
+            factory.opened()
+        );
+        a.shutdown().await;
+    }
 }

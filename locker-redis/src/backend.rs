@@ -194,6 +194,8 @@ fn not_acknowledged(key: &str, wait: WaitForReplicas, acked: u64, what: &str, th
          within {:?} (WAIT); {then}; try again",
         wait.replicas, wait.timeout
     ))
+    // The master answered WAIT: the connection works (see `Error::store_answered`).
+    .set_store_answered(true)
     .with_key(key)
 }
 

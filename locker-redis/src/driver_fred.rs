@@ -378,7 +378,22 @@ pub(crate) fn map_error(e: FredError) -> Error {
     // An answer at start (see `Error::is_definite`): fred keeps only the text of the OS error.
     let definite = e.kind() == &FredKind::IO
         && is_definite_io_error(&std::io::Error::other(details.to_owned()));
-    let mapped = Error::new(kind, "redis (fred)").with_source(e);
+    // A server's error reply came over a working connection (see `Error::store_answered`).
+    let answered = starts(&[
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "LOADING",
+        "MASTERDOWN",
+        "READONLY",
+        "BUSY",
+        "MOVED",
+        "ASK",
+        "NOSCRIPT",
+        "WRONGTYPE",
+    ]);
+    let mapped = Error::new(kind, "redis (fred)")
+        .set_store_answered(answered)
+        .with_source(e);
     if definite {
         mapped.set_definite(true)
     } else {

@@ -382,7 +382,11 @@ pub(crate) fn map_error(e: RedisError) -> Error {
     // An answer at start (see `Error::is_definite`): no server listens there, or the name
     // does not resolve.
     let definite = e.is_connection_refusal() || find_io_error(&e).is_some_and(is_definite_io_error);
-    let mapped = Error::new(kind, "redis").with_source(e);
+    // A server's error reply came over a working connection (see `Error::store_answered`).
+    let answered = matches!(e.kind(), K::Server(_)) || e.code().is_some();
+    let mapped = Error::new(kind, "redis")
+        .set_store_answered(answered)
+        .with_source(e);
     if definite {
         mapped.set_definite(true)
     } else {
