@@ -1,4 +1,6 @@
-//! A backend decorator that counts the calls a locker makes, for the background-cost figures.
+//! A backend decorator that counts the calls a locker makes, for the background-cost and
+//! round-trip figures. It counts trait method calls: a backend that makes several store calls
+//! inside one method (the default `take_over`, etcd's leases) is counted once per method call.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,27 +12,85 @@ use locker::{
     ProcessData, ReleaseOutcome, Result,
 };
 
+/// The backend methods called, one counter each.
 #[derive(Debug, Default)]
 pub(crate) struct Counts {
     pub(crate) acquire: AtomicU64,
     pub(crate) extend: AtomicU64,
     pub(crate) release: AtomicU64,
+    pub(crate) take_over: AtomicU64,
     pub(crate) read: AtomicU64,
+    pub(crate) read_process: AtomicU64,
+    pub(crate) forget_process: AtomicU64,
     pub(crate) ping: AtomicU64,
-    pub(crate) other: AtomicU64,
+}
+
+/// The counters at one instant; `after - before` is what happened in between.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Snapshot {
+    pub(crate) acquire: u64,
+    pub(crate) extend: u64,
+    pub(crate) release: u64,
+    pub(crate) take_over: u64,
+    pub(crate) read: u64,
+    pub(crate) read_process: u64,
+    pub(crate) forget_process: u64,
+    pub(crate) ping: u64,
+}
+
+impl std::ops::Sub for Snapshot {
+    type Output = Snapshot;
+    fn sub(self, o: Snapshot) -> Snapshot {
+        Snapshot {
+            acquire: self.acquire - o.acquire,
+            extend: self.extend - o.extend,
+            release: self.release - o.release,
+            take_over: self.take_over - o.take_over,
+            read: self.read - o.read,
+            read_process: self.read_process - o.read_process,
+            forget_process: self.forget_process - o.forget_process,
+            ping: self.ping - o.ping,
+        }
+    }
+}
+
+impl Snapshot {
+    /// The calls other than the liveness reporter's pings, `(method, calls)`, in call order of
+    /// a decision.
+    pub(crate) fn decision_calls(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("acquire", self.acquire),
+            ("read_process", self.read_process),
+            ("take_over", self.take_over),
+            ("extend", self.extend),
+            ("release", self.release),
+            ("read", self.read),
+            ("forget_process", self.forget_process),
+        ]
+        .into_iter()
+        .filter(|&(_, n)| n > 0)
+        .collect()
+    }
+
+    /// Calls that are neither pings, reads nor extends.
+    pub(crate) fn other(&self) -> u64 {
+        self.acquire + self.release + self.take_over + self.read_process + self.forget_process
+    }
 }
 
 impl Counts {
-    pub(crate) fn snapshot(&self) -> [u64; 6] {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        [
-            g(&self.acquire),
-            g(&self.extend),
-            g(&self.release),
-            g(&self.read),
-            g(&self.ping),
-            g(&self.other),
-        ]
+        Snapshot {
+            acquire: g(&self.acquire),
+            extend: g(&self.extend),
+            release: g(&self.release),
+            take_over: g(&self.take_over),
+            read: g(&self.read),
+            read_process: g(&self.read_process),
+            forget_process: g(&self.forget_process),
+            ping: g(&self.ping),
+        }
     }
 }
 
@@ -89,7 +149,7 @@ impl LockBackend for Counting {
         ttl: Duration,
         dead_owner_hash: &str,
     ) -> Result<AcquireOutcome> {
-        bump(&self.counts.other);
+        bump(&self.counts.take_over);
         self.inner.take_over(key, data, ttl, dead_owner_hash).await
     }
     async fn ping(&self, process_hash: &str, data: &ProcessData, ttl: Duration) -> Result<()> {
@@ -101,11 +161,11 @@ impl LockBackend for Counting {
         self.inner.read(key).await
     }
     async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {
-        bump(&self.counts.other);
+        bump(&self.counts.read_process);
         self.inner.read_process(process_hash).await
     }
     async fn forget_process(&self, process_hash: &str) -> Result<()> {
-        bump(&self.counts.other);
+        bump(&self.counts.forget_process);
         self.inner.forget_process(process_hash).await
     }
 }

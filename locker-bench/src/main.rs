@@ -18,9 +18,11 @@ use locker::{LockAttempt, Locker};
 use locker_conformance::servers::{self, ServerKind};
 
 mod chaos;
+mod compare;
 mod counting;
 mod durable;
 mod raw;
+mod roundtrips;
 
 #[derive(Parser, Debug)]
 #[command(name = "locker-bench")]
@@ -32,9 +34,13 @@ struct Cli {
         default_value = "redis,fred,postgres,sqlite,etcd"
     )]
     backends: Vec<String>,
-    /// Length of each throughput measurement.
+    /// Length of the contention measurement.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Repeats of the cycle comparison: each a slice of lock, raw (and rslock on Redis) cycles,
+    /// in rotating order.
+    #[arg(long, default_value_t = 7)]
+    repeats: usize,
     /// Concurrent tasks for the concurrent and contention figures.
     #[arg(long, default_value_t = 64)]
     tasks: usize,
@@ -51,7 +57,7 @@ struct Cli {
     /// on a primary with one replica); 0 to skip.
     #[arg(long, default_value_t = 5)]
     durable_repeats: usize,
-    /// Length of one slice of the durable-mode comparison.
+    /// Length of one slice of the cycle and durable-mode comparisons.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     slice: Duration,
     #[command(subcommand)]
@@ -108,17 +114,6 @@ fn takeover_locker(url: &str) -> Locker {
 struct Stats {
     cycles_per_sec: f64,
     hist: Histogram<u64>,
-}
-
-impl Stats {
-    fn latency(&self) -> String {
-        format!(
-            "{} / {} / {}",
-            self.hist.value_at_quantile(0.5),
-            self.hist.value_at_quantile(0.99),
-            self.hist.value_at_quantile(0.999)
-        )
-    }
 }
 
 fn histogram() -> Histogram<u64> {
@@ -211,43 +206,13 @@ async fn bench_backend(cli: &Cli, name: &str, url: &str) {
     let locker = Locker::builder(locker::connect(url).expect("url"))
         .build()
         .expect("locker");
-    let raw = raw::Raw::connect(name, url).await.expect("raw client");
-    // Warm up both (connections, scripts, the reporter).
-    let _ = lock_cycles(&locker, "warm", 4, Duration::from_millis(300)).await;
-    let _ = raw_cycles(&raw, "warm", 4, Duration::from_millis(300)).await;
-
-    println!("| cycle (acquire + release) | lock cycles/s | raw cycles/s | lock/raw | lock p50/p99/p999 µs | raw p50/p99/p999 µs |");
-    println!("|---|---|---|---|---|---|");
-    let mut server_cost = Vec::new();
-    for (label, tasks) in [("sequential", 1), ("concurrent", cli.tasks)] {
-        let tag = format!("{label}{}", std::process::id());
-        // Interleave, so that both see the same machine.
-        raw.reset_server_stats().await;
-        let lock = lock_cycles(&locker, &tag, tasks, cli.duration).await;
-        let lock_cost = raw.server_stats().await;
-        raw.reset_server_stats().await;
-        let rawr = raw_cycles(&raw, &tag, tasks, cli.duration).await;
-        let raw_cost = raw.server_stats().await;
-        if !lock_cost.is_empty() {
-            server_cost.push(format!("{label}: lock {lock_cost}; raw {raw_cost}"));
-        }
-        println!(
-            "| {label} ({tasks} task{}) | {:.0} | {:.0} | {:.2} | {} | {} |",
-            if tasks == 1 { "" } else { "s" },
-            lock.cycles_per_sec,
-            rawr.cycles_per_sec,
-            lock.cycles_per_sec / rawr.cycles_per_sec,
-            lock.latency(),
-            rawr.latency()
-        );
-    }
-
-    if !server_cost.is_empty() {
-        println!("\nServer CPU per command (`INFO commandstats`, µs per call):\n");
-        for line in server_cost {
-            println!("- {line}");
-        }
-    }
+    let contenders = compare::contenders(name, url, &locker).await;
+    let probe = match name {
+        "redis" | "fred" => compare::RedisProbe::connect(url).await,
+        _ => None,
+    };
+    compare::cycles(cli, name, &contenders, probe.as_ref()).await;
+    roundtrips::table(url).await;
 
     // Contention: one live holder, many tries.
     let holder = Locker::builder(locker::connect(url).expect("url"))
@@ -366,16 +331,17 @@ async fn background(cli: &Cli, url: &str) {
         let before = counts.snapshot();
         tokio::time::sleep(cli.window).await;
         let after = counts.snapshot();
-        let rate = |i: usize| (after[i] - before[i]) as f64 / cli.window.as_secs_f64();
+        let d = after - before;
+        let rate = |n: u64| n as f64 / cli.window.as_secs_f64();
         let expected = 1.0 / locker::DEFAULT_REPORT_EVERY.as_secs_f64()
             + n as f64 / locker::DEFAULT_RECHECK_EVERY.as_secs_f64()
             + n as f64 / locker::DEFAULT_EXTEND_EVERY.as_secs_f64();
         println!(
             "| {n} | {:.1} / {:.1} / {:.1} / {:.1} | {expected:.1} | {} B |",
-            rate(4),
-            rate(3),
-            rate(1),
-            rate(0) + rate(2) + rate(5),
+            rate(d.ping),
+            rate(d.read),
+            rate(d.extend),
+            rate(d.other()),
             per_lock
         );
         for b in beats {
@@ -466,7 +432,7 @@ fn main() {
         humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
         machine()
     );
-    println!("Command: `cargo run --release -p locker-bench -- --backends {} --duration {:?} --tasks {} --takeover-trials {} --durable-repeats {} --slice {:?}`", cli.backends.join(","), cli.duration, cli.tasks, cli.takeover_trials, cli.durable_repeats, cli.slice);
+    println!("Command: `cargo run --release -p locker-bench -- --backends {} --repeats {} --slice {:?} --tasks {} --duration {:?} --takeover-trials {} --held {} --durable-repeats {}`", cli.backends.join(","), cli.repeats, cli.slice, cli.tasks, cli.duration, cli.takeover_trials, cli.held.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","), cli.durable_repeats);
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut keep = Vec::new();
     for backend in &cli.backends {

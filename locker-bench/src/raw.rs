@@ -95,45 +95,6 @@ impl Raw {
         Ok(Arc::new(raw))
     }
 
-    /// Clears Redis's per-command statistics (nothing for other backends).
-    pub(crate) async fn reset_server_stats(&self) {
-        if let Raw::Redis(conn, _) = self {
-            let mut c = conn.clone();
-            let _: Result<(), _> = redis::cmd("CONFIG")
-                .arg("RESETSTAT")
-                .query_async(&mut c)
-                .await;
-        }
-    }
-
-    /// Redis's server time per call of the commands used since the reset, as
-    /// `evalsha 12.3, set 1.2`; empty for other backends.
-    pub(crate) async fn server_stats(&self) -> String {
-        let Raw::Redis(conn, _) = self else {
-            return String::new();
-        };
-        let mut c = conn.clone();
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut c)
-            .await
-            .unwrap_or_default();
-        info.lines()
-            .filter_map(|l| {
-                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-                if matches!(name, "info" | "config") {
-                    return None;
-                }
-                let calls = rest.split(',').find_map(|f| f.strip_prefix("calls="))?;
-                let per = rest
-                    .split(',')
-                    .find_map(|f| f.strip_prefix("usec_per_call="))?;
-                Some(format!("{name} {per} ({calls} calls)"))
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
     /// One create-if-absent; `true` when it created.
     pub(crate) async fn acquire(&self, key: &str, owner: &str) -> Res<bool> {
         match self {
