@@ -359,6 +359,9 @@ pub(crate) fn map_error(e: FredError) -> Error {
     ]) || details.contains("Too many failed write attempts")
         || details.contains("Max attempts")
         || details.contains("Failed to send command")
+        // A new cluster connection made while the cluster reports itself down (the
+        // CLUSTERDOWN window of a failover): it passes.
+        || details.contains("Invalid or missing cluster state")
     {
         ErrorKind::Unavailable
     } else {
