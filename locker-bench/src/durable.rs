@@ -156,7 +156,7 @@ pub(crate) async fn compare(cli: &Cli, backend: &str) {
         "\n#### {backend}: durable mode (`WAIT 1 {}`) against plain, one primary + one replica\n\n`{durable_url}` against `{plain_url}`; {} slices of {:?} each, alternating, and which side goes first alternates too\n",
         WAIT_TIMEOUT.as_millis(),
         cli.durable_repeats * 2,
-        cli.slice
+        cli.durable_slice
     );
     let connect = |url: &str| {
         Locker::builder(locker::connect(url).expect("url"))
@@ -180,7 +180,7 @@ pub(crate) async fn compare(cli: &Cli, backend: &str) {
                 let (locker, tag) = (locker.clone(), tag(side));
                 async move {
                     let t0 = Instant::now();
-                    let stats = lock_cycles(&locker, &tag, tasks, cli.slice).await;
+                    let stats = lock_cycles(&locker, &tag, tasks, cli.durable_slice).await;
                     (stats, t0.elapsed())
                 }
             };
