@@ -4,8 +4,9 @@
 //! ([`connections_heal`]) and that, with healing off, the same wedge does cost it its locks
 //! ([`wedge_costs_locks_without_healing`]), so the first check can fail.
 //!
-//! A backend's test starts a private server, puts a proxy in front of it, and passes a factory
-//! that connects through the proxy and one that connects directly (for the observer).
+//! A backend's test calls [`check`] with the kind of server and a way to make its factory from a
+//! URL: a private server is started, a proxy put in front of it, and the locker under test
+//! connects through the proxy while an observer connects directly.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -15,6 +16,41 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use locker_core::{BackendFactory, LockAttempt, Locker, LockerBuilder};
+
+use crate::servers::{self, ServerKind};
+
+/// Runs [`connections_heal`], or with `healing` false [`wedge_costs_locks_without_healing`],
+/// against a private server of `kind` behind a [`Proxy`]; `factory` makes a backend factory
+/// from a URL (the proxy's, then the server's own for the observer). Panics with what failed.
+///
+/// ```ignore
+/// #[test]
+/// fn connections_heal_after_a_wedge() {
+///     locker_conformance::wedge::check(ServerKind::Postgres, true, |url| {
+///         Arc::new(PostgresConfig::from_url(url).expect("config"))
+///     });
+/// }
+/// ```
+pub fn check(kind: ServerKind, healing: bool, factory: impl Fn(&str) -> Arc<dyn BackendFactory>) {
+    let server = servers::start_private(kind).unwrap_or_else(|e| panic!("{e}"));
+    let (proxy, through) = Proxy::for_url(server.url()).expect("proxy");
+    let (through, direct) = (factory(&through), factory(server.url()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let result = runtime.block_on(async {
+        if healing {
+            connections_heal(&proxy, through, direct).await
+        } else {
+            wedge_costs_locks_without_healing(&proxy, through, direct).await
+        }
+    });
+    if let Err(e) = result {
+        panic!("{kind}: {e}");
+    }
+}
 
 /// A TCP proxy on `127.0.0.1` that can wedge the connections it carries. Dropping it closes
 /// every connection.

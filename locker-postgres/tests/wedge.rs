@@ -1,44 +1,25 @@
-//! Wedged connections (issue 16, point 1): a TCP proxy in front of a private Postgres server stops
+//! Wedged connections (issue 16, point 1): a TCP proxy in front of a private PostgreSQL server stops
 //! forwarding on every connection the locker has, which stay open. The locker must replace both
 //! of its connections (jobs' and reporter's) before its liveness lapses; with healing off, the
-//! same wedge costs it its lock (so the check can fail).
+//! same wedge costs it its lock (so the check can fail). See `locker_conformance::wedge`.
 
 use std::sync::Arc;
 
-use locker_conformance::servers::{self, Server, ServerKind};
-use locker_conformance::wedge::{self, Proxy};
+use locker_conformance::servers::ServerKind;
+use locker_conformance::wedge;
 use locker_core::BackendFactory;
 use locker_postgres::PostgresConfig;
 
-type Setup = (
-    Server,
-    Proxy,
-    Arc<dyn BackendFactory>,
-    Arc<dyn BackendFactory>,
-);
-
-fn setup() -> Setup {
-    let server = servers::start_private(ServerKind::Postgres).unwrap_or_else(|e| panic!("{e}"));
-    let (proxy, through) = Proxy::for_url(server.url()).expect("proxy");
-    let through = Arc::new(PostgresConfig::from_url(&through).expect("config"));
-    let direct = Arc::new(PostgresConfig::from_url(server.url()).expect("config"));
-    (server, proxy, through, direct)
+fn factory(url: &str) -> Arc<dyn BackendFactory> {
+    Arc::new(PostgresConfig::from_url(url).expect("config"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_heal_after_a_wedge() {
-    let (_server, proxy, through, direct) =
-        tokio::task::spawn_blocking(setup).await.expect("setup");
-    wedge::connections_heal(&proxy, through, direct)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+#[test]
+fn connections_heal_after_a_wedge() {
+    wedge::check(ServerKind::Postgres, true, factory);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wedge_costs_locks_without_healing() {
-    let (_server, proxy, through, direct) =
-        tokio::task::spawn_blocking(setup).await.expect("setup");
-    wedge::wedge_costs_locks_without_healing(&proxy, through, direct)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+#[test]
+fn wedge_costs_locks_without_healing() {
+    wedge::check(ServerKind::Postgres, false, factory);
 }
