@@ -241,6 +241,9 @@ proptest! {
         form_style in 0..3,
     ) {
         prop_assume!(!path.starts_with(":memory:"));
+        // `sqlite:` followed by `//` is the start of an authority (`sqlite://`), whatever
+        // follows: such a path can only be written in the `sqlite://` forms.
+        prop_assume!(!(form_style == 1 && path.starts_with("//")));
         let head = ["sqlite://", "sqlite:", "sqlite://"][form_style as usize];
         let url = format!(
             "{head}{}?table_prefix={}&busy_timeout={millis}ms",
