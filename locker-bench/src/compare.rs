@@ -15,7 +15,7 @@ use hdrhistogram::Histogram;
 use locker::Locker;
 use nix::sys::resource::{getrusage, UsageWho};
 
-use crate::{histogram, lock_cycles, percentile, raw, raw_cycles, run_tasks, Cli, Stats};
+use crate::{histogram, latency, lock_cycles, percentile, raw, raw_cycles, run_tasks, Cli, Stats};
 
 /// One way to do an acquire + release cycle.
 #[derive(Clone)]
@@ -179,12 +179,7 @@ impl Side {
     }
 
     fn latency(&self) -> String {
-        format!(
-            "{} / {} / {}",
-            self.hist.value_at_quantile(0.5),
-            self.hist.value_at_quantile(0.99),
-            self.hist.value_at_quantile(0.999)
-        )
+        latency(&self.hist)
     }
 
     fn per_cycle_us(&self, d: Duration) -> f64 {

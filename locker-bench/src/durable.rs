@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use locker::Locker;
 use locker_conformance::servers::{self, Server};
 
-use crate::{histogram, lock_cycles, Cli, Stats};
+use crate::{histogram, latency, lock_cycles, Cli, Stats};
 
 /// The wait timeout of the durable locker: the library's default.
 const WAIT_TIMEOUT: Duration = locker::redis::DEFAULT_WAIT_TIMEOUT;
@@ -128,12 +128,7 @@ impl Side {
     }
 
     fn latency(&self) -> String {
-        format!(
-            "{} / {} / {}",
-            self.hist.value_at_quantile(0.5),
-            self.hist.value_at_quantile(0.99),
-            self.hist.value_at_quantile(0.999)
-        )
+        latency(&self.hist)
     }
 }
 

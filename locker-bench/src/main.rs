@@ -124,6 +124,16 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
 
+/// `p50 / p99 / p999` of a latency histogram, in its unit (µs).
+fn latency(hist: &Histogram<u64>) -> String {
+    format!(
+        "{} / {} / {}",
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99),
+        hist.value_at_quantile(0.999)
+    )
+}
+
 async fn run_tasks<F, Fut>(tasks: usize, duration: Duration, cycle: F) -> Stats
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + Clone + 'static,
