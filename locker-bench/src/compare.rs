@@ -59,7 +59,7 @@ impl Contender {
 
 /// This process's CPU time so far (user + system, every thread: the runtime's workers and the
 /// locker's reporter thread alike).
-fn process_cpu() -> Duration {
+pub(crate) fn process_cpu() -> Duration {
     getrusage(UsageWho::RUSAGE_SELF)
         .map(|u| {
             let tv = |t: nix::sys::time::TimeVal| {

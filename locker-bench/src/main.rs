@@ -89,6 +89,21 @@ enum Sub {
         #[arg(long)]
         volatile: bool,
     },
+    /// One side's acquire + release cycles alone, for a profiler (`perf record -g -- locker-bench
+    /// cycles ...`): starts its own server unless `--url` names one, prints cycles/s and the
+    /// process's CPU per cycle.
+    Cycles {
+        /// redis, fred, postgres, sqlite or etcd.
+        #[arg(long, default_value = "redis")]
+        backend: String,
+        /// lock or raw.
+        #[arg(long, default_value = "lock")]
+        side: String,
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        seconds: Duration,
+    },
     /// (internal) One chaos worker.
     ChaosWorker {
         #[arg(long)]
@@ -195,6 +210,69 @@ async fn raw_cycles(raw: &Arc<raw::Raw>, tag: &str, tasks: usize, duration: Dura
         }
     })
     .await
+}
+
+/// The `cycles` subcommand.
+async fn cycles_alone(cli: &Cli, backend: &str, side: &str, url: Option<&str>, seconds: Duration) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (url, _server) = match url {
+        Some(url) => (url.to_owned(), None),
+        None => start_server(backend, dir.path()),
+    };
+    let cpu = compare::process_cpu();
+    let stats = match side {
+        "lock" => {
+            let locker = Locker::builder(locker::connect(&url).expect("url"))
+                .build()
+                .expect("locker");
+            locker.ready().await.expect("ready");
+            let stats = lock_cycles(&locker, "profile", cli.tasks, seconds).await;
+            locker.shutdown().await;
+            stats
+        }
+        "raw" => {
+            let raw = raw::Raw::connect(backend, &url).await.expect("raw connect");
+            raw_cycles(&raw, "profile", cli.tasks, seconds).await
+        }
+        other => panic!("--side is lock or raw, not {other}"),
+    };
+    let cpu = compare::process_cpu() - cpu;
+    let cycles = stats.hist.len() as f64;
+    println!(
+        "{backend} {side}, {} tasks: {:.0} cycles/s, client CPU {:.2} µs/cycle, p50/p99 {} / {} µs",
+        cli.tasks,
+        stats.cycles_per_sec,
+        cpu.as_secs_f64() * 1e6 / cycles,
+        stats.hist.value_at_quantile(0.5),
+        stats.hist.value_at_quantile(0.99)
+    );
+}
+
+/// Starts the server of a backend (none for SQLite: a file in `dir`); returns its URL and the
+/// handle that stops it.
+fn start_server(backend: &str, dir: &std::path::Path) -> (String, Option<servers::Server>) {
+    match backend {
+        "redis" | "fred" => {
+            let server = servers::start_process(ServerKind::Redis).expect("redis-server");
+            let url = if backend == "fred" {
+                format!("{}?client=fred", server.url())
+            } else {
+                server.url().to_owned()
+            };
+            (url, Some(server))
+        }
+        "postgres" => {
+            let server = servers::start_process(ServerKind::Postgres).expect("postgres");
+            (server.url().to_owned(), Some(server))
+        }
+        "sqlite" => (format!("sqlite://{}/locks.db", dir.display()), None),
+        "etcd" => {
+            let server = servers::start_process(ServerKind::Etcd).expect("etcd");
+            let url = format!("etcd://{}", server.url().trim_start_matches("http://"));
+            (url, Some(server))
+        }
+        other => panic!("unknown backend {other}"),
+    }
 }
 
 fn rss_bytes() -> u64 {
@@ -421,6 +499,15 @@ fn main() {
             }));
             std::process::exit(if ok { 0 } else { 1 });
         }
+        Some(Sub::Cycles {
+            backend,
+            side,
+            url,
+            seconds,
+        }) => {
+            runtime.block_on(cycles_alone(&cli, backend, side, url.as_deref(), *seconds));
+            return;
+        }
         Some(Sub::ChaosWorker { url, dir, keys }) => {
             runtime.block_on(chaos::worker(url, dir, *keys));
             return;
@@ -450,35 +537,15 @@ fn main() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut keep = Vec::new();
     for backend in &cli.backends {
-        let url = match backend.as_str() {
-            "redis" | "fred" => {
-                let server = servers::start_process(ServerKind::Redis).expect("redis-server");
-                let url = if backend == "fred" {
-                    format!("{}?client=fred", server.url())
-                } else {
-                    server.url().to_owned()
-                };
-                keep.push(server);
-                url
-            }
-            "postgres" => {
-                let server = servers::start_process(ServerKind::Postgres).expect("postgres");
-                let url = server.url().to_owned();
-                keep.push(server);
-                url
-            }
-            "sqlite" => format!("sqlite://{}/locks.db", dir.path().display()),
-            "etcd" => {
-                let server = servers::start_process(ServerKind::Etcd).expect("etcd");
-                let url = format!("etcd://{}", server.url().trim_start_matches("http://"));
-                keep.push(server);
-                url
-            }
-            other => {
-                eprintln!("unknown backend {other}");
-                continue;
-            }
-        };
+        if !matches!(
+            backend.as_str(),
+            "redis" | "fred" | "postgres" | "sqlite" | "etcd"
+        ) {
+            eprintln!("unknown backend {backend}");
+            continue;
+        }
+        let (url, server) = start_server(backend, dir.path());
+        keep.extend(server);
         runtime.block_on(bench_backend(&cli, backend, &url));
         if matches!(backend.as_str(), "redis" | "fred") && cli.durable_repeats > 0 {
             runtime.block_on(durable::compare(&cli, backend));

@@ -21,6 +21,26 @@ pub enum AcquireOutcome {
     Held(LockData),
 }
 
+/// What [`LockBackend::acquire_checked`] decided, in one call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum AcquireDecision {
+    /// The key was free; this is the record now stored.
+    Acquired(LockData),
+    /// The key was held by a process with no liveness record; its lock was replaced by
+    /// `stored`. `dead` is the replaced record.
+    TookOver {
+        /// The record now stored (with its fencing token, if any).
+        stored: LockData,
+        /// The dead holder's record.
+        dead: LockData,
+    },
+    /// Someone holds the key, and their process's liveness record is there.
+    HeldByLive(LockData),
+    /// Someone holds the key; whether their process is alive was not looked at.
+    Held(LockData),
+}
+
 /// What [`LockBackend::extend`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use]
@@ -71,6 +91,9 @@ pub struct Capabilities {
     /// such a process. The locker warns, or refuses to start with
     /// [`LockerOptions::refuse_liveness_shorter_than_failover`](crate::LockerOptions).
     pub failover_time: Option<Duration>,
+    /// [`LockBackend::acquire_checked`] looks at the holder's liveness record and takes over a
+    /// dead holder's lock in the same call, so that every acquire decision is one round trip.
+    pub checked_acquire: bool,
 }
 
 impl Default for Capabilities {
@@ -82,6 +105,7 @@ impl Default for Capabilities {
             atomic_take_over: false,
             max_key_len: None,
             failover_time: None,
+            checked_acquire: false,
         }
     }
 }
@@ -108,6 +132,27 @@ pub trait LockBackend: Send + Sync + fmt::Debug + 'static {
     /// With fencing, the stored record gets a token strictly greater than any given for `key`
     /// before, and the returned [`AcquireOutcome::Acquired`] carries it.
     async fn acquire(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome>;
+
+    /// [`acquire`](LockBackend::acquire), and when the key is held, decides in the same call
+    /// whether the holder's process is alive (its liveness record is there) and, if it is not,
+    /// replaces its lock as [`take_over`](LockBackend::take_over) would: the decision a
+    /// [`Locker`](crate::Locker) makes in up to three calls, made atomically in one.
+    ///
+    /// The default is `acquire` alone, answering [`AcquireDecision::Held`] for a held key (the
+    /// locker then reads the holder's liveness record and takes over itself). Backends that
+    /// override it say so with [`Capabilities::checked_acquire`]. A liveness record that is not
+    /// a valid record counts as alive (the lock is not taken over).
+    async fn acquire_checked(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+    ) -> Result<AcquireDecision> {
+        Ok(match self.acquire(key, data, ttl).await? {
+            AcquireOutcome::Acquired(stored) => AcquireDecision::Acquired(stored),
+            AcquireOutcome::Held(holder) => AcquireDecision::Held(holder),
+        })
+    }
 
     /// Rewrites the lock under `key` with `data` and re-arms its TTL, only if the stored
     /// `ownerHash` equals `owner_hash`. The stored fencing token is kept.

@@ -32,7 +32,7 @@ use tokio::runtime::Handle;
 use tokio::time::{timeout, Instant};
 
 use crate::backend::{
-    AcquireOutcome, BackendFactory, Capabilities, ExtendOutcome, LockBackend, ReleaseOutcome,
+    AcquireDecision, AcquireOutcome, BackendFactory, Capabilities, ExtendOutcome, LockBackend, ReleaseOutcome,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{BackgroundSource, Events};
@@ -309,6 +309,15 @@ impl LockBackend for Healing {
 
     async fn acquire(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
         healed!(self, |b| b.acquire(key, data, ttl))
+    }
+
+    async fn acquire_checked(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+    ) -> Result<AcquireDecision> {
+        healed!(self, |b| b.acquire_checked(key, data, ttl))
     }
 
     async fn extend(

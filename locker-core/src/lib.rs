@@ -17,7 +17,7 @@ mod reporter;
 pub mod url_params;
 
 pub use backend::{
-    factory_fn, AcquireOutcome, BackendFactory, Capabilities, ExtendOutcome, FnFactory,
+    factory_fn, AcquireDecision, AcquireOutcome, BackendFactory, Capabilities, ExtendOutcome, FnFactory,
     LockBackend, ReleaseOutcome,
 };
 pub use error::{find_io_error, is_definite_io_error, BoxError, Error, ErrorKind, Result};

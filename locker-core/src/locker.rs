@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::sync::{broadcast, watch, Notify, OnceCell};
 
-use crate::backend::{AcquireOutcome, BackendFactory, LockBackend, ReleaseOutcome};
+use crate::backend::{AcquireDecision, AcquireOutcome, BackendFactory, LockBackend, ReleaseOutcome};
 use crate::clock::{nanos, Clock};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{BackgroundError, BackgroundSource, Events};
@@ -494,16 +494,27 @@ impl Locker {
         // If this future is dropped while a write is in flight, the lock may be stored with no
         // guard to release it: release it (if ours) in the background.
         let pending = PendingAcquire::new(inner, &key, &data.owner_hash, sent_at);
-        let outcome = backend.acquire(&key, &data, ttl).await?;
-        let holder = match ours_if_replayed(outcome, &data.owner_hash) {
-            AcquireOutcome::Acquired(stored) => {
-                pending.disarm();
+        let outcome = backend.acquire_checked(&key, &data, ttl).await?;
+        pending.disarm();
+        let holder = match outcome {
+            AcquireDecision::Acquired(stored) => {
                 tracing::info!(key = %key, owner_hash = %stored.owner_hash, fencing_token = ?stored.fencing_token, "acquired lock");
                 return self.guard(key, stored, sent_at).await;
             }
-            AcquireOutcome::Held(holder) => holder,
+            AcquireDecision::TookOver { stored, dead } => {
+                tracing::warn!(key = %key, owner_hash = %stored.owner_hash, dead_owner = %dead.owner_hash, fencing_token = ?stored.fencing_token, "took over the lock of a dead process");
+                return self.guard(key, stored, sent_at).await;
+            }
+            // Our own record, found by an acquire sent again after a lost connection.
+            AcquireDecision::HeldByLive(stored) | AcquireDecision::Held(stored)
+                if stored.owner_hash == data.owner_hash =>
+            {
+                tracing::info!(key = %key, owner_hash = %stored.owner_hash, fencing_token = ?stored.fencing_token, "acquired lock");
+                return self.guard(key, stored, sent_at).await;
+            }
+            AcquireDecision::HeldByLive(holder) => return Ok(LockAttempt::Held(holder)),
+            AcquireDecision::Held(holder) => holder,
         };
-        pending.disarm();
         if backend.read_process(&holder.process_hash).await?.is_some() {
             return Ok(LockAttempt::Held(holder));
         }

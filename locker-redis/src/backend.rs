@@ -6,16 +6,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use locker_core::{
-    AcquireOutcome, BackendFactory, Capabilities, Error, ExtendOutcome, LockBackend, LockData,
+    AcquireDecision, AcquireOutcome, BackendFactory, Capabilities, Error, ExtendOutcome, LockBackend, LockData,
     ProcessData, ReleaseOutcome, Result,
 };
 
 use crate::config::{ClientLibrary, RedisConfig, WaitForReplicas};
-use crate::scripts::{parse_record, parse_reply, record_without_token, Reply, ScriptName};
-
-/// A fencing counter outlives its last lock by at least this long; after that the server's
-/// clock keeps new tokens above the old ones.
-const FENCE_TTL: Duration = Duration::from_secs(24 * 3600);
+use crate::scripts::{open_record, owner_prefix, parse_record, parse_reply, Reply, ScriptName};
 
 /// The few things the backend needs from a client library: one script call, `GET`,
 /// `SET ... PX` and `DEL`. Each implementation maps its errors with the crate's one mapping.
@@ -66,6 +62,10 @@ pub struct RedisBackend {
     config: RedisConfig,
     driver: Box<dyn Driver>,
     failover_time: Option<Duration>,
+    /// The liveness keys' common prefix, for the acquire script to look at a holder's
+    /// liveness record; `None` on a cluster whose key prefix has no hash tag (a liveness key
+    /// would then be on another slot than the lock).
+    liveness_prefix: Option<String>,
 }
 
 impl RedisBackend {
@@ -93,10 +93,13 @@ impl RedisBackend {
         } else {
             None
         };
+        let liveness_prefix = (!config.is_cluster() || config.keys.prefix_tagged())
+            .then(|| config.keys.process(""));
         Ok(RedisBackend {
             config: config.clone(),
             driver,
             failover_time,
+            liveness_prefix,
         })
     }
 
@@ -127,47 +130,79 @@ impl RedisBackend {
         self.config.keys.process(process_hash)
     }
 
+    /// Runs the acquire or take-over script: one call, `WAIT` after it in durable mode.
     async fn create(
         &self,
-        script: ScriptName,
         key: &str,
         data: &LockData,
         ttl: Duration,
-        dead_owner: Option<&str>,
-    ) -> Result<AcquireOutcome> {
+        how: Create<'_>,
+    ) -> Result<AcquireDecision> {
         let ttl = ttl_ms(ttl)?.to_string();
-        let fence_ttl = ttl_ms(FENCE_TTL)?.to_string();
-        let record = record_without_token(data);
-        let (lock, fence) = (self.config.keys.lock(key), self.config.keys.fence(key));
-        let mut args = vec![record.as_str(), ttl.as_str(), fence_ttl.as_str()];
-        args.extend(dead_owner);
+        let mut record = open_record(data);
+        record.push_str(",\"fencingToken\":");
+        let lock = self.config.keys.lock(key);
+        let fence = self.config.keys.fence(&lock);
+        let dead_prefix;
+        let mut args = vec![record.as_str(), ttl.as_str()];
+        let script = match how {
+            Create::Acquire => {
+                args.push("");
+                ScriptName::Acquire
+            }
+            Create::Checked => {
+                args.push(self.liveness_prefix.as_deref().unwrap_or_default());
+                ScriptName::Acquire
+            }
+            Create::TakeOver(dead_owner) => {
+                dead_prefix = owner_prefix(dead_owner);
+                args.extend([dead_owner, dead_prefix.as_str()]);
+                ScriptName::TakeOver
+            }
+        };
+        let stored = |token| LockData {
+            fencing_token: Some(token),
+            ..data.clone()
+        };
+        let decide = |reply| -> Result<AcquireDecision> {
+            Ok(match parse_reply(key, reply)? {
+                Reply::Acquired(token) => AcquireDecision::Acquired(stored(token)),
+                Reply::TookOver(token, json) => AcquireDecision::TookOver {
+                    stored: stored(token),
+                    dead: parse_record(key, &json)?,
+                },
+                Reply::Live(json) => AcquireDecision::HeldByLive(parse_record(key, &json)?),
+                Reply::Held(json) => AcquireDecision::Held(parse_record(key, &json)?),
+                other => return Err(unexpected(key, &other)),
+            })
+        };
         let Some(wait) = self.config.wait_for_replicas else {
             let reply = self.driver.eval(script, &[&lock, &fence], &args).await?;
-            return match parse_reply(key, reply)? {
-                Reply::Acquired(json) => Ok(AcquireOutcome::Acquired(parse_record(key, &json)?)),
-                Reply::Held(json) => Ok(AcquireOutcome::Held(parse_record(key, &json)?)),
-                other => Err(unexpected(key, &other)),
-            };
+            return decide(reply);
         };
         let (reply, acked) = self
             .driver
             .eval_and_wait(script, &[&lock, &fence], &args, wait)
             .await?;
-        let outcome = match parse_reply(key, reply)? {
-            Reply::Acquired(json) => AcquireOutcome::Acquired(parse_record(key, &json)?),
-            Reply::Held(json) => AcquireOutcome::Held(parse_record(key, &json)?),
-            other => return Err(unexpected(key, &other)),
-        };
+        let outcome = decide(reply)?;
         let replayed = match &outcome {
-            AcquireOutcome::Acquired(_) if acked >= u64::from(wait.replicas) => return Ok(outcome),
-            AcquireOutcome::Acquired(_) => false,
+            AcquireDecision::Acquired(_) | AcquireDecision::TookOver { .. }
+                if acked >= u64::from(wait.replicas) =>
+            {
+                return Ok(outcome)
+            }
+            AcquireDecision::Acquired(_) | AcquireDecision::TookOver { .. } => false,
             // This owner's record, found by a resent acquire (the `redis` crate resends a
             // cluster pipeline after a lost connection; a `Locker` takes it as acquired). The
             // first send wrote it, on a connection that is gone: this `WAIT` did not count that
             // write, so nothing says it is durable.
-            AcquireOutcome::Held(holder) if holder.owner_hash == data.owner_hash => true,
+            AcquireDecision::Held(holder) | AcquireDecision::HeldByLive(holder)
+                if holder.owner_hash == data.owner_hash =>
+            {
+                true
+            }
             // Nothing written.
-            AcquireOutcome::Held(_) => return Ok(outcome),
+            AcquireDecision::Held(_) | AcquireDecision::HeldByLive(_) => return Ok(outcome),
         };
         // Granted on the master, not known to be on any replica that a failover would promote:
         // not a lock to hand out. Undo it now (the caller may retry at once), if still ours; a
@@ -184,6 +219,29 @@ impl RedisBackend {
             .with_key(key));
         }
         Err(not_acknowledged(key, wait, acked, "lock", undone))
+    }
+}
+
+/// What a create script does about a held key.
+#[derive(Debug, Clone, Copy)]
+enum Create<'a> {
+    /// Answers `Held`.
+    Acquire,
+    /// Looks at the holder's liveness record, and takes a dead holder's lock over.
+    Checked,
+    /// Replaces the lock of this owner.
+    TakeOver(&'a str),
+}
+
+/// The answer of `acquire` or `take_over`, from a decision that did not look at liveness.
+fn plain(decision: AcquireDecision) -> AcquireOutcome {
+    match decision {
+        AcquireDecision::Acquired(stored) | AcquireDecision::TookOver { stored, .. } => {
+            AcquireOutcome::Acquired(stored)
+        }
+        AcquireDecision::Held(holder) | AcquireDecision::HeldByLive(holder) => {
+            AcquireOutcome::Held(holder)
+        }
     }
 }
 
@@ -230,11 +288,24 @@ impl LockBackend for RedisBackend {
         c.shared_across_processes = true;
         c.atomic_take_over = true;
         c.failover_time = self.failover_time;
+        c.checked_acquire = self.liveness_prefix.is_some();
         c
     }
 
     async fn acquire(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
-        self.create(ScriptName::Acquire, key, data, ttl, None).await
+        self.create(key, data, ttl, Create::Acquire).await.map(plain)
+    }
+
+    async fn acquire_checked(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+    ) -> Result<AcquireDecision> {
+        match &self.liveness_prefix {
+            Some(_) => self.create(key, data, ttl, Create::Checked).await,
+            None => self.create(key, data, ttl, Create::Acquire).await,
+        }
     }
 
     async fn extend(
@@ -245,10 +316,10 @@ impl LockBackend for RedisBackend {
         owner_hash: &str,
     ) -> Result<ExtendOutcome> {
         let ttl = ttl_ms(ttl)?.to_string();
-        let record = record_without_token(data);
+        let (record, prefix) = (open_record(data), owner_prefix(owner_hash));
         let lock = self.config.keys.lock(key);
         let (args, wait) = (
-            [record.as_str(), &ttl, owner_hash],
+            [record.as_str(), &ttl, owner_hash, &prefix],
             self.config.wait_for_replicas,
         );
         let (reply, acked) = match wait {
@@ -267,7 +338,7 @@ impl LockBackend for RedisBackend {
             }
         };
         match parse_reply(key, reply)? {
-            Reply::Extended(json) => {
+            Reply::Extended(token) => {
                 if let Some((wait, acked)) = acked {
                     if acked < u64::from(wait.replicas) {
                         // Still this owner's on the master, extended; the heartbeat retries.
@@ -280,7 +351,10 @@ impl LockBackend for RedisBackend {
                         ));
                     }
                 }
-                Ok(ExtendOutcome::Extended(parse_record(key, &json)?))
+                Ok(ExtendOutcome::Extended(LockData {
+                    fencing_token: token,
+                    ..data.clone()
+                }))
             }
             Reply::NoKey => Ok(ExtendOutcome::NoKey),
             Reply::Held(json) => Ok(ExtendOutcome::Held(parse_record(key, &json)?)),
@@ -290,9 +364,10 @@ impl LockBackend for RedisBackend {
 
     async fn release(&self, key: &str, owner_hash: &str) -> Result<ReleaseOutcome> {
         let lock = self.config.keys.lock(key);
+        let prefix = owner_prefix(owner_hash);
         let reply = self
             .driver
-            .eval(ScriptName::Release, &[&lock], &[owner_hash])
+            .eval(ScriptName::Release, &[&lock], &[owner_hash, &prefix])
             .await?;
         match parse_reply(key, reply)? {
             Reply::Released => Ok(ReleaseOutcome::Released),
@@ -309,8 +384,9 @@ impl LockBackend for RedisBackend {
         ttl: Duration,
         dead_owner_hash: &str,
     ) -> Result<AcquireOutcome> {
-        self.create(ScriptName::TakeOver, key, data, ttl, Some(dead_owner_hash))
+        self.create(key, data, ttl, Create::TakeOver(dead_owner_hash))
             .await
+            .map(plain)
     }
 
     async fn ping(&self, process_hash: &str, data: &ProcessData, ttl: Duration) -> Result<()> {

@@ -3,9 +3,9 @@
 //!
 //! - lock: `{prefix}lock:{key}`
 //! - liveness: `{prefix}proc:{processHash}`
-//! - fencing counter: `{prefix}fence:{T}:{key}`, where `T` is a short hash tag chosen so that
-//!   the counter hashes to the same slot as the lock (or, when the prefix carries a hash tag,
-//!   `{prefix}fence:{key}`, which shares the prefix's slot like every other key).
+//! - fencing counter: `{prefix}fence:{T}`, one per Redis Cluster slot, where `T` is a short hash
+//!   tag chosen so that the counter hashes to the lock's slot (or, when the prefix carries a hash
+//!   tag, one `{prefix}fence`, which shares the prefix's slot like every other key).
 
 use std::sync::OnceLock;
 
@@ -48,6 +48,11 @@ impl KeyLayout {
         &self.prefix
     }
 
+    /// The prefix holds a complete hash tag: every key of the layout is on one slot.
+    pub(crate) fn prefix_tagged(&self) -> bool {
+        self.prefix_tagged
+    }
+
     pub(crate) fn lock(&self, key: &str) -> String {
         format!("{}lock:{key}", self.prefix)
     }
@@ -56,13 +61,14 @@ impl KeyLayout {
         format!("{}proc:{process_hash}", self.prefix)
     }
 
-    /// The fencing counter of `key`, on the same slot as [`lock`](Self::lock).
-    pub(crate) fn fence(&self, key: &str) -> String {
+    /// The fencing counter of `key`'s slot, shared by every lock on the slot: one counter per
+    /// slot (per server for a tagged prefix) whatever the number of keys, updated in place.
+    pub(crate) fn fence(&self, lock_key: &str) -> String {
         if self.prefix_tagged {
-            return format!("{}fence:{key}", self.prefix);
+            return format!("{}fence", self.prefix);
         }
-        let tag = &tags()[usize::from(key_slot(self.lock(key).as_bytes()))];
-        format!("{}fence:{{{tag}}}:{key}", self.prefix)
+        let tag = &tags()[usize::from(key_slot(lock_key.as_bytes()))];
+        format!("{}fence:{{{tag}}}", self.prefix)
     }
 }
 
@@ -166,7 +172,8 @@ mod tests {
                 "ünï 🔒",
                 "k\n",
             ] {
-                let (lock, fence) = (layout.lock(key), layout.fence(key));
+                let lock = layout.lock(key);
+                let fence = layout.fence(&lock);
                 assert_eq!(
                     key_slot(lock.as_bytes()),
                     key_slot(fence.as_bytes()),
@@ -179,9 +186,15 @@ mod tests {
     }
 
     #[test]
-    fn distinct_keys_get_distinct_counters() {
+    fn one_counter_per_slot() {
         let layout = KeyLayout::new("").expect("layout");
-        assert_ne!(layout.fence("a"), layout.fence("b"));
+        let fence = |key: &str| layout.fence(&layout.lock(key));
+        let slot = |key: &str| key_slot(layout.lock(key).as_bytes());
+        assert_ne!(slot("a"), slot("b"));
+        assert_ne!(fence("a"), fence("b"));
+        assert_eq!(fence("x{t}"), fence("y{t}"), "one slot, one counter");
+        let tagged = KeyLayout::new("app{1}:").expect("layout");
+        assert_eq!(tagged.fence(&tagged.lock("a")), "app{1}:fence");
     }
 
     #[test]
