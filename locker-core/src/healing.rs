@@ -32,7 +32,8 @@ use tokio::runtime::Handle;
 use tokio::time::{timeout, Instant};
 
 use crate::backend::{
-    AcquireDecision, AcquireOutcome, BackendFactory, Capabilities, ExtendOutcome, LockBackend, ReleaseOutcome,
+    AcquireDecision, AcquireOutcome, BackendFactory, Capabilities, ExtendOutcome, LockBackend,
+    ReleaseOutcome,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{BackgroundSource, Events};

@@ -11,7 +11,9 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::sync::{broadcast, watch, Notify, OnceCell};
 
-use crate::backend::{AcquireDecision, AcquireOutcome, BackendFactory, LockBackend, ReleaseOutcome};
+use crate::backend::{
+    AcquireDecision, AcquireOutcome, BackendFactory, LockBackend, ReleaseOutcome,
+};
 use crate::clock::{nanos, Clock};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{BackgroundError, BackgroundSource, Events};

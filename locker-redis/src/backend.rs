@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use locker_core::{
-    AcquireDecision, AcquireOutcome, BackendFactory, Capabilities, Error, ExtendOutcome, LockBackend, LockData,
-    ProcessData, ReleaseOutcome, Result,
+    AcquireDecision, AcquireOutcome, BackendFactory, Capabilities, Error, ExtendOutcome,
+    LockBackend, LockData, ProcessData, ReleaseOutcome, Result,
 };
 
 use crate::config::{ClientLibrary, RedisConfig, WaitForReplicas};
@@ -93,8 +93,8 @@ impl RedisBackend {
         } else {
             None
         };
-        let liveness_prefix = (!config.is_cluster() || config.keys.prefix_tagged())
-            .then(|| config.keys.process(""));
+        let liveness_prefix =
+            (!config.is_cluster() || config.keys.prefix_tagged()).then(|| config.keys.process(""));
         Ok(RedisBackend {
             config: config.clone(),
             driver,
@@ -293,7 +293,9 @@ impl LockBackend for RedisBackend {
     }
 
     async fn acquire(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
-        self.create(key, data, ttl, Create::Acquire).await.map(plain)
+        self.create(key, data, ttl, Create::Acquire)
+            .await
+            .map(plain)
     }
 
     async fn acquire_checked(

@@ -4,8 +4,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use locker_core::{
-    new_owner_hash, AcquireOutcome, ErrorKind, ExtendOutcome, LockBackend, LockData, ProcessData,
-    ReleaseOutcome,
+    new_owner_hash, AcquireDecision, AcquireOutcome, ErrorKind, ExtendOutcome, LockBackend,
+    LockData, ProcessData, ReleaseOutcome,
 };
 
 use crate::{Fixture, Verdict};
@@ -189,6 +189,63 @@ pub async fn backend_take_over_replaces_only_the_dead_owner(fx: &Fixture) -> Ver
     {
         AcquireOutcome::Acquired(_) => {}
         AcquireOutcome::Held(h) => panic!("missing key held by {}", h.owner_hash),
+    }
+    Verdict::Passed
+}
+
+/// `acquire_checked` makes the whole decision: a free key is acquired, a key held by a live
+/// process is left alone, and (with [`Capabilities::checked_acquire`]) a dead holder's lock is
+/// taken over in the same call, with a higher fencing token; without the capability a held key
+/// answers `Held`, whatever its holder's liveness.
+///
+/// [`Capabilities::checked_acquire`]: locker_core::Capabilities::checked_acquire
+pub async fn backend_acquire_checked_decides_in_one_call(fx: &Fixture) -> Verdict {
+    let b = fx.backend().await;
+    let key = fx.key("checked");
+    let first = record(&key, 1);
+    b.ping(&first.process_hash, &ProcessData::now(), TTL)
+        .await
+        .expect("ping");
+    let stored = match b.acquire_checked(&key, &first, TTL).await.expect("acquire") {
+        AcquireDecision::Acquired(stored) => stored,
+        other => panic!("a free key: {other:?}"),
+    };
+    assert_eq!(stored.owner_hash, first.owner_hash);
+    assert_eq!(stored.fencing_token.is_some(), fx.capabilities.fencing);
+    assert_eq!(b.read(&key).await.expect("read"), Some(stored.clone()));
+    let second = record(&key, 2);
+    match b
+        .acquire_checked(&key, &second, TTL)
+        .await
+        .expect("acquire")
+    {
+        AcquireDecision::HeldByLive(holder) if fx.capabilities.checked_acquire => {
+            assert_eq!(holder, stored)
+        }
+        AcquireDecision::Held(holder) if !fx.capabilities.checked_acquire => {
+            assert_eq!(holder, stored)
+        }
+        other => panic!("a key held by a live process: {other:?}"),
+    }
+    b.forget_process(&first.process_hash).await.expect("forget");
+    match b
+        .acquire_checked(&key, &second, TTL)
+        .await
+        .expect("acquire")
+    {
+        AcquireDecision::TookOver { stored: new, dead } if fx.capabilities.checked_acquire => {
+            assert_eq!(dead, stored);
+            assert_eq!(new.owner_hash, second.owner_hash);
+            if fx.capabilities.fencing {
+                assert!(new.fencing_token > stored.fencing_token);
+            }
+            assert_eq!(b.read(&key).await.expect("read"), Some(new));
+        }
+        AcquireDecision::Held(holder) if !fx.capabilities.checked_acquire => {
+            assert_eq!(holder, stored);
+            assert_eq!(b.read(&key).await.expect("read"), Some(stored));
+        }
+        other => panic!("a key held by a dead process: {other:?}"),
     }
     Verdict::Passed
 }
