@@ -8,14 +8,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use locker::{
-    AcquireOutcome, BackendFactory, Capabilities, ExtendOutcome, LockBackend, LockData,
-    ProcessData, ReleaseOutcome, Result,
+    AcquireDecision, AcquireOutcome, BackendFactory, Capabilities, ExtendOutcome, LockBackend,
+    LockData, ProcessData, ReleaseOutcome, Result,
 };
 
 /// The backend methods called, one counter each.
 #[derive(Debug, Default)]
 pub(crate) struct Counts {
     pub(crate) acquire: AtomicU64,
+    pub(crate) acquire_checked: AtomicU64,
     pub(crate) extend: AtomicU64,
     pub(crate) release: AtomicU64,
     pub(crate) take_over: AtomicU64,
@@ -29,6 +30,7 @@ pub(crate) struct Counts {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Snapshot {
     pub(crate) acquire: u64,
+    pub(crate) acquire_checked: u64,
     pub(crate) extend: u64,
     pub(crate) release: u64,
     pub(crate) take_over: u64,
@@ -43,6 +45,7 @@ impl std::ops::Sub for Snapshot {
     fn sub(self, o: Snapshot) -> Snapshot {
         Snapshot {
             acquire: self.acquire - o.acquire,
+            acquire_checked: self.acquire_checked - o.acquire_checked,
             extend: self.extend - o.extend,
             release: self.release - o.release,
             take_over: self.take_over - o.take_over,
@@ -60,6 +63,7 @@ impl Snapshot {
     pub(crate) fn decision_calls(&self) -> Vec<(&'static str, u64)> {
         [
             ("acquire", self.acquire),
+            ("acquire_checked", self.acquire_checked),
             ("read_process", self.read_process),
             ("take_over", self.take_over),
             ("extend", self.extend),
@@ -74,7 +78,12 @@ impl Snapshot {
 
     /// Calls that are neither pings, reads nor extends.
     pub(crate) fn other(&self) -> u64 {
-        self.acquire + self.release + self.take_over + self.read_process + self.forget_process
+        self.acquire
+            + self.acquire_checked
+            + self.release
+            + self.take_over
+            + self.read_process
+            + self.forget_process
     }
 }
 
@@ -83,6 +92,7 @@ impl Counts {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Snapshot {
             acquire: g(&self.acquire),
+            acquire_checked: g(&self.acquire_checked),
             extend: g(&self.extend),
             release: g(&self.release),
             take_over: g(&self.take_over),
@@ -127,6 +137,15 @@ impl LockBackend for Counting {
     async fn acquire(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
         bump(&self.counts.acquire);
         self.inner.acquire(key, data, ttl).await
+    }
+    async fn acquire_checked(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+    ) -> Result<AcquireDecision> {
+        bump(&self.counts.acquire_checked);
+        self.inner.acquire_checked(key, data, ttl).await
     }
     async fn extend(
         &self,

@@ -87,6 +87,14 @@ impl LockState {
 
     /// Marks the lock lost (the first reason wins) and returns the error for it.
     pub(crate) fn lose(&self, loss: Loss) -> Error {
+        self.mark_lost(loss);
+        self.loss_error()
+            .unwrap_or_else(|| Error::new(ErrorKind::LockLost, "lock lost"))
+    }
+
+    /// Marks the lock lost (the first reason wins), without making the error (a release needs
+    /// none).
+    pub(crate) fn mark_lost(&self, loss: Loss) {
         if self.loss.set(loss.clone()).is_ok() {
             self.lost_signal.send_replace(true);
             match &loss {
@@ -101,8 +109,6 @@ impl LockState {
                 ),
             }
         }
-        self.loss_error()
-            .unwrap_or_else(|| Error::new(ErrorKind::LockLost, "lock lost"))
     }
 
     /// The error of a lost lock, `None` while it is held.

@@ -268,8 +268,13 @@ impl Inner {
             Ok(mut held) => held.remove(&id).is_some() && held.is_empty(),
             Err(_) => false,
         };
-        self.held_changed.notify_waiters();
-        if now_empty && self.phase() == Phase::ShutDown {
+        // Only `shutdown` waits for this, and only after it left `Running`: a removal that saw
+        // `Running` happened before that, so the shutdown's first look at `held` sees it.
+        let phase = self.phase();
+        if phase != Phase::Running {
+            self.held_changed.notify_waiters();
+        }
+        if now_empty && phase == Phase::ShutDown {
             if let Some(reporter) = self.reporter.get() {
                 reporter.stop_detached(true);
             }
@@ -808,7 +813,7 @@ impl Locker {
         if let Ok(mut held) = inner.held.lock() {
             for state in held.drain().filter_map(|(_, w)| w.upgrade()) {
                 state.released.store(true, Ordering::Release);
-                state.lose(Loss::Abandoned);
+                state.mark_lost(Loss::Abandoned);
             }
         }
         inner.held_changed.notify_waiters();
@@ -904,7 +909,7 @@ impl LockGuard {
         if state.released.swap(true, Ordering::AcqRel) {
             return Ok(ReleaseOutcome::NoKey);
         }
-        state.lose(Loss::Released);
+        state.mark_lost(Loss::Released);
         // From here the guard's Drop does nothing; a cancelled release hands off through this.
         let mut handoff = ReleaseHandoff {
             state: &state,
@@ -951,7 +956,7 @@ impl LockGuard {
         if state.released.swap(true, Ordering::AcqRel) {
             return;
         }
-        state.lose(Loss::Released);
+        state.mark_lost(Loss::Released);
         let mut handoff = ReleaseHandoff {
             state: &state,
             armed: true,
@@ -1093,7 +1098,7 @@ impl Drop for LockGuard {
     fn drop(&mut self) {
         let state = &self.state;
         if !state.released.swap(true, Ordering::AcqRel) {
-            state.lose(Loss::Released);
+            state.mark_lost(Loss::Released);
             tracing::debug!(key = %state.key, "lock guard dropped; releasing in the background");
             release_in_background(state);
         }
