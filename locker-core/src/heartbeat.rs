@@ -49,7 +49,10 @@ pub(crate) struct LockState {
     pub(crate) released: AtomicBool,
     loss: OnceLock<Loss>,
     /// Turns `true` when the lock is lost, to wake [`Heartbeat::lost`] and [`Heartbeat::sleep`].
-    lost_signal: watch::Sender<bool>,
+    /// Wakes sleeping beats when the lock is lost; made by the first sleep (most locks never
+    /// sleep through their heartbeat, and a sender with no receivers still costs its release
+    /// a wake-up of every waiter list).
+    lost_signal: Mutex<Option<watch::Sender<bool>>>,
 }
 
 impl LockState {
@@ -73,7 +76,7 @@ impl LockState {
             released: AtomicBool::new(false),
             data: Mutex::new(data),
             loss: OnceLock::new(),
-            lost_signal: watch::channel(false).0,
+            lost_signal: Mutex::new(None),
             locker,
         }
     }
@@ -96,7 +99,11 @@ impl LockState {
     /// none).
     pub(crate) fn mark_lost(&self, loss: Loss) {
         if self.loss.set(loss.clone()).is_ok() {
-            self.lost_signal.send_replace(true);
+            // The loss is set before the signal is looked at, and a new signal reads the loss
+            // under the same mutex: one of the two sees the other.
+            if let Some(signal) = &*lock_ignoring_poison(&self.lost_signal) {
+                signal.send_replace(true);
+            }
             match &loss {
                 Loss::Released | Loss::Abandoned => {}
                 Loss::TakenOver(holder) => tracing::warn!(
@@ -356,9 +363,18 @@ impl WakeSignals {
 impl LockState {
     fn wake_signals(&self) -> WakeSignals {
         WakeSignals {
-            lost: self.lost_signal.subscribe(),
+            lost: lock_ignoring_poison(&self.lost_signal)
+                .get_or_insert_with(|| watch::channel(self.loss.get().is_some()).0)
+                .subscribe(),
             drain: self.locker.drain_signal(),
         }
+    }
+}
+
+fn lock_ignoring_poison<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

@@ -10,7 +10,9 @@ use locker_core::{
     LockBackend, LockData, ProcessData, ReleaseOutcome, Result,
 };
 
+use crate::batch::{Batcher, Op};
 use crate::config::{ClientLibrary, RedisConfig, WaitForReplicas};
+use crate::keys::key_slot;
 use crate::scripts::{open_record, owner_prefix, parse_record, parse_reply, Reply, ScriptName};
 
 /// The few things the backend needs from a client library: one script call, `GET`,
@@ -60,7 +62,9 @@ pub(crate) fn node_timeout_from_reply(pair: &[String]) -> Option<Duration> {
 /// Made by [`RedisConfig`], which is the [`BackendFactory`]: `Locker::builder(config)`.
 pub struct RedisBackend {
     config: RedisConfig,
-    driver: Box<dyn Driver>,
+    driver: Arc<dyn Driver>,
+    /// Groups concurrent script calls (not in durable mode, whose `WAIT` follows each call).
+    batcher: Option<Arc<Batcher>>,
     failover_time: Option<Duration>,
     /// The liveness keys' common prefix, for the acquire script to look at a holder's
     /// liveness record; `None` on a cluster whose key prefix has no hash tag (a liveness key
@@ -80,13 +84,13 @@ impl RedisBackend {
     /// than Redis 5.0 (the standalone server, or any primary of a cluster) or one that reports
     /// no readable `redis_version`, naming the version found and the minimum.
     pub async fn connect(config: &RedisConfig) -> Result<Self> {
-        let driver: Box<dyn Driver> = match config.client {
+        let driver: Arc<dyn Driver> = match config.client {
             #[cfg(feature = "redis")]
             ClientLibrary::Redis => {
-                Box::new(crate::driver_redis::RedisDriver::connect(config).await?)
+                Arc::new(crate::driver_redis::RedisDriver::connect(config).await?)
             }
             #[cfg(feature = "fred")]
-            ClientLibrary::Fred => Box::new(crate::driver_fred::FredDriver::connect(config).await?),
+            ClientLibrary::Fred => Arc::new(crate::driver_fred::FredDriver::connect(config).await?),
         };
         let failover_time = if config.is_cluster() {
             driver.cluster_node_timeout().await.map(failover_time)
@@ -95,9 +99,14 @@ impl RedisBackend {
         };
         let liveness_prefix =
             (!config.is_cluster() || config.keys.prefix_tagged()).then(|| config.keys.process(""));
+        let batcher = config
+            .wait_for_replicas
+            .is_none()
+            .then(|| Batcher::new(driver.clone()));
         Ok(RedisBackend {
             config: config.clone(),
             driver,
+            batcher,
             failover_time,
             liveness_prefix,
         })
@@ -130,6 +139,32 @@ impl RedisBackend {
         self.config.keys.process(process_hash)
     }
 
+    /// Runs a script on `lock_key` (grouped with concurrent calls of the same slot).
+    async fn eval(
+        &self,
+        script: ScriptName,
+        lock_key: String,
+        counter: Option<String>,
+        args: Vec<String>,
+    ) -> Result<Vec<String>> {
+        let group = if self.config.is_cluster() {
+            key_slot(lock_key.as_bytes())
+        } else {
+            0
+        };
+        let mut keys = vec![lock_key];
+        keys.extend(counter);
+        let op = Op { script, keys, args };
+        match &self.batcher {
+            Some(batcher) => batcher.run(group, op).await,
+            None => {
+                let keys: Vec<&str> = op.keys.iter().map(String::as_str).collect();
+                let args: Vec<&str> = op.args.iter().map(String::as_str).collect();
+                self.driver.eval(script, &keys, &args).await
+            }
+        }
+    }
+
     /// Runs the acquire or take-over script: one call, `WAIT` after it in durable mode.
     async fn create(
         &self,
@@ -143,20 +178,18 @@ impl RedisBackend {
         record.push_str(",\"fencingToken\":");
         let lock = self.config.keys.lock(key);
         let fence = self.config.keys.fence(&lock);
-        let dead_prefix;
-        let mut args = vec![record.as_str(), ttl.as_str()];
+        let mut args = vec![record, ttl];
         let script = match how {
             Create::Acquire => {
-                args.push("");
+                args.push(String::new());
                 ScriptName::Acquire
             }
             Create::Checked => {
-                args.push(self.liveness_prefix.as_deref().unwrap_or_default());
+                args.push(self.liveness_prefix.clone().unwrap_or_default());
                 ScriptName::Acquire
             }
             Create::TakeOver(dead_owner) => {
-                dead_prefix = owner_prefix(dead_owner);
-                args.extend([dead_owner, dead_prefix.as_str()]);
+                args.extend([dead_owner.to_owned(), owner_prefix(dead_owner)]);
                 ScriptName::TakeOver
             }
         };
@@ -177,9 +210,10 @@ impl RedisBackend {
             })
         };
         let Some(wait) = self.config.wait_for_replicas else {
-            let reply = self.driver.eval(script, &[&lock, &fence], &args).await?;
+            let reply = self.eval(script, lock, Some(fence), args).await?;
             return decide(reply);
         };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (reply, acked) = self
             .driver
             .eval_and_wait(script, &[&lock, &fence], &args, wait)
@@ -318,20 +352,17 @@ impl LockBackend for RedisBackend {
         owner_hash: &str,
     ) -> Result<ExtendOutcome> {
         let ttl = ttl_ms(ttl)?.to_string();
-        let (record, prefix) = (open_record(data), owner_prefix(owner_hash));
+        let args = vec![
+            open_record(data),
+            ttl,
+            owner_hash.to_owned(),
+            owner_prefix(owner_hash),
+        ];
         let lock = self.config.keys.lock(key);
-        let (args, wait) = (
-            [record.as_str(), &ttl, owner_hash, &prefix],
-            self.config.wait_for_replicas,
-        );
-        let (reply, acked) = match wait {
-            None => (
-                self.driver
-                    .eval(ScriptName::Extend, &[&lock], &args)
-                    .await?,
-                None,
-            ),
+        let (reply, acked) = match self.config.wait_for_replicas {
+            None => (self.eval(ScriptName::Extend, lock, None, args).await?, None),
             Some(wait) => {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 let (reply, acked) = self
                     .driver
                     .eval_and_wait(ScriptName::Extend, &[&lock], &args, wait)
@@ -365,11 +396,9 @@ impl LockBackend for RedisBackend {
     }
 
     async fn release(&self, key: &str, owner_hash: &str) -> Result<ReleaseOutcome> {
-        let lock = self.config.keys.lock(key);
-        let prefix = owner_prefix(owner_hash);
+        let args = vec![owner_hash.to_owned(), owner_prefix(owner_hash)];
         let reply = self
-            .driver
-            .eval(ScriptName::Release, &[&lock], &[owner_hash, &prefix])
+            .eval(ScriptName::Release, self.config.keys.lock(key), None, args)
             .await?;
         match parse_reply(key, reply)? {
             Reply::Released => Ok(ReleaseOutcome::Released),

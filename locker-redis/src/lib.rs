@@ -6,6 +6,7 @@
 compile_error!("locker-redis needs a client library: enable the `redis` or the `fred` feature");
 
 mod backend;
+mod batch;
 mod config;
 #[cfg(feature = "fred")]
 mod driver_fred;

@@ -16,174 +16,191 @@
 
 use locker_core::{Error, ErrorKind, LockData, Result};
 
-/// Decides whether the stored value `cur` is owned by ARGV[`owner`] (whose record starts with
-/// ARGV[`owner` + 1], `{"ownerHash":"…",`): `true` or `false` when it can tell, and otherwise
-/// returns `{'CORRUPT', cur}` from the script.
+/// The scripts' logic, as Lua functions of their keys and arguments, each answering up to three
+/// values: a status, then a token and/or a record. Every script starts with them and calls one
+/// (or, for [`ScriptName::Batch`], one per operation).
 ///
-/// Fast paths, without decoding the record: a record that starts with the caller's prefix and
-/// ends with `}` is the caller's (records are written by the scripts from the client's JSON, so
-/// the caller's own record always has that form; the Node library writes `ownerHash` first,
-/// too); one whose first field is a plain (escape-free) `ownerHash` string that differs is
-/// someone else's, and the caller decodes it when it needs the record. Anything else (another
-/// field order, escapes, not JSON) is decoded, and must be a whole lock record.
-fn owned(owner: usize) -> String {
-    let prefix = owner + 1;
-    format!(
-        r#"
-local owned
-if string.sub(cur, 1, #ARGV[{prefix}]) == ARGV[{prefix}] and string.byte(cur, -1) == 125 then
-  owned = true
-else
-  local plain = string.match(cur, '^{{"ownerHash":"([^"\\]*)",')
-  if plain and plain ~= string.sub(ARGV[{prefix}], 15, -3) then
-    owned = false
-  else
-    local ok, d = pcall(cjson.decode, cur)
-    if not ok or type(d) ~= 'table' or type(d.ownerHash) ~= 'string'
-        or type(d.processHash) ~= 'string' or type(d.acquiredAt) ~= 'string'
-        or type(d.extendedAt) ~= 'string' then
-      return {{'CORRUPT', cur}}
-    end
-    owned = d.ownerHash == ARGV[{owner}]
+/// - `owned(cur, owner, prefix)`: whether the stored value `cur` is `owner`'s (whose records
+///   start with `prefix`, `{"ownerHash":"…",`): `true`, `false`, or `nil` for a value that is
+///   not a lock record. Fast paths, without decoding: a value that starts with the prefix and
+///   ends with `}` is the owner's (records are written by the scripts from the client's JSON,
+///   so an owner's own record always has that form; the Node library writes `ownerHash` first,
+///   too); one whose first field is a plain (escape-free) `ownerHash` string that differs is
+///   someone else's (the client decodes it, and finds it corrupt if it is). Anything else
+///   (another field order, escapes, not JSON) is decoded, and must be a whole lock record.
+/// - `create(lk, fk, rec, ttl)`: stores `rec` (a record open at its end: `{…,"fencingToken":`)
+///   under `lk` for `ttl` ms, closed by a new token from the slot's counter `fk`. The counter
+///   is `INCR`ed in place; a missing one starts from the server's clock in µs, so tokens stay
+///   above those of a counter lost with a restart of a server without persistence: a counter
+///   grows by one per acquisition on its slot, far slower than the clock (each script takes
+///   microseconds), so it never gets ahead of the clock it started from. (`redis.call`, not
+///   `pcall`: a counter that is not a number fails the script, and nothing is stored.)
+/// - `acquire(lk, fk, rec, ttl, lp)`: a free key is stored (`ACQUIRED`, token). A held one,
+///   when `lp` (the liveness keys' prefix) is not empty, has its holder's liveness record
+///   looked at (`lp` then the holder's `processHash`): there, `LIVE` and the record; missing,
+///   the lock is replaced (`TOOKOVER`, token, the dead holder's record). With an empty `lp`,
+///   `HELD` and the record.
+/// - `take_over(lk, fk, rec, ttl, dead, prefix)`: stores `rec` if the key is free or `dead`'s.
+/// - `extend(lk, fk, rec, ttl, owner, prefix)`: rewrites `owner`'s record with `rec` (open at
+///   its end, no token) and keeps the stored token (`EXTENDED`, token or empty).
+/// - `release(lk, fk, owner, prefix)`: deletes `owner`'s record (`RELEASED`).
+const FUNCTIONS: &str = r#"
+local function owned(cur, owner, prefix)
+  if string.sub(cur, 1, #prefix) == prefix and string.byte(cur, -1) == 125 then return true end
+  local plain = string.match(cur, '^{"ownerHash":"([^"\\]*)",')
+  if plain and plain ~= string.sub(prefix, 15, -3) then return false end
+  local ok, d = pcall(cjson.decode, cur)
+  if not ok or type(d) ~= 'table' or type(d.ownerHash) ~= 'string'
+      or type(d.processHash) ~= 'string' or type(d.acquiredAt) ~= 'string'
+      or type(d.extendedAt) ~= 'string' then
+    return nil
   end
+  return d.ownerHash == owner
 end
-"#
-    )
-}
-
-/// Stores ARGV[1] (a record open at its end: `{…,"fencingToken":`) under KEYS[1] for ARGV[2]
-/// ms, with a new token from the slot's counter KEYS[2] closing it.
-///
-/// The counter is `INCR`ed in place; a missing one starts from the server's clock in µs, so
-/// tokens stay above those of a counter lost with a restart of a server without persistence:
-/// a counter grows by one per acquisition on its slot, far slower than the clock (each script
-/// takes microseconds), so it never gets ahead of the clock it started from. (`redis.call`, not
-/// `pcall`: a counter that is not a number fails the script, and the lock is not stored.)
-const CREATE: &str = r#"
-local token = redis.call('INCR', KEYS[2])
-if token == 1 then
-  local t = redis.call('TIME')
-  token = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  redis.call('SET', KEYS[2], string.format('%d', token))
+local function create(lk, fk, rec, ttl)
+  local token = redis.call('INCR', fk)
+  if token == 1 then
+    local t = redis.call('TIME')
+    token = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    redis.call('SET', fk, string.format('%d', token))
+  end
+  local tok = string.format('%d', token)
+  redis.call('SET', lk, rec .. tok .. '}', 'PX', ttl)
+  return tok
 end
-local tok = string.format('%d', token)
-redis.call('SET', KEYS[1], ARGV[1] .. tok .. '}', 'PX', ARGV[2])
-"#;
-
-/// KEYS: lock, counter. ARGV: open record, ttl ms, liveness key prefix (empty:
-/// do not look at the holder's liveness).
-///
-/// A key held by a process whose liveness record (the prefix then the holder's `processHash`)
-/// is missing is taken over in the same call (`TOOKOVER`); `LIVE` says the holder's liveness
-/// record is there, `HELD` that it was not looked at.
-pub(crate) fn acquire() -> String {
-    format!(
-        r#"
-local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= '' then
-  if ARGV[3] == '' then return {{'HELD', cur}} end
-  local ph = string.match(cur, '^{{"ownerHash":"[^"\\]*","processHash":"([^"\\]*)",')
+local function acquire(lk, fk, rec, ttl, lp)
+  local cur = redis.call('GET', lk)
+  if not cur or cur == '' then return 'ACQUIRED', create(lk, fk, rec, ttl) end
+  if lp == '' then return 'HELD', cur end
+  local ph = string.match(cur, '^{"ownerHash":"[^"\\]*","processHash":"([^"\\]*)",')
   if not ph then
     local ok, d = pcall(cjson.decode, cur)
     if not ok or type(d) ~= 'table' or type(d.processHash) ~= 'string' then
-      return {{'CORRUPT', cur}}
+      return 'CORRUPT', cur
     end
     ph = d.processHash
   end
-  local alive = redis.call('GET', ARGV[3] .. ph)
-  if alive and alive ~= '' then return {{'LIVE', cur}} end
-{CREATE}
-  return {{'TOOKOVER', tok, cur}}
+  local alive = redis.call('GET', lp .. ph)
+  if alive and alive ~= '' then return 'LIVE', cur end
+  return 'TOOKOVER', create(lk, fk, rec, ttl), cur
 end
-{CREATE}
-return {{'ACQUIRED', tok}}
+local function take_over(lk, fk, rec, ttl, dead, prefix)
+  local cur = redis.call('GET', lk)
+  if cur and cur ~= '' then
+    local o = owned(cur, dead, prefix)
+    if o == nil then return 'CORRUPT', cur end
+    if not o then return 'HELD', cur end
+  end
+  return 'ACQUIRED', create(lk, fk, rec, ttl)
+end
+local function extend(lk, fk, rec, ttl, owner, prefix)
+  local cur = redis.call('GET', lk)
+  if not cur or cur == '' then return 'NOKEY' end
+  local o = owned(cur, owner, prefix)
+  if o == nil then return 'CORRUPT', cur end
+  if not o then return 'HELD', cur end
+  local tok = string.match(cur, ',"fencingToken":(%d+)}$')
+  if not tok then
+    local ok, d = pcall(cjson.decode, cur)
+    if not ok or type(d) ~= 'table' then return 'CORRUPT', cur end
+    if type(d.fencingToken) == 'number' then tok = string.format('%d', d.fencingToken) end
+  end
+  if tok then
+    redis.call('SET', lk, rec .. ',"fencingToken":' .. tok .. '}', 'PX', ttl)
+    return 'EXTENDED', tok
+  end
+  redis.call('SET', lk, rec .. '}', 'PX', ttl)
+  return 'EXTENDED', ''
+end
+local function release(lk, fk, owner, prefix)
+  local cur = redis.call('GET', lk)
+  if not cur or cur == '' then return 'NOKEY' end
+  local o = owned(cur, owner, prefix)
+  if o == nil then return 'CORRUPT', cur end
+  if not o then return 'HELD', cur end
+  redis.call('DEL', lk)
+  return 'RELEASED'
+end
+"#;
+
+/// One operation's script: the functions, then a call of one of them with the script's keys
+/// (lock, counter; the lock twice for extend and release) and arguments (up to four).
+fn single(function: &str) -> String {
+    format!(
+        "{FUNCTIONS}\nlocal s, a, b = {function}(KEYS[1], KEYS[2] or KEYS[1], ARGV[1], ARGV[2], \
+         ARGV[3] or '', ARGV[4] or '')\nreturn {{s, a or '', b or ''}}\n"
+    )
+}
+
+/// Several operations in one call: KEYS has two keys per operation (lock, counter), ARGV five
+/// values (the operation's letter, then its four arguments, padded with empty strings); the
+/// answer is three values per operation. On a cluster, all the keys must be on one slot.
+///
+/// An operation whose command fails (a lock key of another type, a counter that is not a
+/// number) answers `ERROR` and the others go on: no operation writes before the command that
+/// can fail it, so nothing of it was stored, and the client sends it again alone to get its
+/// error.
+fn batch() -> String {
+    format!(
+        r#"{FUNCTIONS}
+local ops = {{A = acquire, T = take_over, E = extend, R = release}}
+local out = {{}}
+for k = 0, #KEYS / 2 - 1 do
+  local ok, s, a, b = pcall(ops[ARGV[5 * k + 1]], KEYS[2 * k + 1], KEYS[2 * k + 2],
+    ARGV[5 * k + 2], ARGV[5 * k + 3], ARGV[5 * k + 4], ARGV[5 * k + 5])
+  if not ok then s, a, b = 'ERROR', '', '' end
+  out[3 * k + 1] = s
+  out[3 * k + 2] = a or ''
+  out[3 * k + 3] = b or ''
+end
+return out
 "#
-    )
-}
-
-/// KEYS: lock, counter. ARGV: open record, ttl ms, dead owner hash, its
-/// record's prefix.
-pub(crate) fn take_over() -> String {
-    format!(
-        r#"
-local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= '' then
-{owned}
-  if not owned then return {{'HELD', cur}} end
-end
-{CREATE}
-return {{'ACQUIRED', tok}}
-"#,
-        owned = owned(3)
-    )
-}
-
-/// KEYS: lock. ARGV: open record (without token), ttl ms, owner hash, its record's prefix.
-/// Keeps the stored token: the answer is `{'EXTENDED', token}` (an empty token when the record
-/// had none).
-pub(crate) fn extend() -> String {
-    format!(
-        r#"
-local cur = redis.call('GET', KEYS[1])
-if not cur or cur == '' then return {{'NOKEY'}} end
-{owned}
-if not owned then return {{'HELD', cur}} end
-local tok = string.match(cur, ',"fencingToken":(%d+)}}$')
-if not tok then
-  local ok, d = pcall(cjson.decode, cur)
-  if not ok or type(d) ~= 'table' then return {{'CORRUPT', cur}} end
-  if type(d.fencingToken) == 'number' then tok = string.format('%d', d.fencingToken) end
-end
-if tok then
-  redis.call('SET', KEYS[1], ARGV[1] .. ',"fencingToken":' .. tok .. '}}', 'PX', ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[1] .. '}}', 'PX', ARGV[2])
-  tok = ''
-end
-return {{'EXTENDED', tok}}
-"#,
-        owned = owned(3)
-    )
-}
-
-/// KEYS: lock. ARGV: owner hash, its record's prefix.
-pub(crate) fn release() -> String {
-    format!(
-        r#"
-local cur = redis.call('GET', KEYS[1])
-if not cur or cur == '' then return {{'NOKEY'}} end
-{owned}
-if not owned then return {{'HELD', cur}} end
-redis.call('DEL', KEYS[1])
-return {{'RELEASED'}}
-"#,
-        owned = owned(1)
     )
 }
 
 /// Which script.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ScriptName {
+    /// KEYS: lock, counter. ARGV: open record (`{…,"fencingToken":`), ttl ms, liveness key
+    /// prefix (empty: do not look at the holder's liveness).
     Acquire,
+    /// KEYS: lock, counter. ARGV: open record, ttl ms, dead owner hash, its record's prefix.
     TakeOver,
+    /// KEYS: lock. ARGV: open record (without token), ttl ms, owner hash, its record's prefix.
     Extend,
+    /// KEYS: lock. ARGV: owner hash, its record's prefix.
     Release,
+    /// Several of the above; see [`batch`].
+    Batch,
 }
 
 impl ScriptName {
-    pub(crate) const ALL: [ScriptName; 4] = [
+    pub(crate) const ALL: [ScriptName; 5] = [
         ScriptName::Acquire,
         ScriptName::TakeOver,
         ScriptName::Extend,
         ScriptName::Release,
+        ScriptName::Batch,
     ];
 
     pub(crate) fn source(self) -> String {
         match self {
-            ScriptName::Acquire => acquire(),
-            ScriptName::TakeOver => take_over(),
-            ScriptName::Extend => extend(),
-            ScriptName::Release => release(),
+            ScriptName::Acquire => single("acquire"),
+            ScriptName::TakeOver => single("take_over"),
+            ScriptName::Extend => single("extend"),
+            ScriptName::Release => single("release"),
+            ScriptName::Batch => batch(),
+        }
+    }
+
+    /// The operation's letter in a [`ScriptName::Batch`] call.
+    pub(crate) fn letter(self) -> &'static str {
+        match self {
+            ScriptName::Acquire => "A",
+            ScriptName::TakeOver => "T",
+            ScriptName::Extend => "E",
+            ScriptName::Release => "R",
+            ScriptName::Batch => "",
         }
     }
 

@@ -1,0 +1,243 @@
+//! Group commit of script calls: while one call of a group (a Redis Cluster slot, or the whole
+//! standalone server) is on its way, the operations that arrive wait in a queue, and go
+//! together in the next call, one [`ScriptName::Batch`] for all of them.
+//!
+//! Each operation stays atomic (a script runs alone on the server) and keeps its own answer;
+//! what changes is the number of calls: with many concurrent decisions, one per round trip per
+//! group instead of one each, which saves the server the cost of entering a script and the
+//! client the cost of a command per operation. A lone operation goes at once, on its own
+//! script, so nothing waits when there is nothing to group.
+//!
+//! The call that goes at once belongs to the caller's future; the calls for the queue are
+//! made by a task, so a caller that gives up never strands the others. An operation whose
+//! caller gave up before it was sent is not sent.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use locker_core::{Error, Result};
+use tokio::sync::oneshot;
+
+use crate::backend::Driver;
+use crate::scripts::ScriptName;
+
+/// The most operations one call carries.
+const MAX_BATCH: usize = 128;
+
+/// One script call's worth: which script, its keys and arguments.
+#[derive(Debug)]
+pub(crate) struct Op {
+    pub(crate) script: ScriptName,
+    pub(crate) keys: Vec<String>,
+    pub(crate) args: Vec<String>,
+}
+
+struct Job {
+    op: Op,
+    answer: oneshot::Sender<Result<Vec<String>>>,
+    gave_up: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct Group {
+    queue: Vec<Job>,
+    /// A call of this group is on its way: new operations queue.
+    busy: bool,
+}
+
+/// The queues of one connection, by group.
+pub(crate) struct Batcher {
+    driver: Arc<dyn Driver>,
+    groups: Mutex<HashMap<u16, Group>>,
+}
+
+impl Batcher {
+    pub(crate) fn new(driver: Arc<dyn Driver>) -> Arc<Self> {
+        Arc::new(Batcher {
+            driver,
+            groups: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn groups(&self) -> std::sync::MutexGuard<'_, HashMap<u16, Group>> {
+        match self.groups.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Runs `op` in `group`: at once if the group is idle, else with the next call.
+    pub(crate) async fn run(self: &Arc<Self>, group: u16, op: Op) -> Result<Vec<String>> {
+        let turnout = {
+            let mut groups = self.groups();
+            let g = groups.entry(group).or_default();
+            if g.busy {
+                let (tx, rx) = oneshot::channel();
+                let gave_up = Arc::new(AtomicBool::new(false));
+                g.queue.push(Job {
+                    op,
+                    answer: tx,
+                    gave_up: gave_up.clone(),
+                });
+                Turnout::Queued(rx, GaveUp(gave_up))
+            } else {
+                g.busy = true;
+                Turnout::Now(op)
+            }
+        };
+        match turnout {
+            Turnout::Now(op) => {
+                // Hands the queue on however this future ends.
+                let _turn = Turn {
+                    batcher: self.clone(),
+                    group,
+                };
+                call(&*self.driver, &op).await
+            }
+            Turnout::Queued(rx, _gave_up) => rx.await.unwrap_or_else(|_| {
+                Err(Error::unavailable(
+                    "the connection's queue of script calls was dropped (its runtime is \
+                     shutting down)",
+                ))
+            }),
+        }
+    }
+
+    /// Called when a group's call is done: sends what queued meanwhile from a task, or marks
+    /// the group idle.
+    fn next(self: &Arc<Self>, group: u16) {
+        {
+            let mut groups = self.groups();
+            let g = groups.entry(group).or_default();
+            if g.queue.is_empty() {
+                g.busy = false;
+                return;
+            }
+        }
+        let batcher = self.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move { batcher.drain(group).await });
+            }
+            // No runtime to send them from: the waiting callers get an error.
+            Err(_) => {
+                let mut groups = self.groups();
+                let g = groups.entry(group).or_default();
+                g.queue.clear();
+                g.busy = false;
+            }
+        }
+    }
+
+    /// Sends the group's queue, call after call, until it is empty.
+    async fn drain(self: Arc<Self>, group: u16) {
+        loop {
+            let jobs: Vec<Job> = {
+                let mut groups = self.groups();
+                let g = groups.entry(group).or_default();
+                g.queue.retain(|j| !j.gave_up.load(Ordering::Acquire));
+                if g.queue.is_empty() {
+                    g.busy = false;
+                    return;
+                }
+                let n = g.queue.len().min(MAX_BATCH);
+                g.queue.drain(..n).collect()
+            };
+            let answers = self.call_many(&jobs).await;
+            for (job, answer) in jobs.into_iter().zip(answers) {
+                let _ = job.answer.send(answer);
+            }
+        }
+    }
+
+    /// The answers of `jobs`, one call for all of them (one script call for one).
+    async fn call_many(&self, jobs: &[Job]) -> Vec<Result<Vec<String>>> {
+        if let [job] = jobs {
+            return vec![call(&*self.driver, &job.op).await];
+        }
+        let mut keys = Vec::with_capacity(jobs.len() * 2);
+        let mut args = Vec::with_capacity(jobs.len() * 5);
+        for job in jobs {
+            let op = &job.op;
+            keys.push(op.keys[0].as_str());
+            keys.push(op.keys.get(1).unwrap_or(&op.keys[0]).as_str());
+            args.push(op.script.letter());
+            for i in 0..4 {
+                args.push(op.args.get(i).map_or("", String::as_str));
+            }
+        }
+        match self.driver.eval(ScriptName::Batch, &keys, &args).await {
+            Ok(reply) if reply.len() == jobs.len() * 3 => {
+                let mut reply = reply.into_iter();
+                let mut answers = Vec::with_capacity(jobs.len());
+                for job in jobs {
+                    let answer: Vec<String> = reply.by_ref().take(3).collect();
+                    if answer[0] == "ERROR" {
+                        // Nothing of it was stored: alone, it gets its own error.
+                        answers.push(call(&*self.driver, &job.op).await);
+                    } else {
+                        answers.push(Ok(answer));
+                    }
+                }
+                answers
+            }
+            Ok(reply) => {
+                let e = Error::new(
+                    locker_core::ErrorKind::Other,
+                    format!(
+                        "the batch script answered {} values for {} operations",
+                        reply.len(),
+                        jobs.len()
+                    ),
+                );
+                jobs.iter().map(|_| Err(e.clone())).collect()
+            }
+            // Refused as a whole before it ran (e.g. out of memory): each goes again alone, so
+            // that each caller gets its own answer.
+            Err(e) if !e.is_retryable() => {
+                let mut answers = Vec::with_capacity(jobs.len());
+                for job in jobs {
+                    answers.push(call(&*self.driver, &job.op).await);
+                }
+                answers
+            }
+            Err(e) => jobs.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+}
+
+/// Whether an operation goes at once or waits for the next call.
+enum Turnout {
+    Now(Op),
+    Queued(oneshot::Receiver<Result<Vec<String>>>, GaveUp),
+}
+
+/// One operation on its own script.
+async fn call(driver: &dyn Driver, op: &Op) -> Result<Vec<String>> {
+    let keys: Vec<&str> = op.keys.iter().map(String::as_str).collect();
+    let args: Vec<&str> = op.args.iter().map(String::as_str).collect();
+    driver.eval(op.script, &keys, &args).await
+}
+
+/// The group's turn, held by the caller whose operation went at once.
+struct Turn {
+    batcher: Arc<Batcher>,
+    group: u16,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.batcher.next(self.group);
+    }
+}
+
+/// Marks a queued operation as given up when its caller's future is dropped (after its answer
+/// too, when the flag no longer matters).
+struct GaveUp(Arc<AtomicBool>);
+
+impl Drop for GaveUp {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
