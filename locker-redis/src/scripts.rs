@@ -17,8 +17,8 @@
 use locker_core::{Error, ErrorKind, LockData, Result};
 
 /// The scripts' logic, as Lua functions of their keys and arguments, each answering up to three
-/// values: a status, then a token and/or a record. Every script starts with them and calls one
-/// (or, for [`ScriptName::Batch`], one per operation).
+/// values: a status, then a token and/or a record. Every script starts with those it needs and
+/// calls one (or, for [`ScriptName::Batch`], one per operation).
 ///
 /// - `owned(cur, owner, prefix)`: whether the stored value `cur` is `owner`'s (whose records
 ///   start with `prefix`, `{"ownerHash":"…",`): `true`, `false`, or `nil` for a value that is
@@ -44,7 +44,7 @@ use locker_core::{Error, ErrorKind, LockData, Result};
 /// - `extend(lk, fk, rec, ttl, owner, prefix)`: rewrites `owner`'s record with `rec` (open at
 ///   its end, no token) and keeps the stored token (`EXTENDED`, token or empty).
 /// - `release(lk, fk, owner, prefix)`: deletes `owner`'s record (`RELEASED`).
-const FUNCTIONS: &str = r#"
+const OWNED: &str = r#"
 local function owned(cur, owner, prefix)
   if string.sub(cur, 1, #prefix) == prefix and string.byte(cur, -1) == 125 then return true end
   local plain = string.match(cur, '^{"ownerHash":"([^"\\]*)",')
@@ -57,6 +57,9 @@ local function owned(cur, owner, prefix)
   end
   return d.ownerHash == owner
 end
+"#;
+
+const CREATE: &str = r#"
 local function create(lk, fk, rec, ttl)
   local token = redis.call('INCR', fk)
   if token == 1 then
@@ -68,6 +71,9 @@ local function create(lk, fk, rec, ttl)
   redis.call('SET', lk, rec .. tok .. '}', 'PX', ttl)
   return tok
 end
+"#;
+
+const ACQUIRE: &str = r#"
 local function acquire(lk, fk, rec, ttl, lp)
   local cur = redis.call('GET', lk)
   if not cur or cur == '' then return 'ACQUIRED', create(lk, fk, rec, ttl) end
@@ -84,6 +90,9 @@ local function acquire(lk, fk, rec, ttl, lp)
   if alive and alive ~= '' then return 'LIVE', cur end
   return 'TOOKOVER', create(lk, fk, rec, ttl), cur
 end
+"#;
+
+const TAKE_OVER: &str = r#"
 local function take_over(lk, fk, rec, ttl, dead, prefix)
   local cur = redis.call('GET', lk)
   if cur and cur ~= '' then
@@ -93,6 +102,9 @@ local function take_over(lk, fk, rec, ttl, dead, prefix)
   end
   return 'ACQUIRED', create(lk, fk, rec, ttl)
 end
+"#;
+
+const EXTEND: &str = r#"
 local function extend(lk, fk, rec, ttl, owner, prefix)
   local cur = redis.call('GET', lk)
   if not cur or cur == '' then return 'NOKEY' end
@@ -112,6 +124,9 @@ local function extend(lk, fk, rec, ttl, owner, prefix)
   redis.call('SET', lk, rec .. '}', 'PX', ttl)
   return 'EXTENDED', ''
 end
+"#;
+
+const RELEASE: &str = r#"
 local function release(lk, fk, owner, prefix)
   local cur = redis.call('GET', lk)
   if not cur or cur == '' then return 'NOKEY' end
@@ -123,12 +138,15 @@ local function release(lk, fk, owner, prefix)
 end
 "#;
 
-/// One operation's script: the functions, then a call of one of them with the script's keys
-/// (lock, counter; the lock twice for extend and release) and arguments (up to four).
-fn single(function: &str) -> String {
+/// One operation's script: the functions it needs (each `local function` is a closure made at
+/// every call of the script, so a script carries no more than it calls), then a call of the
+/// last with the script's keys (lock, counter; the lock twice for extend and release) and
+/// arguments (up to four).
+fn single(functions: &[&str], function: &str) -> String {
     format!(
-        "{FUNCTIONS}\nlocal s, a, b = {function}(KEYS[1], KEYS[2] or KEYS[1], ARGV[1], ARGV[2], \
-         ARGV[3] or '', ARGV[4] or '')\nreturn {{s, a or '', b or ''}}\n"
+        "{}\nlocal s, a, b = {function}(KEYS[1], KEYS[2] or KEYS[1], ARGV[1], ARGV[2], \
+         ARGV[3] or '', ARGV[4] or '')\nreturn {{s, a or '', b or ''}}\n",
+        functions.concat()
     )
 }
 
@@ -142,7 +160,7 @@ fn single(function: &str) -> String {
 /// error.
 fn batch() -> String {
     format!(
-        r#"{FUNCTIONS}
+        r#"{OWNED}{CREATE}{ACQUIRE}{TAKE_OVER}{EXTEND}{RELEASE}
 local ops = {{A = acquire, T = take_over, E = extend, R = release}}
 local out = {{}}
 for k = 0, #KEYS / 2 - 1 do
@@ -185,10 +203,10 @@ impl ScriptName {
 
     pub(crate) fn source(self) -> String {
         match self {
-            ScriptName::Acquire => single("acquire"),
-            ScriptName::TakeOver => single("take_over"),
-            ScriptName::Extend => single("extend"),
-            ScriptName::Release => single("release"),
+            ScriptName::Acquire => single(&[CREATE, ACQUIRE], "acquire"),
+            ScriptName::TakeOver => single(&[OWNED, CREATE, TAKE_OVER], "take_over"),
+            ScriptName::Extend => single(&[OWNED, EXTEND], "extend"),
+            ScriptName::Release => single(&[OWNED, RELEASE], "release"),
             ScriptName::Batch => batch(),
         }
     }
