@@ -21,6 +21,7 @@ pub(crate) struct Counts {
     pub(crate) release: AtomicU64,
     pub(crate) take_over: AtomicU64,
     pub(crate) read: AtomicU64,
+    pub(crate) read_many: AtomicU64,
     pub(crate) read_process: AtomicU64,
     pub(crate) forget_process: AtomicU64,
     pub(crate) ping: AtomicU64,
@@ -35,6 +36,7 @@ pub(crate) struct Snapshot {
     pub(crate) release: u64,
     pub(crate) take_over: u64,
     pub(crate) read: u64,
+    pub(crate) read_many: u64,
     pub(crate) read_process: u64,
     pub(crate) forget_process: u64,
     pub(crate) ping: u64,
@@ -50,6 +52,7 @@ impl std::ops::Sub for Snapshot {
             release: self.release - o.release,
             take_over: self.take_over - o.take_over,
             read: self.read - o.read,
+            read_many: self.read_many - o.read_many,
             read_process: self.read_process - o.read_process,
             forget_process: self.forget_process - o.forget_process,
             ping: self.ping - o.ping,
@@ -69,6 +72,7 @@ impl Snapshot {
             ("extend", self.extend),
             ("release", self.release),
             ("read", self.read),
+            ("read_many", self.read_many),
             ("forget_process", self.forget_process),
         ]
         .into_iter()
@@ -97,6 +101,7 @@ impl Counts {
             release: g(&self.release),
             take_over: g(&self.take_over),
             read: g(&self.read),
+            read_many: g(&self.read_many),
             read_process: g(&self.read_process),
             forget_process: g(&self.forget_process),
             ping: g(&self.ping),
@@ -178,6 +183,10 @@ impl LockBackend for Counting {
     async fn read(&self, key: &str) -> Result<Option<LockData>> {
         bump(&self.counts.read);
         self.inner.read(key).await
+    }
+    async fn read_many(&self, keys: &[&str]) -> Result<Vec<Result<Option<LockData>>>> {
+        bump(&self.counts.read_many);
+        self.inner.read_many(keys).await
     }
     async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {
         bump(&self.counts.read_process);

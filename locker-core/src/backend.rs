@@ -192,6 +192,24 @@ pub trait LockBackend: Send + Sync + fmt::Debug + 'static {
     /// Reads the lock under `key`, `None` when there is none.
     async fn read(&self, key: &str) -> Result<Option<LockData>>;
 
+    /// Reads the locks under `keys`, in order: what [`read`](LockBackend::read) answers for each,
+    /// in as few round trips as the store allows (one per connection, or per Redis Cluster
+    /// slot). A [`Locker`](crate::Locker) rechecks all the locks it holds that are due with one
+    /// call.
+    ///
+    /// The outer error is the call's (the store did not answer); an inner one is a key's own
+    /// (its record is corrupt). The default reads the keys one after the other.
+    async fn read_many(&self, keys: &[&str]) -> Result<Vec<Result<Option<LockData>>>> {
+        let mut records = Vec::with_capacity(keys.len());
+        for key in keys {
+            records.push(match self.read(key).await {
+                Err(e) if e.kind() == crate::ErrorKind::Corrupt => Err(e),
+                other => Ok(other?),
+            });
+        }
+        Ok(records)
+    }
+
     /// Reads a process's liveness record, `None` when the process is not known to be alive.
     async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>>;
 

@@ -353,6 +353,10 @@ impl LockBackend for Healing {
         healed!(self, |b| b.read(key))
     }
 
+    async fn read_many(&self, keys: &[&str]) -> Result<Vec<Result<Option<LockData>>>> {
+        healed!(self, |b| b.read_many(keys))
+    }
+
     async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {
         healed!(self, |b| b.read_process(process_hash))
     }

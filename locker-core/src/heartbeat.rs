@@ -48,10 +48,9 @@ pub(crate) struct LockState {
     pub(crate) next_extend: AtomicU64,
     pub(crate) released: AtomicBool,
     loss: OnceLock<Loss>,
-    /// Turns `true` when the lock is lost, to wake [`Heartbeat::lost`] and [`Heartbeat::sleep`].
-    /// Wakes sleeping beats when the lock is lost; made by the first sleep (most locks never
-    /// sleep through their heartbeat, and a sender with no receivers still costs its release
-    /// a wake-up of every waiter list).
+    /// Turns `true` when the lock is lost, to wake [`Heartbeat::lost`] and [`Heartbeat::sleep`];
+    /// made by the first of them (most locks never wait on it, and a sender with no receivers
+    /// still costs its release a wake-up of every waiter list).
     lost_signal: Mutex<Option<watch::Sender<bool>>>,
 }
 
@@ -268,21 +267,107 @@ impl LockState {
         }
     }
 
+    /// Reads the lock, and in the same call every other lock of this locker whose recheck is
+    /// due within half an interval (claiming their rechecks): after one interval, all the
+    /// locks of a process are rechecked together, one call per interval instead of one per
+    /// lock. Others' results only ever find losses (a read that says "still ours" extends
+    /// nothing), which their own next beat reports.
     async fn recheck(&self) -> Result<()> {
+        let now = self.locker.clock.now();
+        let others = self.claim_other_rechecks(now);
+        let mut unclaim = Unclaim {
+            states: &others,
+            now,
+            armed: true,
+        };
+        let keys: Vec<&str> = std::iter::once(self.key.as_str())
+            .chain(others.iter().map(|s| s.key.as_str()))
+            .collect();
         let read = self
             .bounded(async {
                 let backend = self.locker.backend().await?;
-                backend.read(&self.key).await
+                if keys.len() == 1 {
+                    return Ok(vec![backend.read(&self.key).await]);
+                }
+                let found = backend.read_many(&keys).await?;
+                if found.len() != keys.len() {
+                    return Err(Error::new(
+                        ErrorKind::Other,
+                        format!(
+                            "the backend's read_many answered {} records for {} keys",
+                            found.len(),
+                            keys.len()
+                        ),
+                    ));
+                }
+                Ok(found)
             })
             .await;
-        match read {
-            Ok(None) => Err(self.lose(Loss::NoKey)),
-            Ok(Some(current)) if current.owner_hash != self.owner_hash => {
-                Err(self.lose(Loss::TakenOver(current)))
+        // Whatever happened, the others keep their claimed rechecks (a failed call is retried
+        // at the next interval, as for this lock), unless this future is dropped first.
+        unclaim.armed = false;
+        let found = match read {
+            Ok(found) => found,
+            Err(e) => return self.io_failed(e, &self.next_recheck),
+        };
+        let mut found = found.into_iter();
+        let mine = found.next();
+        for (state, result) in others.iter().zip(found) {
+            match result {
+                Ok(current) => {
+                    if let Some(loss) = state.loss_in(current) {
+                        state.mark_lost(loss);
+                    }
+                }
+                // Its own record's error (corrupt): its own beat reads it again, and fails.
+                Err(_) => state.next_recheck.store(now, Ordering::Release),
             }
-            Ok(Some(_)) => Ok(()),
-            Err(e) => self.io_failed(e, &self.next_recheck),
         }
+        match mine {
+            Some(Ok(current)) => match self.loss_in(current) {
+                Some(loss) => Err(self.lose(loss)),
+                None => Ok(()),
+            },
+            Some(Err(e)) => self.io_failed(e, &self.next_recheck),
+            None => Ok(()),
+        }
+    }
+
+    /// What a read of the lock says about it: lost if gone or someone else's.
+    fn loss_in(&self, current: Option<LockData>) -> Option<Loss> {
+        match current {
+            None => Some(Loss::NoKey),
+            Some(current) if current.owner_hash != self.owner_hash => {
+                Some(Loss::TakenOver(current))
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// Claims the rechecks of the locker's other locks that are due by half an interval from
+    /// `now`, moving them to `now` + an interval.
+    fn claim_other_rechecks(&self, now: u64) -> Vec<Arc<LockState>> {
+        let every = nanos(self.locker.options.recheck_every);
+        let (horizon, next) = (now.saturating_add(every / 2), now.saturating_add(every));
+        let mut claimed = Vec::new();
+        self.locker.for_each_held(|state| {
+            if state.id == self.id
+                || state.released.load(Ordering::Acquire)
+                || state.loss.get().is_some()
+            {
+                return;
+            }
+            let due = state.next_recheck.load(Ordering::Acquire);
+            if due <= horizon
+                && state
+                    .next_recheck
+                    .compare_exchange(due, next, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                claimed.push(state);
+            }
+        });
+        claimed
     }
 
     /// Runs a backend call, but no longer than the lock is certainly ours: past that, the
@@ -375,6 +460,24 @@ fn lock_ignoring_poison<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Puts the rechecks claimed for a batched read back to "due now" if the read is dropped before
+/// it answers.
+struct Unclaim<'a> {
+    states: &'a [Arc<LockState>],
+    now: u64,
+    armed: bool,
+}
+
+impl Drop for Unclaim<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            for s in self.states {
+                s.next_recheck.fetch_min(self.now, Ordering::AcqRel);
+            }
+        }
     }
 }
 

@@ -260,6 +260,15 @@ impl Inner {
             .await
     }
 
+    /// Calls `f` with every lock still registered (whose guard or heartbeat is alive).
+    pub(crate) fn for_each_held(&self, mut f: impl FnMut(Arc<LockState>)) {
+        let states: Vec<Arc<LockState>> = match self.held.lock() {
+            Ok(held) => held.values().filter_map(Weak::upgrade).collect(),
+            Err(_) => return,
+        };
+        states.into_iter().for_each(&mut f);
+    }
+
     /// Forgets a lock whose job has ended (its release is done or queued). When `shutdown`
     /// is waiting, wakes it; when a bounded shutdown gave up waiting and this was the last
     /// lock, stops the reporter now (after the releases already queued to it).

@@ -62,6 +62,7 @@ struct Calls {
     take_over: AtomicU64,
     ping: AtomicU64,
     read: AtomicU64,
+    read_many: AtomicU64,
     read_process: AtomicU64,
     forget_process: AtomicU64,
 }
@@ -82,6 +83,8 @@ pub struct CallCounts {
     pub ping: u64,
     /// [`LockBackend::read`] calls.
     pub read: u64,
+    /// [`LockBackend::read_many`] calls (one per call, whatever the number of keys).
+    pub read_many: u64,
     /// [`LockBackend::read_process`] calls.
     pub read_process: u64,
     /// [`LockBackend::forget_process`] calls.
@@ -91,7 +94,7 @@ pub struct CallCounts {
 impl CallCounts {
     /// Calls that touch lock records (everything but liveness pings and process reads).
     pub fn lock_calls(&self) -> u64 {
-        self.acquire + self.extend + self.release + self.take_over + self.read
+        self.acquire + self.extend + self.release + self.take_over + self.read + self.read_many
     }
 }
 
@@ -172,6 +175,7 @@ impl MemoryBackend {
             take_over: get(&c.take_over),
             ping: get(&c.ping),
             read: get(&c.read),
+            read_many: get(&c.read_many),
             read_process: get(&c.read_process),
             forget_process: get(&c.forget_process),
         }
@@ -342,6 +346,12 @@ impl MemoryBackend {
         state.lock(key, Instant::now())
     }
 
+    fn read_many_now(&self, keys: &[&str]) -> Result<Vec<Result<Option<LockData>>>> {
+        let mut state = self.enter(|c| &c.read_many)?;
+        let now = Instant::now();
+        Ok(keys.iter().map(|key| state.lock(key, now)).collect())
+    }
+
     fn read_process_now(&self, process_hash: &str) -> Result<Option<ProcessData>> {
         let mut state = self.enter(|c| &c.read_process)?;
         match live(&mut state.processes, process_hash, Instant::now()) {
@@ -404,6 +414,10 @@ impl LockBackend for MemoryBackend {
 
     async fn read(&self, key: &str) -> Result<Option<LockData>> {
         self.respond(self.read_now(key)).await
+    }
+
+    async fn read_many(&self, keys: &[&str]) -> Result<Vec<Result<Option<LockData>>>> {
+        self.respond(self.read_many_now(keys)).await
     }
 
     async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {

@@ -1074,3 +1074,69 @@ async fn abandon_ends_a_shutdown_that_waits() {
         "abandon released nothing"
     );
 }
+
+/// One process holding many locks rechecks them together: one `read_many` per recheck
+/// interval (after the first, which aligns them), not one read per lock; and a lock found
+/// taken over by another lock's recheck still fails its own next beat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rechecks_of_many_locks_share_one_read_per_interval() {
+    let store = MemoryBackend::new();
+    let locker = fast(&store)
+        .recheck_every(Duration::from_millis(100))
+        .extend_every(Duration::from_secs(60))
+        .lock_ttl(Duration::from_secs(120))
+        .build()
+        .expect("options");
+    let n = 40;
+    let mut guards = Vec::new();
+    let mut jobs = Vec::new();
+    for i in 0..n {
+        let guard = acquired(&locker, &format!("many-{i}")).await;
+        let hb = guard.heartbeat();
+        // Each job beats every 7 ms: its recheck is due at its own time.
+        jobs.push(tokio::spawn(async move {
+            loop {
+                if let Err(e) = hb.beat().await {
+                    return e;
+                }
+                tokio::time::sleep(Duration::from_millis(7)).await;
+            }
+        }));
+        guards.push(guard);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    // Aligned after the first interval.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let before = store.calls();
+    let window = Duration::from_millis(1000);
+    tokio::time::sleep(window).await;
+    let after = store.calls();
+    let (reads, batches) = (after.read - before.read, after.read_many - before.read_many);
+    // 10 intervals: about 10 calls (a few more when a beat comes late); one per lock would be
+    // 400.
+    assert!(
+        reads + batches <= 25,
+        "{n} locks rechecked every 100 ms for 1 s took {reads} reads and {batches} read_many calls"
+    );
+    assert!(batches >= 5, "rechecks stopped: {batches} read_many calls");
+
+    // Another process takes one lock over; the job of that lock stops at its next beat.
+    let victim = guards[17].owner_hash().to_owned();
+    let thief = LockData::new("many-17@thief/1.1.1".into(), "thief/1.1".into(), None);
+    store.put_raw("many-17", &thief.to_json(), Duration::from_secs(60));
+    let e = tokio::time::timeout(Duration::from_secs(2), jobs.remove(17))
+        .await
+        .expect("the job stopped")
+        .expect("task");
+    assert_eq!(e.kind(), ErrorKind::LockLost, "{victim}: {e}");
+    assert_eq!(
+        e.holder().map(|h| h.owner_hash.as_str()),
+        Some("many-17@thief/1.1.1")
+    );
+    for j in jobs {
+        assert!(!j.is_finished(), "another job stopped");
+        j.abort();
+    }
+    drop(guards);
+    locker.shutdown().await;
+}
