@@ -365,6 +365,7 @@ define_suite!($;
     backend_release_missing_key,
     backend_take_over_replaces_only_the_dead_owner,
     backend_acquire_checked_decides_in_one_call,
+    backend_read_many_answers_each_key,
     backend_lock_ttl_expiry,
     backend_liveness_write_read_expiry,
     backend_forget_process,

@@ -334,6 +334,9 @@ fn never_sent(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// Operations per transaction of `read_many` (etcd's default `--max-txn-ops` is 128).
+const TXN_OPS: usize = 128;
+
 fn held_kv(ops: &[TxnOpResponse]) -> Option<KeyValue> {
     ops.iter().find_map(|op| match op {
         TxnOpResponse::Get(get) => first_kv(get).cloned(),
@@ -497,6 +500,41 @@ impl LockBackend for EtcdBackend {
             Some(kv) => lock_from_kv(key, &kv).map(Some),
             None => Ok(None),
         }
+    }
+
+    async fn read_many(&self, keys: &[&str]) -> Result<Vec<Result<Option<LockData>>>> {
+        let mut records: Vec<Result<Option<LockData>>> = Vec::with_capacity(keys.len());
+        for key in keys {
+            records.push(validate_key(key).map(|()| None));
+        }
+        let wanted: Vec<usize> = (0..keys.len()).filter(|&i| records[i].is_ok()).collect();
+        // One transaction of reads per chunk (etcd takes 128 operations per transaction by
+        // default), all at once.
+        let calls = wanted.chunks(TXN_OPS).map(|chunk| {
+            let gets: Vec<TxnOp> = chunk
+                .iter()
+                .map(|&i| TxnOp::get(self.lock_key(keys[i]), None))
+                .collect();
+            self.txn(Txn::new().and_then(gets))
+        });
+        let answers = futures::future::try_join_all(calls).await?;
+        for (chunk, answer) in wanted.chunks(TXN_OPS).zip(answers) {
+            let ops = answer.op_responses();
+            if ops.len() != chunk.len() {
+                return Err(Error::new(
+                    locker_core::ErrorKind::Other,
+                    format!("etcd answered {} reads for {}", ops.len(), chunk.len()),
+                ));
+            }
+            for (&i, op) in chunk.iter().zip(ops) {
+                if let TxnOpResponse::Get(get) = op {
+                    if let Some(kv) = first_kv(&get) {
+                        records[i] = lock_from_kv(keys[i], kv).map(Some);
+                    }
+                }
+            }
+        }
+        Ok(records)
     }
 
     async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {

@@ -106,6 +106,10 @@ const RELEASE: &str = "WITH del AS (
 const READ: &str =
     "SELECT fencing_token, record FROM {locks} WHERE key = $1 AND expires_at > now()";
 
+/// The locks of many keys in one statement (rechecks).
+const READ_MANY: &str = "SELECT key, fencing_token, record FROM {locks} \
+     WHERE key = ANY($1) AND expires_at > now()";
+
 /// The liveness upsert; it also deletes a few rows that expired over a minute ago, so the tables
 /// stay small with no cron (rows of keys that are never locked again would stay otherwise).
 const PING: &str = concat!(
@@ -153,6 +157,7 @@ struct Statements {
     extend: String,
     release: String,
     read: String,
+    read_many: String,
     ping: String,
     read_process: String,
     forget_process: String,
@@ -167,6 +172,7 @@ impl Statements {
             extend: tables.render(EXTEND),
             release: tables.render(RELEASE),
             read: tables.render(READ),
+            read_many: tables.render(READ_MANY),
             ping: tables.render(PING),
             read_process: tables.render(READ_PROCESS),
             forget_process: tables.render(FORGET_PROCESS),
@@ -496,6 +502,46 @@ impl LockBackend for PostgresBackend {
                 lock_from_row(key, &record, Some(token)).map(Some)
             }
         }
+    }
+
+    async fn read_many(&self, keys: &[&str]) -> Result<Vec<Result<Option<LockData>>>> {
+        let mut records: Vec<Result<Option<LockData>>> = Vec::with_capacity(keys.len());
+        for key in keys {
+            records.push(check_key(key).map(|()| None));
+        }
+        let wanted: Vec<&str> = keys
+            .iter()
+            .zip(&records)
+            .filter(|(_, r)| r.is_ok())
+            .map(|(k, _)| *k)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(records);
+        }
+        let rows = self
+            .timed(
+                sqlx::query(&self.sql.read_many)
+                    .bind(&wanted)
+                    .persistent(false)
+                    .fetch_all(&self.pool),
+            )
+            .await?;
+        let mut found = std::collections::HashMap::with_capacity(rows.len());
+        for row in rows {
+            let key: String = row.try_get("key").map_err(map_error)?;
+            let record: String = row.try_get("record").map_err(map_error)?;
+            let token: i64 = row.try_get("fencing_token").map_err(map_error)?;
+            let lock = lock_from_row(&key, &record, Some(token));
+            found.insert(key, lock);
+        }
+        for (key, slot) in keys.iter().zip(records.iter_mut()) {
+            if slot.is_ok() {
+                if let Some(lock) = found.get(*key) {
+                    *slot = lock.clone().map(Some);
+                }
+            }
+        }
+        Ok(records)
     }
 
     async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {

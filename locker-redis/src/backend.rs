@@ -32,6 +32,8 @@ pub(crate) trait Driver: Send + Sync + fmt::Debug + 'static {
         wait: WaitForReplicas,
     ) -> Result<(Vec<String>, u64)>;
     async fn get(&self, key: &str) -> Result<Option<String>>;
+    /// `MGET` of keys on one slot (any keys on a standalone server).
+    async fn mget(&self, keys: &[&str]) -> Result<Vec<Option<String>>>;
     async fn set_px(&self, key: &str, value: &str, ttl_ms: u64) -> Result<()>;
     async fn del(&self, key: &str) -> Result<()>;
     /// The largest `cluster-node-timeout` of the cluster's primaries; `None` for a standalone
@@ -256,6 +258,9 @@ impl RedisBackend {
     }
 }
 
+/// The most keys one `MGET` of a standalone server carries.
+const MGET_CHUNK: usize = 1000;
+
 /// What a create script does about a held key.
 #[derive(Debug, Clone, Copy)]
 enum Create<'a> {
@@ -437,6 +442,46 @@ impl LockBackend for RedisBackend {
             Some(json) if !json.is_empty() => parse_record(key, &json).map(Some),
             _ => Ok(None),
         }
+    }
+
+    async fn read_many(&self, keys: &[&str]) -> Result<Vec<Result<Option<LockData>>>> {
+        // One `MGET` per slot on a cluster (at once), per thousand keys on a server.
+        let mut groups: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
+        let full: Vec<String> = keys.iter().map(|k| self.config.keys.lock(k)).collect();
+        for (i, key) in full.iter().enumerate() {
+            let group = if self.config.is_cluster() {
+                key_slot(key.as_bytes())
+            } else {
+                u16::try_from(i / MGET_CHUNK).unwrap_or(u16::MAX)
+            };
+            groups.entry(group).or_default().push(i);
+        }
+        let calls = groups.values().map(|indices| {
+            let group_keys: Vec<&str> = indices.iter().map(|&i| full[i].as_str()).collect();
+            async move { self.driver.mget(&group_keys).await }
+        });
+        let answers = futures::future::try_join_all(calls).await?;
+        let mut records: Vec<Result<Option<LockData>>> = keys.iter().map(|_| Ok(None)).collect();
+        for (indices, values) in groups.values().zip(answers) {
+            if values.len() != indices.len() {
+                return Err(Error::new(
+                    locker_core::ErrorKind::Other,
+                    format!(
+                        "MGET answered {} values for {} keys",
+                        values.len(),
+                        indices.len()
+                    ),
+                ));
+            }
+            for (&i, value) in indices.iter().zip(values) {
+                records[i] = match value {
+                    // The Node library treats an empty value as no lock.
+                    Some(json) if !json.is_empty() => parse_record(keys[i], &json).map(Some),
+                    _ => Ok(None),
+                };
+            }
+        }
+        Ok(records)
     }
 
     async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {

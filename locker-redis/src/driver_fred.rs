@@ -300,6 +300,11 @@ impl Driver for FredDriver {
         self.client.get(key).await.map_err(map_error)
     }
 
+    async fn mget(&self, keys: &[&str]) -> Result<Vec<Option<String>>> {
+        let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+        self.client.mget(keys).await.map_err(map_error)
+    }
+
     async fn set_px(&self, key: &str, value: &str, ttl_ms: u64) -> Result<()> {
         let ttl = i64::try_from(ttl_ms).map_err(|_| Error::invalid_input("TTL too long"))?;
         let _: Option<String> = self

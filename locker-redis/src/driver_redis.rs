@@ -294,6 +294,12 @@ impl Driver for RedisDriver {
         result.map_err(map_error)
     }
 
+    async fn mget(&self, keys: &[&str]) -> Result<Vec<Option<String>>> {
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(keys);
+        self.query(&cmd).await.map_err(map_error)
+    }
+
     async fn set_px(&self, key: &str, value: &str, ttl_ms: u64) -> Result<()> {
         let mut cmd = redis::cmd("SET");
         cmd.arg(key).arg(value).arg("PX").arg(ttl_ms);

@@ -96,6 +96,16 @@ const READ: &str = concat!(
     now_ms!()
 );
 
+/// The locks of many keys (rechecks); `{keys}` becomes one `?` per key.
+const READ_MANY: &str = concat!(
+    "SELECT key, fencing_token, record, owner_hash FROM {locks} WHERE key IN ({keys}) \
+     AND expires_at > ",
+    now_ms!()
+);
+
+/// Keys per `READ_MANY` statement (SQLite's parameter limit is 32766 since 3.32, 999 before).
+const READ_MANY_CHUNK: usize = 500;
+
 const PING: &str = concat!(
     "INSERT INTO {processes} (process_hash, record, expires_at) VALUES (?1, ?2, ",
     now_ms!(),
@@ -140,6 +150,7 @@ struct Statements {
     extend: String,
     release: String,
     read: String,
+    read_many: String,
     ping: String,
     read_process: String,
     forget_process: String,
@@ -154,6 +165,7 @@ impl Statements {
             extend: t.render(EXTEND),
             release: t.render(RELEASE),
             read: t.render(READ),
+            read_many: t.render(READ_MANY),
             ping: t.render(PING),
             read_process: t.render(READ_PROCESS),
             forget_process: t.render(FORGET_PROCESS),
@@ -434,6 +446,45 @@ impl LockBackend for SqliteBackend {
     async fn read(&self, key: &str) -> Result<Option<LockData>> {
         validate_key(key)?;
         self.read_row(key).await?.map(|r| r.lock(key)).transpose()
+    }
+
+    async fn read_many(&self, keys: &[&str]) -> Result<Vec<Result<Option<LockData>>>> {
+        let mut records: Vec<Result<Option<LockData>>> = Vec::with_capacity(keys.len());
+        for key in keys {
+            records.push(validate_key(key).map(|()| None));
+        }
+        let wanted: Vec<&str> = keys
+            .iter()
+            .zip(&records)
+            .filter(|(_, r)| r.is_ok())
+            .map(|(k, _)| *k)
+            .collect();
+        let mut found = std::collections::HashMap::new();
+        // One statement per chunk: SQLite takes a bounded number of parameters.
+        for chunk in wanted.chunks(READ_MANY_CHUNK) {
+            let placeholders = vec!["?"; chunk.len()].join(", ");
+            let sql = self.sql.read_many.replace("{keys}", &placeholders);
+            let mut query = sqlx::query(&sql);
+            for key in chunk {
+                query = query.bind(*key);
+            }
+            let rows = self
+                .timed(query.persistent(false).fetch_all(&self.pool))
+                .await?;
+            for row in rows {
+                let key: String = row.try_get("key").map_err(map_error)?;
+                let lock = LockRow::from_row(&row)?.lock(&key);
+                found.insert(key, lock);
+            }
+        }
+        for (key, slot) in keys.iter().zip(records.iter_mut()) {
+            if slot.is_ok() {
+                if let Some(lock) = found.get(*key) {
+                    *slot = lock.clone().map(Some);
+                }
+            }
+        }
+        Ok(records)
     }
 
     async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {

@@ -250,6 +250,42 @@ pub async fn backend_acquire_checked_decides_in_one_call(fx: &Fixture) -> Verdic
     Verdict::Passed
 }
 
+/// `read_many` answers what `read` answers, key by key and in order, a corrupt record being
+/// that key's own error; duplicates and an empty list included.
+pub async fn backend_read_many_answers_each_key(fx: &Fixture) -> Verdict {
+    let b = fx.backend().await;
+    let (x, y, free) = (fx.key("many-x"), fx.key("many-y"), fx.key("many-free"));
+    let stored_x = must_acquire(&*b, &x, &record(&x, 1)).await;
+    let stored_y = must_acquire(&*b, &y, &record(&y, 2)).await;
+    let mut keys = vec![x.as_str(), free.as_str(), y.as_str(), x.as_str()];
+    let corrupt = fx.key("many-corrupt");
+    if let Some(raw) = &fx.raw {
+        raw.put_lock_raw(&corrupt, "not a record", TTL)
+            .await
+            .expect("write raw");
+        keys.push(corrupt.as_str());
+    }
+    let found = b.read_many(&keys).await.expect("read_many");
+    assert_eq!(found.len(), keys.len());
+    let ok = |i: usize| found[i].as_ref().expect("a record or none").clone();
+    assert_eq!(ok(0), Some(stored_x.clone()));
+    assert_eq!(ok(1), None);
+    assert_eq!(ok(2), Some(stored_y));
+    assert_eq!(ok(3), Some(stored_x));
+    if fx.raw.is_some() {
+        let e = found[4].as_ref().expect_err("corrupt");
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    }
+    assert!(b.read_many(&[]).await.expect("read_many").is_empty());
+    // Many keys at once (more than one chunk of a store that splits them).
+    let many: Vec<String> = (0..1500).map(|i| fx.key(&format!("many-{i}"))).collect();
+    let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    let found = b.read_many(&refs).await.expect("read_many");
+    assert_eq!(found.len(), many.len());
+    assert!(found.iter().all(|r| matches!(r, Ok(None))));
+    Verdict::Passed
+}
+
 /// A lock that is not extended expires after its TTL (by the store's clock).
 pub async fn backend_lock_ttl_expiry(fx: &Fixture) -> Verdict {
     let b = fx.backend().await;
