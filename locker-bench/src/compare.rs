@@ -106,7 +106,7 @@ impl RedisProbe {
     }
 
     /// The server process's CPU time so far.
-    async fn cpu(&self) -> Duration {
+    pub(crate) async fn cpu(&self) -> Duration {
         let info = self.info("cpu").await;
         let field = |name: &str| {
             info.lines()

@@ -391,17 +391,19 @@ async fn takeover(cli: &Cli, url: &str) {
 
 async fn background(cli: &Cli, url: &str) {
     println!(
-        "\n| locks held, beating (defaults: report {:?}, recheck {:?}, extend {:?}) | commands/s: ping / read / extend / other | expected (ping + read + extend) | memory per lock |",
+        "\n| locks held, beating (defaults: report {:?}, recheck {:?}, extend {:?}) | backend calls/s: ping / read / read_many / extend / other | one call per lock and interval would be (ping + read + extend) | store CPU per lock and recheck interval (Redis: `INFO cpu`) | memory per lock |",
         locker::DEFAULT_REPORT_EVERY,
         locker::DEFAULT_RECHECK_EVERY,
         locker::DEFAULT_EXTEND_EVERY
     );
-    println!("|---|---|---|---|");
-    for &n in &cli.held {
+    println!("|---|---|---|---|---|");
+    let probe = compare::RedisProbe::connect(url).await;
+    for (n, split_reads) in cli.held.iter().flat_map(|&n| [(n, true), (n, false)]) {
         let counts = Arc::new(counting::Counts::default());
         let factory = counting::CountingFactory {
             inner: locker::connect(url).expect("url"),
             counts: counts.clone(),
+            split_reads,
         };
         let locker = Locker::builder(factory).build().expect("locker");
         let rss_before = rss_bytes();
@@ -421,17 +423,34 @@ async fn background(cli: &Cli, url: &str) {
         // Steady state: every lock has passed its first recheck before counting starts.
         tokio::time::sleep(locker::DEFAULT_RECHECK_EVERY).await;
         let before = counts.snapshot();
+        let cpu_before = match &probe {
+            Some(p) => Some(p.cpu().await),
+            None => None,
+        };
         tokio::time::sleep(cli.window).await;
         let after = counts.snapshot();
+        let store_cpu = match (&probe, cpu_before) {
+            (Some(p), Some(before)) => {
+                let intervals =
+                    cli.window.as_secs_f64() / locker::DEFAULT_RECHECK_EVERY.as_secs_f64();
+                let per = (p.cpu().await.saturating_sub(before)).as_secs_f64() * 1e6
+                    / intervals
+                    / n as f64;
+                format!("{per:.2} µs")
+            }
+            _ => "-".to_owned(),
+        };
         let d = after - before;
         let rate = |n: u64| n as f64 / cli.window.as_secs_f64();
         let expected = 1.0 / locker::DEFAULT_REPORT_EVERY.as_secs_f64()
             + n as f64 / locker::DEFAULT_RECHECK_EVERY.as_secs_f64()
             + n as f64 / locker::DEFAULT_EXTEND_EVERY.as_secs_f64();
         println!(
-            "| {n} | {:.1} / {:.1} / {:.1} / {:.1} | {expected:.1} | {} B |",
+            "| {n}{} | {:.1} / {:.1} / {:.1} / {:.1} / {:.1} | {expected:.1} | {store_cpu} | {} B |",
+            if split_reads { ", one read per lock (as before issue 17)" } else { ", rechecks batched" },
             rate(d.ping),
             rate(d.read),
+            rate(d.read_many),
             rate(d.extend),
             rate(d.other()),
             per_lock

@@ -19,6 +19,7 @@ pub(crate) async fn table(url: &str) {
     let factory = CountingFactory {
         inner: locker::connect(url).expect("url"),
         counts: counts.clone(),
+        split_reads: false,
     };
     let locker = Locker::builder(factory).build().expect("locker");
     locker.ready().await.expect("counted locker ready");
