@@ -466,8 +466,11 @@ impl Locker {
     /// cannot be opened, credentials refused) is returned at once, and a store that does not
     /// answer is waited for up to `reporter_start_timeout`. When a lock is held by a process that has no liveness record,
     /// it is taken over: the dead owner's lock is replaced only if it is still theirs. Costs one
-    /// backend call when the key is free, two when it is held by a live process, three when
-    /// taken over (four if the backend has no atomic `take_over`).
+    /// backend call whatever the outcome when the backend decides in one call
+    /// ([`Capabilities::checked_acquire`](crate::Capabilities::checked_acquire): Redis standalone,
+    /// or a cluster with a hash-tagged key prefix); otherwise one when the key is free, two when
+    /// it is held by a live process, three when taken over (four if the backend has no atomic
+    /// `take_over`).
     ///
     /// A second acquire of a key this locker already holds returns [`LockAttempt::Held`].
     ///

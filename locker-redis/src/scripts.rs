@@ -363,13 +363,3 @@ mod tests {
         }
     }
 }
-#[cfg(test)]
-mod dump {
-    #[test]
-    #[ignore]
-    fn dump_scripts() {
-        for n in super::ScriptName::ALL {
-            std::fs::write(format!("/tmp/sb/{n:?}.lua"), n.source()).unwrap();
-        }
-    }
-}

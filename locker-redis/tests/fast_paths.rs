@@ -150,7 +150,7 @@ async fn corrupt_values_that_look_like_the_callers_record_are_left_alone() {
         // The caller's owner hash, not a whole record.
         format!("{{\"ownerHash\":{:?}}}", mine.owner_hash),
         // A holder whose process hash cannot be read.
-        format!("{{\"ownerHash\":\"x\",\"processHash\":7,"),
+        "{\"ownerHash\":\"x\",\"processHash\":7,".to_owned(),
     ] {
         b.raw_set(&b.lock_key(key), &garbage, TTL)
             .await
