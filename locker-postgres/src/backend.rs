@@ -505,18 +505,10 @@ impl LockBackend for PostgresBackend {
     }
 
     async fn read_many(&self, keys: &[&str]) -> Result<Vec<Result<Option<LockData>>>> {
-        let mut records: Vec<Result<Option<LockData>>> = Vec::with_capacity(keys.len());
-        for key in keys {
-            records.push(check_key(key).map(|()| None));
-        }
-        let wanted: Vec<&str> = keys
-            .iter()
-            .zip(&records)
-            .filter(|(_, r)| r.is_ok())
-            .map(|(k, _)| *k)
-            .collect();
+        let reads = locker_sql::ManyReads::new(keys, check_key);
+        let wanted = reads.wanted();
         if wanted.is_empty() {
-            return Ok(records);
+            return Ok(reads.finish([]));
         }
         let rows = self
             .timed(
@@ -526,22 +518,14 @@ impl LockBackend for PostgresBackend {
                     .fetch_all(&self.pool),
             )
             .await?;
-        let mut found = std::collections::HashMap::with_capacity(rows.len());
+        let mut found = Vec::with_capacity(rows.len());
         for row in rows {
             let key: String = row.try_get("key").map_err(map_error)?;
             let record: String = row.try_get("record").map_err(map_error)?;
             let token: i64 = row.try_get("fencing_token").map_err(map_error)?;
-            let lock = lock_from_row(&key, &record, Some(token));
-            found.insert(key, lock);
+            found.push((key, record, Some(token)));
         }
-        for (key, slot) in keys.iter().zip(records.iter_mut()) {
-            if slot.is_ok() {
-                if let Some(lock) = found.get(*key) {
-                    *slot = lock.clone().map(Some);
-                }
-            }
-        }
-        Ok(records)
+        Ok(reads.finish(found))
     }
 
     async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {

@@ -206,3 +206,51 @@ mod tests {
         );
     }
 }
+
+/// A `read_many` in the making, for a backend that reads many keys with one statement: one
+/// answer per key, in order, an invalid key's answer being its own error.
+#[derive(Debug)]
+pub struct ManyReads<'a> {
+    keys: &'a [&'a str],
+    records: Vec<Result<Option<LockData>>>,
+}
+
+impl<'a> ManyReads<'a> {
+    /// Checks each key with `check`; every valid key reads as "no lock" until found.
+    pub fn new(keys: &'a [&'a str], check: impl Fn(&str) -> Result<()>) -> Self {
+        let records = keys.iter().map(|k| check(k).map(|()| None)).collect();
+        ManyReads { keys, records }
+    }
+
+    /// The valid keys, to look up.
+    pub fn wanted(&self) -> Vec<&'a str> {
+        self.keys
+            .iter()
+            .zip(&self.records)
+            .filter(|(_, r)| r.is_ok())
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// The answers, given the rows found: `(key, record, fencing token)`.
+    pub fn finish(
+        mut self,
+        rows: impl IntoIterator<Item = (String, String, Option<i64>)>,
+    ) -> Vec<Result<Option<LockData>>> {
+        let found: std::collections::HashMap<String, Result<LockData>> = rows
+            .into_iter()
+            .map(|(key, record, token)| {
+                let lock = lock_from_row(&key, &record, token);
+                (key, lock)
+            })
+            .collect();
+        for (key, slot) in self.keys.iter().zip(self.records.iter_mut()) {
+            if slot.is_ok() {
+                if let Some(lock) = found.get(*key) {
+                    *slot = lock.clone().map(Some);
+                }
+            }
+        }
+        self.records
+    }
+}

@@ -449,19 +449,10 @@ impl LockBackend for SqliteBackend {
     }
 
     async fn read_many(&self, keys: &[&str]) -> Result<Vec<Result<Option<LockData>>>> {
-        let mut records: Vec<Result<Option<LockData>>> = Vec::with_capacity(keys.len());
-        for key in keys {
-            records.push(validate_key(key).map(|()| None));
-        }
-        let wanted: Vec<&str> = keys
-            .iter()
-            .zip(&records)
-            .filter(|(_, r)| r.is_ok())
-            .map(|(k, _)| *k)
-            .collect();
-        let mut found = std::collections::HashMap::new();
+        let reads = locker_sql::ManyReads::new(keys, validate_key);
+        let mut found = Vec::new();
         // One statement per chunk: SQLite takes a bounded number of parameters.
-        for chunk in wanted.chunks(READ_MANY_CHUNK) {
+        for chunk in reads.wanted().chunks(READ_MANY_CHUNK) {
             let placeholders = vec!["?"; chunk.len()].join(", ");
             let sql = self.sql.read_many.replace("{keys}", &placeholders);
             let mut query = sqlx::query(&sql);
@@ -473,18 +464,11 @@ impl LockBackend for SqliteBackend {
                 .await?;
             for row in rows {
                 let key: String = row.try_get("key").map_err(map_error)?;
-                let lock = LockRow::from_row(&row)?.lock(&key);
-                found.insert(key, lock);
+                let lock = LockRow::from_row(&row)?;
+                found.push((key, lock.record, Some(lock.fencing_token)));
             }
         }
-        for (key, slot) in keys.iter().zip(records.iter_mut()) {
-            if slot.is_ok() {
-                if let Some(lock) = found.get(*key) {
-                    *slot = lock.clone().map(Some);
-                }
-            }
-        }
-        Ok(records)
+        Ok(reads.finish(found))
     }
 
     async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {
