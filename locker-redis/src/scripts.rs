@@ -7,12 +7,13 @@
 //!
 //! What a script costs the server is mostly its `redis.call`s (each a few microseconds inside a
 //! script, more for one that creates a key): the common paths make as few as they can (an
-//! acquire of a free key: `GET`, `INCR` of a counter that exists, `SET`; a release: `GET`,
-//! `DEL`) and compare owner hashes without decoding records.
+//! acquire of a free key: `GET` of the key, `TIME`, `GET` and `SET` of a counter that exists,
+//! `SET` of the key; a release: `GET`, `DEL`) and compare owner hashes without decoding
+//! records.
 //!
-//! Fencing tokens: acquisition increments its slot's counter (see `keys`) and appends the token
-//! to the record; a missing counter starts from the server's clock in µs. Tokens stay below
-//! 2^53, so JavaScript readers see them exactly.
+//! Fencing tokens: acquisition sets its slot's counter (see `keys`) to `max(counter + 1, server
+//! time in µs)` and appends the token to the record. Tokens stay below 2^53, so JavaScript
+//! readers see them exactly.
 
 use locker_core::{Error, ErrorKind, LockData, Result};
 
@@ -29,12 +30,12 @@ use locker_core::{Error, ErrorKind, LockData, Result};
 ///   someone else's (the client decodes it, and finds it corrupt if it is). Anything else
 ///   (another field order, escapes, not JSON) is decoded, and must be a whole lock record.
 /// - `create(lk, fk, rec, ttl)`: stores `rec` (a record open at its end: `{…,"fencingToken":`)
-///   under `lk` for `ttl` ms, closed by a new token from the slot's counter `fk`. The counter
-///   is `INCR`ed in place; a missing one starts from the server's clock in µs, so tokens stay
-///   above those of a counter lost with a restart of a server without persistence: a counter
-///   grows by one per acquisition on its slot, far slower than the clock (each script takes
-///   microseconds), so it never gets ahead of the clock it started from. (`redis.call`, not
-///   `pcall`: a counter that is not a number fails the script, and nothing is stored.)
+///   under `lk` for `ttl` ms, closed by a new token: `max(last + 1, server time in µs)`, where
+///   `last` is the slot's counter `fk` (overwritten in place, no expiry). The time floor keeps
+///   tokens increasing across a lost counter (a restart without persistence) and next to the
+///   tokens of earlier versions of this library, which were the same floor over a counter per
+///   key: a fleet can be upgraded process by process. A counter that is not a number counts as
+///   missing, as before.
 /// - `acquire(lk, fk, rec, ttl, lp)`: a free key is stored (`ACQUIRED`, token). A held one,
 ///   when `lp` (the liveness keys' prefix) is not empty, has its holder's liveness record
 ///   looked at (`lp` then the holder's `processHash`): there, `LIVE` and the record; missing,
@@ -61,13 +62,12 @@ end
 
 const CREATE: &str = r#"
 local function create(lk, fk, rec, ttl)
-  local token = redis.call('INCR', fk)
-  if token == 1 then
-    local t = redis.call('TIME')
-    token = tonumber(t[1]) * 1000000 + tonumber(t[2])
-    redis.call('SET', fk, string.format('%d', token))
-  end
+  local t = redis.call('TIME')
+  local token = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('GET', fk) or '0') or 0
+  if last >= token then token = last + 1 end
   local tok = string.format('%d', token)
+  redis.call('SET', fk, tok)
   redis.call('SET', lk, rec .. tok .. '}', 'PX', ttl)
   return tok
 end
@@ -154,8 +154,8 @@ fn single(functions: &[&str], function: &str) -> String {
 /// values (the operation's letter, then its four arguments, padded with empty strings); the
 /// answer is three values per operation. On a cluster, all the keys must be on one slot.
 ///
-/// An operation whose command fails (a lock key of another type, a counter that is not a
-/// number) answers `ERROR` and the others go on: no operation writes before the command that
+/// An operation whose command fails (a lock key of another type) answers `ERROR` and the others
+/// go on: no operation writes before the command that
 /// can fail it, so nothing of it was stored, and the client sends it again alone to get its
 /// error.
 fn batch() -> String {

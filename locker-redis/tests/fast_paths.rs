@@ -217,3 +217,57 @@ async fn a_cluster_decides_in_one_call_when_the_prefix_has_a_hash_tag() {
         }
     }
 }
+
+/// Tokens stay above those of an earlier version of this library granting the same key during
+/// a rolling upgrade: that version drew `max(its per-key counter + 1, server time in µs)`, so a
+/// grant of it lands far above a per-slot counter that only counted up since it was made.
+#[tokio::test]
+async fn tokens_stay_above_those_an_earlier_version_granted_meanwhile() {
+    let b = backend("fast-upgrade:").await;
+    let server = servers::shared(ServerKind::Redis).unwrap_or_else(|e| panic!("{e}"));
+    let mut redis = redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let key = "nightly";
+    let first = heir(key);
+    let stored = match b.acquire_checked(key, &first, TTL).await.expect("acquire") {
+        AcquireDecision::Acquired(stored) => stored,
+        other => panic!("{other:?}"),
+    };
+    b.release(key, &first.owner_hash).await.expect("release");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // An earlier version's grant and release of the key: its token is the server's time.
+    let (secs, micros): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut redis)
+        .await
+        .expect("TIME");
+    let old_token = secs * 1_000_000 + micros;
+    let old = LockData {
+        fencing_token: Some(old_token),
+        ..heir(key)
+    };
+    b.raw_set(&b.lock_key(key), &old.to_json(), TTL)
+        .await
+        .expect("set");
+    let _: () = redis::cmd("DEL")
+        .arg(b.lock_key(key))
+        .query_async(&mut redis)
+        .await
+        .expect("DEL");
+    assert!(old_token > stored.fencing_token.expect("a token"));
+    let next = match b
+        .acquire_checked(key, &heir(key), TTL)
+        .await
+        .expect("acquire")
+    {
+        AcquireDecision::Acquired(stored) => stored,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        next.fencing_token > Some(old_token),
+        "token {:?} after an earlier version's {old_token}",
+        next.fencing_token
+    );
+}
