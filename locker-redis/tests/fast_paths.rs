@@ -236,7 +236,10 @@ async fn tokens_stay_above_those_an_earlier_version_granted_meanwhile() {
         AcquireDecision::Acquired(stored) => stored,
         other => panic!("{other:?}"),
     };
-    b.release(key, &first.owner_hash).await.expect("release");
+    assert_eq!(
+        b.release(key, &first.owner_hash).await.expect("release"),
+        ReleaseOutcome::Released
+    );
     tokio::time::sleep(Duration::from_millis(20)).await;
     // An earlier version's grant and release of the key: its token is the server's time.
     let (secs, micros): (u64, u64) = redis::cmd("TIME")
