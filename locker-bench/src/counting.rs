@@ -190,14 +190,7 @@ impl LockBackend for Counting {
     }
     async fn read_many(&self, keys: &[&str]) -> Result<Vec<Result<Option<LockData>>>> {
         if self.split_reads {
-            let mut records = Vec::with_capacity(keys.len());
-            for key in keys {
-                records.push(match self.read(key).await {
-                    Err(e) if e.kind() == locker::ErrorKind::Corrupt => Err(e),
-                    other => Ok(other?),
-                });
-            }
-            return Ok(records);
+            return locker::read_each(self, keys).await;
         }
         bump(&self.counts.read_many);
         self.inner.read_many(keys).await

@@ -200,14 +200,7 @@ pub trait LockBackend: Send + Sync + fmt::Debug + 'static {
     /// The outer error is the call's (the store did not answer); an inner one is a key's own
     /// (its record is corrupt). The default reads the keys one after the other.
     async fn read_many(&self, keys: &[&str]) -> Result<Vec<Result<Option<LockData>>>> {
-        let mut records = Vec::with_capacity(keys.len());
-        for key in keys {
-            records.push(match self.read(key).await {
-                Err(e) if e.kind() == crate::ErrorKind::Corrupt => Err(e),
-                other => Ok(other?),
-            });
-        }
-        Ok(records)
+        read_each(self, keys).await
     }
 
     /// Reads a process's liveness record, `None` when the process is not known to be alive.
@@ -215,6 +208,23 @@ pub trait LockBackend: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes a process's liveness record, so that its locks can be taken over at once.
     async fn forget_process(&self, process_hash: &str) -> Result<()>;
+}
+
+/// [`LockBackend::read_many`] as one [`read`](LockBackend::read) per key, in order: the
+/// trait's default, for wrappers that want it too. A corrupt record is that key's own error;
+/// any other error ends the call.
+pub async fn read_each<B: LockBackend + ?Sized>(
+    backend: &B,
+    keys: &[&str],
+) -> Result<Vec<Result<Option<LockData>>>> {
+    let mut records = Vec::with_capacity(keys.len());
+    for key in keys {
+        records.push(match backend.read(key).await {
+            Err(e) if e.kind() == crate::ErrorKind::Corrupt => Err(e),
+            other => Ok(other?),
+        });
+    }
+    Ok(records)
 }
 
 /// Opens backend connections.

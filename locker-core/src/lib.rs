@@ -17,8 +17,8 @@ mod reporter;
 pub mod url_params;
 
 pub use backend::{
-    factory_fn, AcquireDecision, AcquireOutcome, BackendFactory, Capabilities, ExtendOutcome,
-    FnFactory, LockBackend, ReleaseOutcome,
+    factory_fn, read_each, AcquireDecision, AcquireOutcome, BackendFactory, Capabilities,
+    ExtendOutcome, FnFactory, LockBackend, ReleaseOutcome,
 };
 pub use error::{find_io_error, is_definite_io_error, BoxError, Error, ErrorKind, Result};
 pub use events::{BackgroundError, BackgroundSource};

@@ -159,11 +159,7 @@ impl RedisBackend {
         let op = Op { script, keys, args };
         match &self.batcher {
             Some(batcher) => batcher.run(group, op).await,
-            None => {
-                let keys: Vec<&str> = op.keys.iter().map(String::as_str).collect();
-                let args: Vec<&str> = op.args.iter().map(String::as_str).collect();
-                self.driver.eval(script, &keys, &args).await
-            }
+            None => crate::batch::call(&*self.driver, &op).await,
         }
     }
 

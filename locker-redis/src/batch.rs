@@ -214,7 +214,7 @@ enum Turnout {
 }
 
 /// One operation on its own script.
-async fn call(driver: &dyn Driver, op: &Op) -> Result<Vec<String>> {
+pub(crate) async fn call(driver: &dyn Driver, op: &Op) -> Result<Vec<String>> {
     let keys: Vec<&str> = op.keys.iter().map(String::as_str).collect();
     let args: Vec<&str> = op.args.iter().map(String::as_str).collect();
     driver.eval(op.script, &keys, &args).await
