@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use locker::{LockAttempt, LockRequest, Locker};
+use locker::{ErrorKind, LockRequest, Locker};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::AsyncBufReadExt;
@@ -20,9 +20,6 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
 use crate::{fail, Global, EX_HELD, EX_LOST, EX_SOFTWARE};
-
-/// How often a held lock is tried again while `--wait` lasts.
-const WAIT_POLL: Duration = Duration::from_millis(200);
 
 const RUN_HELP: &str = "\
 The command gets these variables:
@@ -177,39 +174,32 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
     if let Some(trace) = &args.trace {
         request = request.trace(trace.clone());
     }
-    let deadline = match args.wait {
-        Wait::For(d) => Some(Instant::now() + d),
-        Wait::Forever => None,
+    let wait = match args.wait {
+        Wait::For(d) => locker::Wait::up_to(d),
+        Wait::Forever => locker::Wait::forever(),
     };
-    let guard = loop {
-        let attempt = tokio::select! {
-            attempt = locker.acquire(request.clone()) => attempt,
-            sig = next_signal(&mut signals) => return interrupted(&locker, sig).await,
-        };
-        match attempt {
-            Ok(LockAttempt::Acquired(guard)) => break guard,
-            Ok(LockAttempt::Held(holder)) => {
-                let now = Instant::now();
-                if deadline.is_some_and(|d| now >= d) {
-                    say!(
-                        "locker: {:?} is held by {} (since {})",
-                        args.key,
-                        holder.owner_hash,
-                        holder.acquired_at.to_rfc3339()
-                    );
-                    locker.shutdown().await;
-                    return ExitCode::from(args.conflict_exit_code);
-                }
-                let pause = deadline.map_or(WAIT_POLL, |d| (d - now).min(WAIT_POLL));
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    sig = next_signal(&mut signals) => return interrupted(&locker, sig).await,
-                }
+    let attempt = tokio::select! {
+        attempt = locker.acquire_wait(request, wait) => attempt,
+        sig = next_signal(&mut signals) => return interrupted(&locker, sig).await,
+    };
+    let guard = match attempt {
+        Ok(guard) => guard,
+        Err(e) if e.kind() == ErrorKind::MutexTimeout => {
+            match e.holder() {
+                Some(holder) => say!(
+                    "locker: {:?} is held by {} (since {})",
+                    args.key,
+                    holder.owner_hash,
+                    holder.acquired_at.to_rfc3339()
+                ),
+                None => say!("locker: {:?} is held", args.key),
             }
-            Err(e) => {
-                locker.abandon().await;
-                return fail(&e);
-            }
+            locker.shutdown().await;
+            return ExitCode::from(args.conflict_exit_code);
+        }
+        Err(e) => {
+            locker.abandon().await;
+            return fail(&e);
         }
     };
 

@@ -94,6 +94,9 @@ pub struct Capabilities {
     /// [`LockBackend::acquire_checked`] looks at the holder's liveness record and takes over a
     /// dead holder's lock in the same call, so that every acquire decision is one round trip.
     pub checked_acquire: bool,
+    /// [`LockBackend::watch_release`] wakes waiters when a lock is released (and, where the
+    /// store can tell, when its holder's liveness record lapses), so that they need not poll.
+    pub release_events: bool,
 }
 
 impl Default for Capabilities {
@@ -106,6 +109,7 @@ impl Default for Capabilities {
             max_key_len: None,
             failover_time: None,
             checked_acquire: false,
+            release_events: false,
         }
     }
 }
@@ -208,6 +212,28 @@ pub trait LockBackend: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes a process's liveness record, so that its locks can be taken over at once.
     async fn forget_process(&self, process_hash: &str) -> Result<()>;
+
+    /// Subscribes to wake-ups about `key`: the returned watch fires after the lock under `key`
+    /// was released (by any process that publishes its releases), and may fire for other
+    /// reasons (a wake-up is a hint: the waiter then tries to acquire again). It must be
+    /// subscribed when this returns, so that a release after the return is not missed.
+    ///
+    /// `None` (the default) means the backend cannot notify: waiters poll. Backends that
+    /// notify say so with [`Capabilities::release_events`]; a [`WatchHub`](crate::WatchHub)
+    /// does the bookkeeping of watchers per key.
+    async fn watch_release(&self, key: &str) -> Result<Option<crate::ReleaseWatch>> {
+        let _ = key;
+        Ok(None)
+    }
+
+    /// How long a process's liveness record has left: `Some(Duration::ZERO)` when there is
+    /// none, `None` (the default) when the backend cannot tell. A waiter uses it to try again
+    /// when a holder that stopped reporting would be found dead, rather than at a blind
+    /// interval.
+    async fn liveness_left(&self, process_hash: &str) -> Result<Option<Duration>> {
+        let _ = process_hash;
+        Ok(None)
+    }
 }
 
 /// [`LockBackend::read_many`] as one [`read`](LockBackend::read) per key, in order: the

@@ -21,6 +21,8 @@ pub enum BackgroundSource {
     /// tried again with a backoff. See
     /// [`LockerOptions::reconnect_after_failures`](crate::LockerOptions::reconnect_after_failures).
     Connection,
+    /// A waiter could not subscribe to the store's release notifications; it polls instead.
+    Wait,
 }
 
 /// A recoverable error that no caller was waiting for, sent to

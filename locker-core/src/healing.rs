@@ -364,4 +364,12 @@ impl LockBackend for Healing {
     async fn forget_process(&self, process_hash: &str) -> Result<()> {
         healed!(self, |b| b.forget_process(process_hash))
     }
+
+    async fn watch_release(&self, key: &str) -> Result<Option<crate::ReleaseWatch>> {
+        healed!(self, |b| b.watch_release(key))
+    }
+
+    async fn liveness_left(&self, process_hash: &str) -> Result<Option<Duration>> {
+        healed!(self, |b| b.liveness_left(process_hash))
+    }
 }

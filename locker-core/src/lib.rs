@@ -15,6 +15,7 @@ mod options;
 mod record;
 mod reporter;
 pub mod url_params;
+mod wait;
 
 pub use backend::{
     factory_fn, read_each, AcquireDecision, AcquireOutcome, BackendFactory, Capabilities,
@@ -35,6 +36,7 @@ pub use options::{
     DEFAULT_REPORT_EVERY, DEFAULT_SLOW_CALL_AFTER,
 };
 pub use record::{LockData, ProcessData};
+pub use wait::{ReleaseWatch, Wait, WatchHub};
 
 /// Re-exported so that backend crates implement [`LockBackend`] with the same macro version.
 pub use async_trait::async_trait;

@@ -23,6 +23,7 @@ use crate::heartbeat::{Heartbeat, LockState, Loss};
 use crate::options::{LockerBuilder, LockerOptions};
 use crate::record::LockData;
 use crate::reporter::{release_with_retry, Liveness, ReleaseKind, Reporter};
+use crate::wait::{ReleaseWatch, Wait, WatchHub};
 
 /// What to lock: a key, and optionally a trace kept in the record and in the owner hash.
 ///
@@ -154,6 +155,11 @@ pub(crate) struct Inner {
     held_changed: Notify,
     next_id: AtomicU64,
     reporter_stopped: OnceCell<()>,
+    /// Wakes this locker's waiters of a key when one of its own locks on it is released.
+    local_releases: WatchHub,
+    /// The waiters of this locker, in line per key: only the first of each line tries the
+    /// store, so that many waiters on one key cost the store what one does.
+    lines: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Inner {
@@ -385,6 +391,8 @@ impl Locker {
                 held_changed: Notify::new(),
                 next_id: AtomicU64::new(0),
                 reporter_stopped: OnceCell::new(),
+                local_releases: WatchHub::new(),
+                lines: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -616,53 +624,202 @@ impl Locker {
         }
     }
 
-    /// Runs `job` under the lock, waiting for it: tries to acquire, and while someone else holds
-    /// it, retries every `recheck_delay` until `timeout` has passed (at least one try is made).
+    /// Acquires the lock, waiting while someone else holds it, as `wait` says: the one way
+    /// this library waits for a lock ([`mutex`](Self::mutex) and `locker run --wait` use it).
     ///
-    /// `timeout` bounds the wait for the holder, not the reporter's start: the first try waits
-    /// for the first liveness write as [`acquire`](Self::acquire) does (at once on a definite
-    /// failure, up to `reporter_start_timeout` for a store that does not answer). Call
-    /// [`ready`](Self::ready) at start-up to have that settled before the first job.
+    /// A waiter is woken by the store when the lock is released, on backends that can notify
+    /// ([`Capabilities::release_events`](crate::Capabilities::release_events): Redis
+    /// standalone, the in-memory store); tries again when the holder's liveness record would
+    /// expire (where the backend can tell, see
+    /// [`LockBackend::liveness_left`](crate::LockBackend::liveness_left)), so that a dead
+    /// holder's lock is taken over within about a liveness TTL; and otherwise polls with a
+    /// jittered exponential backoff (see [`Wait`]). A wake-up only leads to another acquire:
+    /// a lost notification costs latency, never safety.
+    ///
+    /// Waiters of one key in one locker wait in line: only the first tries the store, the
+    /// others wait for their turn, in order. So many waiters cost the store what one does, and
+    /// they get the lock in the order they came (across processes, whoever tries first after a
+    /// release wins).
+    ///
+    /// At least one try is made, even with a zero limit. The limit bounds the wait for the
+    /// holder; the first try also waits for the liveness reporter's first write, as
+    /// [`acquire`](Self::acquire) does.
+    ///
+    /// # Errors
+    /// [`ErrorKind::MutexTimeout`], with [`Error::holder`] naming who held the lock at the last
+    /// try, when the limit passed; [`ErrorKind::Draining`] or [`ErrorKind::Shutdown`] when the
+    /// locker stops taking work meanwhile (the wait ends at once); and every error of
+    /// [`acquire`](Self::acquire), at the first try that meets it (a store that fails while
+    /// a waiter waits ends the wait).
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: dropping the future while it waits leaves nothing behind; dropping it while
+    /// an acquire is in flight is handled as for [`acquire`](Self::acquire) (a lock stored with
+    /// no guard is released in the background).
+    ///
+    /// # Examples
+    /// ```
+    /// use std::time::Duration;
+    /// use locker_core::{ErrorKind, Locker, MemoryBackend, Wait};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), locker_core::Error> {
+    /// let store = MemoryBackend::new();
+    /// let (a, b) = (Locker::builder(store.clone()).build()?, Locker::builder(store).build()?);
+    ///
+    /// let guard = a.acquire_wait("report", Wait::up_to(Duration::from_secs(5))).await?;
+    /// let e = b.acquire_wait("report", Wait::up_to(Duration::from_millis(50))).await.unwrap_err();
+    /// assert_eq!(e.kind(), ErrorKind::MutexTimeout);
+    /// assert_eq!(e.holder().map(|h| h.owner_hash.as_str()), Some(guard.owner_hash()));
+    ///
+    /// // Woken by the release, not by a poll.
+    /// let waiter = tokio::spawn(async move { b.acquire_wait("report", Wait::forever()).await });
+    /// tokio::time::sleep(Duration::from_millis(20)).await;
+    /// guard.release().await?;
+    /// let guard = waiter.await.expect("waiter")?;
+    /// # guard.release().await?;
+    /// # a.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn acquire_wait(
+        &self,
+        request: impl Into<LockRequest>,
+        wait: Wait,
+    ) -> Result<LockGuard> {
+        let request = request.into();
+        validate_key(&request.key)?;
+        let inner = &self.inner;
+        let started = tokio::time::Instant::now();
+        let deadline = wait.limit().and_then(|limit| started.checked_add(limit));
+        let timed_out = |holder: LockData| {
+            let waited = wait.limit().unwrap_or_default();
+            Error::new(
+                ErrorKind::MutexTimeout,
+                format!(
+                    "{} still holds the lock after waiting {waited:?}",
+                    holder.owner_hash
+                ),
+            )
+            .with_key(request.key.clone())
+            .with_holder(holder)
+        };
+        let line = Line::join(inner, &request.key);
+        let turn = match deadline {
+            None => Some(line.turn().await),
+            Some(deadline) => tokio::time::timeout_at(deadline, line.turn()).await.ok(),
+        };
+        let Some(_turn) = turn else {
+            // The limit passed in line behind this locker's other waiters: one last try.
+            return match self.acquire(request.clone()).await? {
+                LockAttempt::Acquired(guard) => Ok(guard),
+                LockAttempt::Held(holder) => Err(timed_out(holder)),
+            };
+        };
+        let backend = inner.backend().await?;
+        let (mut local, _) = inner.local_releases.watch(&request.key);
+        let mut drain = inner.drain_signal();
+        let mut store: Option<ReleaseWatch> = None;
+        let mut subscribed_once = false;
+        let mut attempt = 0u32;
+        loop {
+            let holder = match self.acquire(request.clone()).await? {
+                LockAttempt::Acquired(guard) => return Ok(guard),
+                LockAttempt::Held(holder) => holder,
+            };
+            let now = tokio::time::Instant::now();
+            if deadline.is_some_and(|d| d <= now) {
+                return Err(timed_out(holder));
+            }
+            if store.is_none() && backend.capabilities().release_events {
+                match backend.watch_release(&request.key).await {
+                    Ok(watch) => store = watch,
+                    Err(e) => inner
+                        .events
+                        .emit(BackgroundSource::Wait, e.with_key(request.key.clone())),
+                }
+                // A release between the try and the subscription would go unseen: try again
+                // at once, once.
+                if store.is_some() && !subscribed_once {
+                    subscribed_once = true;
+                    continue;
+                }
+            }
+            let mut pause = wait.pause(attempt, inner.options.recheck_every, store.is_some());
+            attempt = attempt.saturating_add(1);
+            if !wait.has_custom_backoff()
+                && pause >= LIVENESS_LOOKUP_ABOVE
+                && *holder.process_hash != *inner.process_hash
+            {
+                // Try again when the holder would be found dead, if it stops reporting.
+                if let Ok(Some(left)) = backend.liveness_left(&holder.process_hash).await {
+                    pause = pause.min(left + LIVENESS_MARGIN);
+                }
+            }
+            let until = now + pause;
+            let until = deadline.map_or(until, |d| until.min(d));
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => {}
+                alive = async {
+                    match &mut store {
+                        Some(watch) => watch.released().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if !alive {
+                        // The backend's subscription ended: poll, and subscribe again later.
+                        store = None;
+                    }
+                }
+                _ = local.released() => {}
+                _ = drain.changed() => {}
+            }
+        }
+    }
+
+    /// Runs `job` under the lock, waiting for it as `wait` says (see
+    /// [`acquire_wait`](Self::acquire_wait)), and releases it when the job ends, as
+    /// [`acquire_and_run`](Self::acquire_and_run) does.
     ///
     /// # Errors
     /// [`ErrorKind::MutexTimeout`], with [`Error::holder`] naming who holds the lock, when the
-    /// timeout passes; and every error of [`acquire`](Self::acquire).
+    /// limit passes; and every error of [`acquire_wait`](Self::acquire_wait).
+    ///
+    /// # Cancel safety
+    /// Dropping the future while it waits leaves nothing behind; once the job runs, it drops
+    /// the job and releases the lock in the background.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::time::Duration;
+    /// use locker_core::{Locker, MemoryBackend, Wait};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), locker_core::Error> {
+    /// let locker = Locker::builder(MemoryBackend::new()).build()?;
+    /// let total = locker
+    ///     .mutex("ledger", Wait::up_to(Duration::from_secs(30)), |heartbeat| async move {
+    ///         heartbeat.beat()?;
+    ///         Ok::<_, locker_core::Error>(42)
+    ///     })
+    ///     .await??;
+    /// assert_eq!(total, 42);
+    /// # locker.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn mutex<F, Fut, T>(
         &self,
         request: impl Into<LockRequest>,
-        timeout: Duration,
-        recheck_delay: Duration,
+        wait: Wait,
         job: F,
     ) -> Result<T>
     where
         F: FnOnce(Heartbeat) -> Fut,
         Fut: Future<Output = T>,
     {
-        let request = request.into();
-        let clock = self.inner.clock;
-        let started = clock.now();
-        let elapsed = || Duration::from_nanos(clock.now().saturating_sub(started));
-        loop {
-            match self.acquire(request.clone()).await? {
-                LockAttempt::Acquired(guard) => return Ok(guard.run(job).await),
-                LockAttempt::Held(holder) => {
-                    if elapsed() >= timeout {
-                        return Err(Error::new(
-                            ErrorKind::MutexTimeout,
-                            format!(
-                                "{} still holds the lock after waiting {timeout:?}",
-                                holder.owner_hash
-                            ),
-                        )
-                        .with_key(request.key)
-                        .with_holder(holder));
-                    }
-                    // Never overrun the timeout by a whole delay, nor spin on a zero delay.
-                    let left = timeout.saturating_sub(elapsed());
-                    tokio::time::sleep(recheck_delay.min(left).max(Duration::from_millis(1))).await;
-                }
-            }
-        }
+        let guard = self.acquire_wait(request, wait).await?;
+        Ok(guard.run(job).await)
     }
 
     /// The record of the lock under `key` if a live process holds it; `None` when it may be
@@ -941,6 +1098,9 @@ impl LockGuard {
         )
         .await;
         handoff.armed = false;
+        if matches!(result, Ok(ReleaseOutcome::Released)) {
+            inner.local_releases.notify(&state.key);
+        }
         drop(self);
         result
     }
@@ -980,6 +1140,7 @@ impl LockGuard {
         match result {
             Ok(outcome) => {
                 handoff.armed = false;
+                inner.local_releases.notify(&state.key);
                 tracing::info!(key = %state.key, owner_hash = %state.owner_hash, ?outcome, "released lock");
             }
             Err(e) if e.is_retryable() => {
@@ -1128,6 +1289,48 @@ impl fmt::Debug for LockGuard {
             .field("owner_hash", &self.state.owner_hash)
             .field("fencing_token", &self.state.fencing_token)
             .finish()
+    }
+}
+
+/// Below this pause, a waiter does not ask for the holder's liveness record's TTL (the pause
+/// ends sooner than any liveness TTL anyway).
+const LIVENESS_LOOKUP_ABOVE: Duration = Duration::from_millis(100);
+
+/// How long after a holder's liveness record would expire a waiter tries again.
+const LIVENESS_MARGIN: Duration = Duration::from_millis(5);
+
+/// A place in this locker's line of waiters for a key; leaving it removes the line when it
+/// was the last place.
+struct Line<'a> {
+    inner: &'a Inner,
+    key: &'a str,
+    turns: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<'a> Line<'a> {
+    fn join(inner: &'a Inner, key: &'a str) -> Self {
+        let turns = match inner.lines.lock() {
+            Ok(mut lines) => lines.entry(key.to_owned()).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
+        Line { inner, key, turns }
+    }
+
+    /// Waits for this place's turn (first come, first served).
+    async fn turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.turns.lock().await
+    }
+}
+
+impl Drop for Line<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut lines) = self.inner.lines.lock() {
+            // Clones are made under this lock: two references (the map's and this one) mean
+            // nobody else is in line.
+            if Arc::strong_count(&self.turns) == 2 {
+                lines.remove(self.key);
+            }
+        }
     }
 }
 

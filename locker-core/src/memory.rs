@@ -13,6 +13,7 @@ use crate::backend::{
 };
 use crate::error::{Error, Result};
 use crate::record::{LockData, ProcessData};
+use crate::wait::{ReleaseWatch, WatchHub};
 
 /// An in-process lock store with TTLs and fencing tokens.
 ///
@@ -39,6 +40,10 @@ struct Shared {
     unavailable: AtomicBool,
     latency_nanos: AtomicU64,
     calls: Calls,
+    /// Wakes waiters of a released key (in-process: every handle shares it).
+    hub: WatchHub,
+    /// While `true`, releases wake nobody (a lost notification, for tests).
+    mute: AtomicBool,
 }
 
 #[derive(Default)]
@@ -65,6 +70,8 @@ struct Calls {
     read_many: AtomicU64,
     read_process: AtomicU64,
     forget_process: AtomicU64,
+    watch_release: AtomicU64,
+    liveness_left: AtomicU64,
 }
 
 /// How many times each [`MemoryBackend`] operation was called, over all handles.
@@ -89,6 +96,10 @@ pub struct CallCounts {
     pub read_process: u64,
     /// [`LockBackend::forget_process`] calls.
     pub forget_process: u64,
+    /// [`LockBackend::watch_release`] calls.
+    pub watch_release: u64,
+    /// [`LockBackend::liveness_left`] calls.
+    pub liveness_left: u64,
 }
 
 impl CallCounts {
@@ -124,6 +135,13 @@ impl MemoryBackend {
             tokio::time::sleep(Duration::from_nanos(nanos)).await;
         }
         result
+    }
+
+    /// While `true`, releases wake no waiter, as when a notification is lost or the lock was
+    /// released by a process that publishes nothing: waiters must find the lock free by
+    /// polling.
+    pub fn set_notifications_lost(&self, lost: bool) {
+        self.inner.mute.store(lost, Ordering::SeqCst);
     }
 
     /// Stores a raw value under a lock key, as a foreign writer could (for corruption tests).
@@ -178,6 +196,8 @@ impl MemoryBackend {
             read_many: get(&c.read_many),
             read_process: get(&c.read_process),
             forget_process: get(&c.forget_process),
+            watch_release: get(&c.watch_release),
+            liveness_left: get(&c.liveness_left),
         }
     }
 
@@ -305,6 +325,10 @@ impl MemoryBackend {
             return Ok(ReleaseOutcome::Held(current));
         }
         state.locks.remove(key);
+        drop(state);
+        if !self.inner.mute.load(Ordering::SeqCst) {
+            self.inner.hub.notify(key);
+        }
         Ok(ReleaseOutcome::Released)
     }
 
@@ -360,6 +384,18 @@ impl MemoryBackend {
         }
     }
 
+    fn liveness_left_now(&self, process_hash: &str) -> Result<Option<Duration>> {
+        let mut state = self.enter(|c| &c.liveness_left)?;
+        let now = Instant::now();
+        live(&mut state.processes, process_hash, now);
+        Ok(Some(
+            state
+                .processes
+                .get(process_hash)
+                .map_or(Duration::ZERO, |e| e.expires.saturating_duration_since(now)),
+        ))
+    }
+
     fn forget_process_now(&self, process_hash: &str) -> Result<()> {
         let mut state = self.enter(|c| &c.forget_process)?;
         state.processes.remove(process_hash);
@@ -374,6 +410,7 @@ impl LockBackend for MemoryBackend {
             fencing: true,
             shared_across_processes: false,
             atomic_take_over: true,
+            release_events: true,
             ..Capabilities::default()
         }
     }
@@ -426,6 +463,17 @@ impl LockBackend for MemoryBackend {
 
     async fn forget_process(&self, process_hash: &str) -> Result<()> {
         self.respond(self.forget_process_now(process_hash)).await
+    }
+
+    async fn watch_release(&self, key: &str) -> Result<Option<ReleaseWatch>> {
+        let watch = self
+            .enter(|c| &c.watch_release)
+            .map(|_| self.inner.hub.watch(key).0);
+        self.respond(watch.map(Some)).await
+    }
+
+    async fn liveness_left(&self, process_hash: &str) -> Result<Option<Duration>> {
+        self.respond(self.liveness_left_now(process_hash)).await
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use locker_core::{
     AcquireOutcome, BackgroundSource, ErrorKind, LockAttempt, LockBackend, LockData, LockGuard,
-    LockRequest, Locker, MemoryBackend, OwnerStatus, ReleaseOutcome, RunOutcome,
+    LockRequest, Locker, MemoryBackend, OwnerStatus, ReleaseOutcome, RunOutcome, Wait,
 };
 
 const REPORT: Duration = Duration::from_millis(40);
@@ -487,17 +487,12 @@ async fn mutex_never_overlaps(lockers: usize) {
             let (inside, runs) = (inside.clone(), runs.clone());
             tokio::spawn(async move {
                 locker
-                    .mutex(
-                        "m",
-                        Duration::from_secs(20),
-                        Duration::from_millis(5),
-                        |hb| async move {
-                            assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "overlap");
-                            hb.sleep(Duration::from_millis(i * 5)).await.expect("held");
-                            assert_eq!(inside.fetch_sub(1, Ordering::SeqCst), 1, "overlap");
-                            runs.fetch_add(1, Ordering::SeqCst);
-                        },
-                    )
+                    .mutex("m", Wait::up_to(Duration::from_secs(20)), |hb| async move {
+                        assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "overlap");
+                        hb.sleep(Duration::from_millis(i * 5)).await.expect("held");
+                        assert_eq!(inside.fetch_sub(1, Ordering::SeqCst), 1, "overlap");
+                        runs.fetch_add(1, Ordering::SeqCst);
+                    })
                     .await
             })
         })
@@ -527,12 +522,9 @@ async fn mutex_timeout_names_the_holder() {
     let (a, b) = (locker(&store), locker(&store));
     let guard = acquired(&a, "m").await;
     let e = b
-        .mutex(
-            "m",
-            Duration::from_millis(100),
-            Duration::from_millis(10),
-            |_| async { unreachable!("ran while held") },
-        )
+        .mutex("m", Wait::up_to(Duration::from_millis(100)), |_| async {
+            unreachable!("ran while held")
+        })
         .await
         .expect_err("timeout");
     assert_eq!(e.kind(), ErrorKind::MutexTimeout);

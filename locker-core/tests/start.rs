@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use locker_core::{
     factory_fn, Error, ErrorKind, LockAttempt, LockBackend, Locker, LockerBuilder, MemoryBackend,
+    Wait,
 };
 
 /// Far longer than any case may take: a call that returns within [`NOT_WAITED`] did not wait
@@ -73,12 +74,7 @@ async fn a_refused_connection_ends_the_start_at_once_and_stays_retryable() {
 
     let ran = quickly(
         "mutex",
-        locker.mutex(
-            "job",
-            Duration::ZERO,
-            Duration::from_millis(10),
-            |_| async {},
-        ),
+        locker.mutex("job", Wait::up_to(Duration::ZERO), |_| async {}),
     )
     .await;
     assert_eq!(ran.expect_err("never ran").kind(), ErrorKind::Unavailable);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use locker_core::Locker;
+use locker_core::{Locker, Wait};
 use locker_sqlite::SqliteConfig;
 
 const WORKERS: usize = 4;
@@ -83,8 +83,7 @@ fn worker(dir: &Path) -> ExitCode {
             let section = locker
                 .mutex(
                     "the-one-job",
-                    Duration::from_secs(120),
-                    Duration::from_millis(5),
+                    Wait::up_to(Duration::from_secs(120)),
                     |hb| async move {
                         if fs::File::create_new(&marker).is_err() {
                             eprintln!("worker {}: another process is inside", std::process::id());

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use locker_core::{
     ErrorKind, LockAttempt, LockData, LockGuard, LockRequest, Locker, OwnerStatus, ReleaseOutcome,
-    RunOutcome,
+    RunOutcome, Wait,
 };
 
 use crate::{Fixture, Verdict};
@@ -315,8 +315,7 @@ async fn mutex_never_overlaps(fx: &Fixture, lockers: usize) -> Verdict {
                 locker
                     .mutex(
                         key.as_str(),
-                        Duration::from_secs(60),
-                        Duration::from_millis(10),
+                        Wait::up_to(Duration::from_secs(60)),
                         |hb| async move {
                             assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "overlap");
                             hb.sleep(Duration::from_millis(u64::from(i) * 10))

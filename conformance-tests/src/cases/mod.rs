@@ -8,8 +8,10 @@ mod backend;
 mod faults;
 mod locker;
 mod safety;
+mod wait;
 
 pub use backend::*;
 pub use faults::*;
 pub use locker::*;
 pub use safety::*;
+pub use wait::*;
