@@ -36,6 +36,13 @@ pub(crate) trait Driver: Send + Sync + fmt::Debug + 'static {
     async fn mget(&self, keys: &[&str]) -> Result<Vec<Option<String>>>;
     async fn set_px(&self, key: &str, value: &str, ttl_ms: u64) -> Result<()>;
     async fn del(&self, key: &str) -> Result<()>;
+    /// `PTTL`: milliseconds left, -2 for no key, -1 for a key without expiry.
+    async fn pttl(&self, key: &str) -> Result<i64>;
+    /// Whether [`subscriber`](Self::subscriber) can open pub/sub connections (standalone
+    /// servers only).
+    fn can_subscribe(&self) -> bool;
+    /// A new pub/sub connection to the server; `None` when unsupported.
+    async fn subscriber(&self) -> Result<Option<Box<dyn crate::notify::Subscriber>>>;
     /// The largest `cluster-node-timeout` of the cluster's primaries; `None` for a standalone
     /// server, or when `CONFIG GET` is refused (managed services rename or deny it).
     async fn cluster_node_timeout(&self) -> Option<Duration>;
@@ -72,6 +79,8 @@ pub struct RedisBackend {
     /// liveness record; `None` on a cluster whose key prefix has no hash tag (a liveness key
     /// would then be on another slot than the lock).
     liveness_prefix: Option<String>,
+    /// Release notifications, started at the first wait (standalone servers).
+    notifier: std::sync::OnceLock<crate::notify::Notifier>,
 }
 
 impl RedisBackend {
@@ -111,6 +120,7 @@ impl RedisBackend {
             batcher,
             failover_time,
             liveness_prefix,
+            notifier: std::sync::OnceLock::new(),
         })
     }
 
@@ -324,6 +334,7 @@ impl LockBackend for RedisBackend {
         c.atomic_take_over = true;
         c.failover_time = self.failover_time;
         c.checked_acquire = self.liveness_prefix.is_some();
+        c.release_events = self.driver.can_subscribe();
         c
     }
 
@@ -495,6 +506,28 @@ impl LockBackend for RedisBackend {
         self.driver
             .del(&self.config.keys.process(process_hash))
             .await
+    }
+
+    async fn watch_release(&self, key: &str) -> Result<Option<locker_core::ReleaseWatch>> {
+        if !self.driver.can_subscribe() {
+            return Ok(None);
+        }
+        let notifier = self.notifier.get_or_init(|| {
+            crate::notify::Notifier::start(self.driver.clone(), self.config.command_timeout)
+        });
+        notifier.watch(&self.config.keys.lock(key)).await.map(Some)
+    }
+
+    async fn liveness_left(&self, process_hash: &str) -> Result<Option<Duration>> {
+        let ms = self
+            .driver
+            .pttl(&self.config.keys.process(process_hash))
+            .await?;
+        Ok(match ms {
+            // No record.
+            -2 => Some(Duration::ZERO),
+            ms => u64::try_from(ms).ok().map(Duration::from_millis),
+        })
     }
 }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use fred::prelude::{
     Builder, Client, ClientLike, ClusterInterface, Config, Error as FredError,
-    ErrorKind as FredKind, Expiration, KeysInterface, LuaInterface, ReconnectPolicy, Server,
-    ServerConfig,
+    ErrorKind as FredKind, EventInterface, Expiration, KeysInterface, LuaInterface,
+    PubsubInterface, ReconnectPolicy, Server, ServerConfig,
 };
 use fred::rustls::pki_types::pem::PemObject;
 use fred::rustls::pki_types::CertificateDer;
@@ -24,6 +24,8 @@ use crate::version;
 
 pub(crate) struct FredDriver {
     client: Client,
+    /// How long a new pub/sub connection may take; `None` on a cluster (no notifications).
+    pubsub_connect_timeout: Option<Duration>,
     /// Sources and SHA1s of the scripts, by `ScriptName::index`.
     scripts: Vec<(String, String)>,
     label: String,
@@ -123,10 +125,11 @@ impl FredDriver {
         }
         Ok(FredDriver {
             client,
+            pubsub_connect_timeout: (!config.is_cluster()).then_some(connect_timeout),
             scripts: ScriptName::ALL
                 .iter()
                 .map(|s| {
-                    let source = s.source();
+                    let source = s.source(!config.is_cluster());
                     let sha = fred::util::sha1_hash(&source);
                     (source, sha)
                 })
@@ -318,6 +321,81 @@ impl Driver for FredDriver {
     async fn del(&self, key: &str) -> Result<()> {
         let _: i64 = self.client.del(key).await.map_err(map_error)?;
         Ok(())
+    }
+
+    async fn pttl(&self, key: &str) -> Result<i64> {
+        self.client.pttl(key).await.map_err(map_error)
+    }
+
+    fn can_subscribe(&self) -> bool {
+        self.pubsub_connect_timeout.is_some()
+    }
+
+    async fn subscriber(&self) -> Result<Option<Box<dyn crate::notify::Subscriber>>> {
+        let Some(connect_timeout) = self.pubsub_connect_timeout else {
+            return Ok(None);
+        };
+        // A client of its own (same configuration): a connection that subscribed takes no
+        // other commands.
+        let client = self.client.clone_new();
+        let messages = client.message_rx();
+        let started = tokio::time::timeout(connect_timeout, client.init()).await;
+        let subscriber = FredSubscriber {
+            // After `init`, whose own connection counts as a reconnection.
+            reconnects: client.reconnect_rx(),
+            client,
+            messages,
+        };
+        match started {
+            Ok(Ok(_task)) => Ok(Some(Box::new(subscriber))),
+            Ok(Err(e)) => Err(map_error(e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("no pub/sub connection within {connect_timeout:?}"),
+            )),
+        }
+    }
+}
+
+/// A pub/sub connection of `fred`: a client of its own. A reconnection (fred makes them by
+/// itself) drops its subscriptions, so it ends this connection as far as the notifier is
+/// concerned, which then subscribes again.
+struct FredSubscriber {
+    client: Client,
+    messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
+    reconnects: tokio::sync::broadcast::Receiver<Server>,
+}
+
+#[async_trait]
+impl crate::notify::Subscriber for FredSubscriber {
+    async fn subscribe(&mut self, channel: &str) -> Result<()> {
+        self.client.subscribe(channel).await.map_err(map_error)
+    }
+
+    async fn unsubscribe(&mut self, channel: &str) -> Result<()> {
+        self.client.unsubscribe(channel).await.map_err(map_error)
+    }
+
+    async fn next_message(&mut self) -> Option<String> {
+        tokio::select! {
+            message = self.messages.recv() => match message {
+                Ok(message) => Some(message.channel.to_string()),
+                // Lagged (messages were lost) or closed: subscribe again and wake everyone.
+                Err(_) => None,
+            },
+            _ = self.reconnects.recv() => None,
+        }
+    }
+}
+
+impl Drop for FredSubscriber {
+    fn drop(&mut self) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let client = self.client.clone();
+            runtime.spawn(async move {
+                let _ = client.quit().await;
+            });
+        }
     }
 }
 

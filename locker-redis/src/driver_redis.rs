@@ -16,6 +16,7 @@ use redis::{
 
 use crate::backend::Driver;
 use crate::config::{RedisConfig, Topology, WaitForReplicas};
+use crate::notify::Subscriber;
 use crate::scripts::ScriptName;
 use crate::version;
 
@@ -27,6 +28,8 @@ enum Conn {
 
 pub(crate) struct RedisDriver {
     conn: Conn,
+    /// Opens pub/sub connections (standalone servers).
+    pubsub: Option<(redis::Client, Duration)>,
     /// Sources and SHA1s of the scripts, by `ScriptName::index`.
     scripts: Vec<(String, String)>,
     label: String,
@@ -71,6 +74,7 @@ impl RedisDriver {
                         None => redis::Client::open(info),
                     }
                     .map_err(map_error)?;
+                    let pubsub = Some((client.clone(), config.connect_timeout));
                     let manager_config = redis::aio::ConnectionManagerConfig::new()
                         .set_connection_timeout(Some(config.connect_timeout))
                         .set_response_timeout(Some(config.command_timeout))
@@ -79,7 +83,7 @@ impl RedisDriver {
                         .await
                         .map_err(map_error)?;
                     check_standalone_version(&mut manager, &config.redacted_url()).await?;
-                    Ok(Conn::Standalone(manager))
+                    Ok((Conn::Standalone(manager), pubsub))
                 }
                 Topology::Cluster { nodes } => {
                     let nodes: Vec<_> = nodes
@@ -118,12 +122,12 @@ impl RedisDriver {
                     let client = builder.build().map_err(map_error)?;
                     let mut conn = client.get_async_connection().await.map_err(map_error)?;
                     check_cluster_versions(&mut conn).await?;
-                    Ok(Conn::Cluster(conn))
+                    Ok((Conn::Cluster(conn), None))
                 }
             }
         };
         // Bound the whole connect, retries included.
-        let conn = tokio::time::timeout(config.connect_timeout * 3, connect)
+        let (conn, pubsub) = tokio::time::timeout(config.connect_timeout * 3, connect)
             .await
             .map_err(|_| {
                 Error::new(
@@ -136,10 +140,11 @@ impl RedisDriver {
             })??;
         Ok(RedisDriver {
             conn,
+            pubsub,
             scripts: ScriptName::ALL
                 .iter()
                 .map(|s| {
-                    let source = s.source();
+                    let source = s.source(!config.is_cluster());
                     let sha = Script::new(&source).get_hash().to_owned();
                     (source, sha)
                 })
@@ -316,6 +321,58 @@ impl Driver for RedisDriver {
             Conn::Cluster(mut c) => c.del(key).await,
         };
         result.map_err(map_error)
+    }
+
+    async fn pttl(&self, key: &str) -> Result<i64> {
+        let mut cmd = redis::cmd("PTTL");
+        cmd.arg(key);
+        self.query(&cmd).await.map_err(map_error)
+    }
+
+    fn can_subscribe(&self) -> bool {
+        self.pubsub.is_some()
+    }
+
+    async fn subscriber(&self) -> Result<Option<Box<dyn Subscriber>>> {
+        let Some((client, connect_timeout)) = &self.pubsub else {
+            return Ok(None);
+        };
+        let pubsub = tokio::time::timeout(*connect_timeout, client.get_async_pubsub())
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!("no pub/sub connection within {connect_timeout:?}"),
+                )
+            })?
+            .map_err(map_error)?;
+        let (sink, stream) = pubsub.split();
+        Ok(Some(Box::new(RedisSubscriber { sink, stream })))
+    }
+}
+
+/// A pub/sub connection of the `redis` crate.
+struct RedisSubscriber {
+    sink: redis::aio::PubSubSink,
+    stream: redis::aio::PubSubStream,
+}
+
+#[async_trait]
+impl Subscriber for RedisSubscriber {
+    async fn subscribe(&mut self, channel: &str) -> Result<()> {
+        self.sink.subscribe(channel).await.map_err(map_error)
+    }
+
+    async fn unsubscribe(&mut self, channel: &str) -> Result<()> {
+        self.sink.unsubscribe(channel).await.map_err(map_error)
+    }
+
+    async fn next_message(&mut self) -> Option<String> {
+        use futures::StreamExt;
+        self.stream
+            .next()
+            .await
+            .map(|message| message.get_channel_name().to_owned())
     }
 }
 

@@ -13,6 +13,7 @@ mod driver_fred;
 #[cfg(feature = "redis")]
 mod driver_redis;
 mod keys;
+mod notify;
 mod scripts;
 #[cfg(feature = "redis")]
 mod tls;

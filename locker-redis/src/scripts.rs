@@ -44,7 +44,9 @@ use locker_core::{Error, ErrorKind, LockData, Result};
 /// - `take_over(lk, fk, rec, ttl, dead, prefix)`: stores `rec` if the key is free or `dead`'s.
 /// - `extend(lk, fk, rec, ttl, owner, prefix)`: rewrites `owner`'s record with `rec` (open at
 ///   its end, no token) and keeps the stored token (`EXTENDED`, token or empty).
-/// - `release(lk, fk, owner, prefix)`: deletes `owner`'s record (`RELEASED`).
+/// - `release(lk, fk, owner, prefix)`: deletes `owner`'s record (`RELEASED`), and when the
+///   script was made with `NOTIFY` (a standalone server), publishes an empty message on the
+///   channel named as the lock key, to wake waiters (see `notify`).
 const OWNED: &str = r#"
 local function owned(cur, owner, prefix)
   if string.sub(cur, 1, #prefix) == prefix and string.byte(cur, -1) == 125 then return true end
@@ -134,6 +136,7 @@ local function release(lk, fk, owner, prefix)
   if o == nil then return 'CORRUPT', cur end
   if not o then return 'HELD', cur end
   redis.call('DEL', lk)
+  if NOTIFY then redis.call('PUBLISH', lk, '') end
   return 'RELEASED'
 end
 "#;
@@ -142,9 +145,9 @@ end
 /// every call of the script, so a script carries no more than it calls), then a call of the
 /// last with the script's keys (lock, counter; the lock twice for extend and release) and
 /// arguments (up to four).
-fn single(functions: &[&str], function: &str) -> String {
+fn single(functions: &[&str], function: &str, notify: bool) -> String {
     format!(
-        "{}\nlocal s, a, b = {function}(KEYS[1], KEYS[2] or KEYS[1], ARGV[1], ARGV[2], \
+        "local NOTIFY = {notify}\n{}\nlocal s, a, b = {function}(KEYS[1], KEYS[2] or KEYS[1], ARGV[1], ARGV[2], \
          ARGV[3] or '', ARGV[4] or '')\nreturn {{s, a or '', b or ''}}\n",
         functions.concat()
     )
@@ -158,9 +161,10 @@ fn single(functions: &[&str], function: &str) -> String {
 /// go on: no operation writes before the command that
 /// can fail it, so nothing of it was stored, and the client sends it again alone to get its
 /// error.
-fn batch() -> String {
+fn batch(notify: bool) -> String {
     format!(
-        r#"{OWNED}{CREATE}{ACQUIRE}{TAKE_OVER}{EXTEND}{RELEASE}
+        r#"local NOTIFY = {notify}
+{OWNED}{CREATE}{ACQUIRE}{TAKE_OVER}{EXTEND}{RELEASE}
 local ops = {{A = acquire, T = take_over, E = extend, R = release}}
 local out = {{}}
 for k = 0, #KEYS / 2 - 1 do
@@ -201,13 +205,15 @@ impl ScriptName {
         ScriptName::Batch,
     ];
 
-    pub(crate) fn source(self) -> String {
+    /// The script's text; with `notify`, a release publishes on the lock key's channel
+    /// (standalone servers only: on a cluster a `PUBLISH` goes to every node).
+    pub(crate) fn source(self, notify: bool) -> String {
         match self {
-            ScriptName::Acquire => single(&[CREATE, ACQUIRE], "acquire"),
-            ScriptName::TakeOver => single(&[OWNED, CREATE, TAKE_OVER], "take_over"),
-            ScriptName::Extend => single(&[OWNED, EXTEND], "extend"),
-            ScriptName::Release => single(&[OWNED, RELEASE], "release"),
-            ScriptName::Batch => batch(),
+            ScriptName::Acquire => single(&[CREATE, ACQUIRE], "acquire", notify),
+            ScriptName::TakeOver => single(&[OWNED, CREATE, TAKE_OVER], "take_over", notify),
+            ScriptName::Extend => single(&[OWNED, EXTEND], "extend", notify),
+            ScriptName::Release => single(&[OWNED, RELEASE], "release", notify),
+            ScriptName::Batch => batch(notify),
         }
     }
 
@@ -357,9 +363,12 @@ mod tests {
     #[test]
     fn scripts_close_their_braces() {
         for name in ScriptName::ALL {
-            let src = name.source();
-            assert!(!src.contains("{{"), "{name:?}: unescaped format braces");
-            assert!(src.contains("return"), "{name:?}");
+            for notify in [false, true] {
+                let src = name.source(notify);
+                assert!(!src.contains("{{"), "{name:?}: unescaped format braces");
+                assert!(src.contains("return"), "{name:?}");
+                assert!(src.starts_with(&format!("local NOTIFY = {notify}\n")));
+            }
         }
     }
 }

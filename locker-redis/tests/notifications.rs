@@ -1,0 +1,165 @@
+//! Release notifications on a standalone server, both clients: a release publishes on the lock
+//! key's channel and wakes a waiter; a broken pub/sub connection is made again (and its waiters
+//! woken); a release that publishes nothing (a Node worker's, or a raw `DEL`) is found by the
+//! fallback poll.
+
+use std::time::Duration;
+
+use locker_conformance::servers::{self, ServerKind};
+use locker_core::{LockAttempt, LockBackend, LockGuard, Locker, Wait};
+use locker_redis::{ClientLibrary, RedisBackend, RedisConfig};
+
+/// A test that waits this long has failed.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn config(client: ClientLibrary) -> RedisConfig {
+    let server = servers::shared(ServerKind::Redis).unwrap_or_else(|e| panic!("{e}"));
+    RedisConfig::from_url(server.url())
+        .expect("url")
+        .into_builder()
+        .client(client)
+        .key_prefix("notify:")
+        .build()
+        .expect("config")
+}
+
+fn locker(config: &RedisConfig, recheck_every: Duration) -> Locker {
+    Locker::builder(config.clone())
+        .recheck_every(recheck_every)
+        .build()
+        .expect("locker")
+}
+
+async fn acquired(locker: &Locker, key: &str) -> LockGuard {
+    match locker.acquire(key).await.expect("acquire") {
+        LockAttempt::Acquired(guard) => guard,
+        LockAttempt::Held(holder) => panic!("{key} is held by {}", holder.owner_hash),
+    }
+}
+
+fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{name}-{nanos}")
+}
+
+async fn redis_cli() -> redis::aio::MultiplexedConnection {
+    let server = servers::shared(ServerKind::Redis).unwrap_or_else(|e| panic!("{e}"));
+    redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+/// Kills the server's pub/sub connections; the notifier opens a new one, subscribes again and
+/// wakes its waiters, so a release after that still wakes a waiter that never polls.
+async fn a_broken_subscription_is_made_again(client: ClientLibrary) {
+    let config = config(client);
+    assert!(RedisBackend::connect(&config)
+        .await
+        .expect("connect")
+        .capabilities()
+        .release_events);
+    let (a, b) = (
+        locker(&config, Duration::from_secs(5)),
+        locker(&config, Duration::from_secs(5)),
+    );
+    let key = unique("broken");
+    let guard = acquired(&a, &key).await;
+    let waiter = tokio::spawn({
+        let (b, key) = (b.clone(), key.clone());
+        async move {
+            b.acquire_wait(
+                key.as_str(),
+                Wait::forever().backoff(|_| Duration::from_secs(3600)),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut redis = redis_cli().await;
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut redis)
+        .await
+        .expect("client kill");
+    assert!(killed >= 1, "no pub/sub connection to kill");
+    // The notifier reconnects within a second or two.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!waiter.is_finished(), "acquired a held lock");
+    let _ = guard.release().await.expect("release");
+    let got = tokio::time::timeout(PATIENCE, waiter)
+        .await
+        .expect("woken after the pub/sub connection was made again")
+        .expect("task")
+        .expect("acquire_wait");
+    let _ = got.release().await.expect("release");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A lock deleted by a process that publishes nothing (as a Node worker's release) is found by
+/// the fallback poll, every `recheck_every`.
+async fn a_silent_release_is_found_by_the_poll(client: ClientLibrary) {
+    let config = config(client);
+    let (a, b) = (
+        locker(&config, Duration::from_millis(200)),
+        locker(&config, Duration::from_millis(200)),
+    );
+    let key = unique("silent");
+    let guard = acquired(&a, &key).await;
+    let lock_key = RedisBackend::connect(&config)
+        .await
+        .expect("connect")
+        .lock_key(&key);
+    let waiter = tokio::spawn({
+        let (b, key) = (b.clone(), key.clone());
+        async move { b.acquire_wait(key.as_str(), Wait::forever()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut redis = redis_cli().await;
+    let deleted: u64 = redis::cmd("DEL")
+        .arg(&lock_key)
+        .query_async(&mut redis)
+        .await
+        .expect("del");
+    assert_eq!(deleted, 1);
+    let got = tokio::time::timeout(PATIENCE, waiter)
+        .await
+        .expect("found by the fallback poll")
+        .expect("task")
+        .expect("acquire_wait");
+    drop(guard);
+    let _ = got.release().await.expect("release");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rs_makes_a_broken_subscription_again() {
+    a_broken_subscription_is_made_again(ClientLibrary::Redis).await;
+}
+
+#[cfg(feature = "fred")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fred_makes_a_broken_subscription_again() {
+    a_broken_subscription_is_made_again(ClientLibrary::Fred).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rs_finds_a_silent_release_by_polling() {
+    a_silent_release_is_found_by_the_poll(ClientLibrary::Redis).await;
+}
+
+#[cfg(feature = "fred")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fred_finds_a_silent_release_by_polling() {
+    a_silent_release_is_found_by_the_poll(ClientLibrary::Fred).await;
+}
