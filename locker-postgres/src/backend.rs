@@ -103,6 +103,18 @@ const RELEASE: &str = "WITH del AS (
     SELECT false, fencing_token, record, owner_hash FROM {locks}
         WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM del)";
 
+/// [`RELEASE`], and a notification to waiters when the lock was deleted (`pg_notify` runs once
+/// per deleted row, and is sent at commit).
+const RELEASE_NOTIFY: &str = "WITH del AS (
+        DELETE FROM {locks} WHERE key = $1 AND owner_hash = $2 AND expires_at > now()
+        RETURNING fencing_token, record, owner_hash
+    )
+    SELECT true AS won, fencing_token, record, owner_hash
+        FROM del CROSS JOIN LATERAL (SELECT pg_notify('distributed_locker_released', $1)) AS n
+    UNION ALL
+    SELECT false, fencing_token, record, owner_hash FROM {locks}
+        WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM del)";
+
 const READ: &str =
     "SELECT fencing_token, record FROM {locks} WHERE key = $1 AND expires_at > now()";
 
@@ -134,6 +146,11 @@ const READ_PROCESS: &str =
 
 const FORGET_PROCESS: &str = "DELETE FROM {processes} WHERE process_hash = $1";
 
+/// Milliseconds left of a liveness record (no row: none).
+const LIVENESS_LEFT: &str =
+    "SELECT GREATEST(0, EXTRACT(EPOCH FROM (expires_at - now())) * 1000)::float8 \
+     AS ms FROM {processes} WHERE process_hash = $1";
+
 /// For tests and tools: store any record text under a key.
 const PUT_RAW: &str = concat!(
     "WITH ",
@@ -161,21 +178,23 @@ struct Statements {
     ping: String,
     read_process: String,
     forget_process: String,
+    liveness_left: String,
     put_raw: String,
     get_raw: String,
 }
 
 impl Statements {
-    fn new(tables: &Tables) -> Self {
+    fn new(tables: &Tables, notify: bool) -> Self {
         Statements {
             acquire: tables.render(ACQUIRE),
             extend: tables.render(EXTEND),
-            release: tables.render(RELEASE),
+            release: tables.render(if notify { RELEASE_NOTIFY } else { RELEASE }),
             read: tables.render(READ),
             read_many: tables.render(READ_MANY),
             ping: tables.render(PING),
             read_process: tables.render(READ_PROCESS),
             forget_process: tables.render(FORGET_PROCESS),
+            liveness_left: tables.render(LIVENESS_LEFT),
             put_raw: tables.render(PUT_RAW),
             get_raw: tables.render(GET_RAW),
         }
@@ -188,6 +207,8 @@ pub struct PostgresBackend {
     config: PostgresConfig,
     pool: PgPool,
     sql: Statements,
+    /// Release notifications, started at the first wait.
+    notifier: std::sync::OnceLock<crate::notify::Notifier>,
 }
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
@@ -265,9 +286,10 @@ impl PostgresBackend {
                 .map_err(map_error)?;
         }
         Ok(PostgresBackend {
-            sql: Statements::new(&config.tables),
+            sql: Statements::new(&config.tables, config.release_events),
             config: config.clone(),
             pool,
+            notifier: std::sync::OnceLock::new(),
         })
     }
 
@@ -411,6 +433,7 @@ impl LockBackend for PostgresBackend {
         c.shared_across_processes = true;
         c.atomic_take_over = true;
         c.max_key_len = Some(MAX_KEY_LEN);
+        c.release_events = self.config.release_events;
         c
     }
 
@@ -556,6 +579,34 @@ impl LockBackend for PostgresBackend {
         .await?;
         Ok(())
     }
+
+    async fn watch_release(&self, key: &str) -> Result<Option<locker_core::ReleaseWatch>> {
+        if !self.config.release_events {
+            return Ok(None);
+        }
+        let notifier = self.notifier.get_or_init(|| {
+            crate::notify::Notifier::start(self.pool.clone(), self.config.command_timeout)
+        });
+        Ok(notifier.watch(key).await)
+    }
+
+    async fn liveness_left(&self, process_hash: &str) -> Result<Option<Duration>> {
+        let row = self
+            .timed(
+                sqlx::query(&self.sql.liveness_left)
+                    .bind(process_hash)
+                    .persistent(false)
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
+        let ms: f64 = match row {
+            None => return Ok(Some(Duration::ZERO)),
+            Some(row) => row.try_get("ms").map_err(map_error)?,
+        };
+        Ok(Some(
+            Duration::try_from_secs_f64(ms / 1000.0).unwrap_or_default(),
+        ))
+    }
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -571,5 +622,16 @@ impl fmt::Debug for PostgresBackend {
 impl BackendFactory for PostgresConfig {
     async fn connect(&self) -> Result<Arc<dyn LockBackend>> {
         Ok(Arc::new(PostgresBackend::connect(self).await?))
+    }
+}
+
+#[cfg(test)]
+mod statement_tests {
+    use super::*;
+
+    #[test]
+    fn the_release_notifies_on_the_listened_channel() {
+        assert!(RELEASE_NOTIFY.contains(&format!("pg_notify('{}', $1)", crate::notify::CHANNEL)));
+        assert!(!RELEASE.contains("pg_notify"));
     }
 }

@@ -49,6 +49,7 @@ pub struct PostgresConfig {
     pub(crate) max_connections: u32,
     pub(crate) connect_timeout: Duration,
     pub(crate) command_timeout: Duration,
+    pub(crate) release_events: bool,
 }
 
 /// The libpq-style parameters sqlx's `PgConnectOptions` reads (sqlx-postgres 0.8,
@@ -137,36 +138,41 @@ impl PostgresConfig {
         let pairs: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
         for (name, value) in pairs {
             let duration = || duration(&name, &value).map_err(bad);
-            builder = match name.as_str() {
-                "max_connections" | "pool_max_connections" => builder.max_connections(
-                    value
-                        .parse()
-                        .map_err(|_| bad(format!("{name} {value:?} is not a number")))?,
-                ),
-                "connect_timeout" => builder.connect_timeout(duration()?),
-                "command_timeout" => builder.command_timeout(duration()?),
-                "schema" => builder.schema(value),
-                "table_prefix" => builder.table_prefix(value),
-                "migrate" => builder.migrate(
-                    value
-                        .parse()
-                        .map_err(|_| bad(format!("migrate {value:?} is not true or false")))?,
-                ),
-                sqlx if SQLX_PARAMETERS.contains(&sqlx)
-                    || (sqlx.starts_with("options[") && sqlx.ends_with(']')) =>
-                {
-                    passthrough.push((name, value));
-                    builder
-                }
-                other => {
-                    return Err(bad(format!(
-                        "unknown parameter {other:?} (this crate's: schema, table_prefix, \
-                         migrate, max_connections, connect_timeout, command_timeout; sqlx's: {}, \
+            builder =
+                match name.as_str() {
+                    "max_connections" | "pool_max_connections" => builder.max_connections(
+                        value
+                            .parse()
+                            .map_err(|_| bad(format!("{name} {value:?} is not a number")))?,
+                    ),
+                    "connect_timeout" => builder.connect_timeout(duration()?),
+                    "command_timeout" => builder.command_timeout(duration()?),
+                    "schema" => builder.schema(value),
+                    "table_prefix" => builder.table_prefix(value),
+                    "migrate" => builder.migrate(
+                        value
+                            .parse()
+                            .map_err(|_| bad(format!("migrate {value:?} is not true or false")))?,
+                    ),
+                    "release_events" => builder.release_events(value.parse().map_err(|_| {
+                        bad(format!("release_events {value:?} is not true or false"))
+                    })?),
+                    sqlx if SQLX_PARAMETERS.contains(&sqlx)
+                        || (sqlx.starts_with("options[") && sqlx.ends_with(']')) =>
+                    {
+                        passthrough.push((name, value));
+                        builder
+                    }
+                    other => {
+                        return Err(bad(format!(
+                            "unknown parameter {other:?} (this crate's: schema, table_prefix, \
+                         migrate, max_connections, connect_timeout, command_timeout, \
+                         release_events; sqlx's: {}, \
                          options[name]; see the table of `locker::connect`)",
-                        SQLX_PARAMETERS.join(", ")
-                    )))
-                }
-            };
+                            SQLX_PARAMETERS.join(", ")
+                        )))
+                    }
+                };
         }
         if passthrough.is_empty() {
             parsed.set_query(None);
@@ -242,6 +248,7 @@ impl PostgresConfig {
             max_connections: self.max_connections,
             connect_timeout: self.connect_timeout,
             command_timeout: self.command_timeout,
+            release_events: self.release_events,
         }
     }
 
@@ -300,6 +307,7 @@ pub struct PostgresConfigBuilder {
     max_connections: u32,
     connect_timeout: Duration,
     command_timeout: Duration,
+    release_events: bool,
 }
 
 impl Default for PostgresConfigBuilder {
@@ -309,6 +317,7 @@ impl Default for PostgresConfigBuilder {
             schema: None,
             table_prefix: "locker_".to_owned(),
             migrate: true,
+            release_events: true,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
@@ -338,6 +347,16 @@ impl PostgresConfigBuilder {
     /// Whether connecting creates or upgrades the tables (`true` by default).
     pub fn migrate(mut self, migrate: bool) -> Self {
         self.migrate = migrate;
+        self
+    }
+
+    /// Whether waiters are woken by `LISTEN`/`NOTIFY` (`true` by default; URL parameter
+    /// `release_events`). Behind a transaction-mode pooler (PgBouncer's `pool_mode =
+    /// transaction`) a `LISTEN` is lost with its transaction: the backend finds that out by
+    /// itself (a probe notification that never arrives) and polls, but `false` saves the probe
+    /// and its wait.
+    pub fn release_events(mut self, on: bool) -> Self {
+        self.release_events = on;
         self
     }
 
@@ -379,6 +398,7 @@ impl PostgresConfigBuilder {
             max_connections: self.max_connections,
             connect_timeout: self.connect_timeout,
             command_timeout: self.command_timeout,
+            release_events: self.release_events,
         })
     }
 }

@@ -6,6 +6,7 @@ mod backend;
 mod config;
 mod error;
 pub mod migrations;
+mod notify;
 
 pub use backend::{PostgresBackend, MAX_KEY_LEN};
 pub use config::{

@@ -58,11 +58,13 @@ async fn redis_cli() -> redis::aio::MultiplexedConnection {
 /// wakes its waiters, so a release after that still wakes a waiter that never polls.
 async fn a_broken_subscription_is_made_again(client: ClientLibrary) {
     let config = config(client);
-    assert!(RedisBackend::connect(&config)
-        .await
-        .expect("connect")
-        .capabilities()
-        .release_events);
+    assert!(
+        RedisBackend::connect(&config)
+            .await
+            .expect("connect")
+            .capabilities()
+            .release_events
+    );
     let (a, b) = (
         locker(&config, Duration::from_secs(5)),
         locker(&config, Duration::from_secs(5)),
