@@ -719,7 +719,10 @@ impl Locker {
         let backend = inner.backend().await?;
         let (mut local, _) = inner.local_releases.watch(&request.key);
         let mut drain = inner.drain_signal();
+        let events = backend.capabilities().release_events;
         let mut store: Option<ReleaseWatch> = None;
+        // Backends without release events may still wake waiters of their own process.
+        let mut can_watch = true;
         let mut subscribed_once = false;
         let mut attempt = 0u32;
         loop {
@@ -731,9 +734,10 @@ impl Locker {
             if deadline.is_some_and(|d| d <= now) {
                 return Err(timed_out(holder));
             }
-            if store.is_none() && backend.capabilities().release_events {
+            if store.is_none() && can_watch {
                 match backend.watch_release(&request.key).await {
-                    Ok(watch) => store = watch,
+                    Ok(Some(watch)) => store = Some(watch),
+                    Ok(None) => can_watch = false,
                     Err(e) => inner
                         .events
                         .emit(BackgroundSource::Wait, e.with_key(request.key.clone())),
@@ -745,7 +749,11 @@ impl Locker {
                     continue;
                 }
             }
-            let mut pause = wait.pause(attempt, inner.options.recheck_every, store.is_some());
+            let mut pause = wait.pause(
+                attempt,
+                inner.options.recheck_every,
+                events && store.is_some(),
+            );
             attempt = attempt.saturating_add(1);
             if !wait.has_custom_backoff()
                 && pause >= LIVENESS_LOOKUP_ABOVE

@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetResponse, KeyValue, PutOptions,
-    TlsOptions, Txn, TxnOp, TxnOpResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetResponse, KeyValue,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,
 };
 use locker_core::{
     is_definite_io_error, validate_key, AcquireOutcome, BackendFactory, Capabilities, Error,
@@ -352,6 +352,7 @@ impl LockBackend for EtcdBackend {
         c.ttl_granularity = Duration::from_secs(1);
         c.shared_across_processes = true;
         c.atomic_take_over = false;
+        c.release_events = true;
         c
     }
 
@@ -546,6 +547,67 @@ impl LockBackend for EtcdBackend {
             }
             None => Ok(None),
         }
+    }
+
+    /// A watch of the lock key's deletions (a release, a takeover's delete, the expiry of the
+    /// lock's lease), on a watch stream of its own, kept by a task until the watch is dropped.
+    async fn watch_release(&self, key: &str) -> Result<Option<locker_core::ReleaseWatch>> {
+        validate_key(key)?;
+        let full = self.lock_key(key);
+        let options = WatchOptions::new().with_filters([WatchFilterType::NoPut]);
+        let (watcher, mut stream) = self
+            .call(|mut c| {
+                let (full, options) = (full.clone(), options.clone());
+                async move { c.watch(full, Some(options)).await }
+            })
+            .await?;
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(async move {
+            // Owned by the task: dropping it would cancel the watch.
+            let _watcher = watcher;
+            loop {
+                tokio::select! {
+                    () = tx.closed() => return,
+                    message = stream.message() => match message {
+                        Ok(Some(response)) => {
+                            if response.canceled() {
+                                return;
+                            }
+                            if response
+                                .events()
+                                .iter()
+                                .any(|e| e.event_type() == EventType::Delete)
+                            {
+                                tx.send_modify(|n| *n = n.wrapping_add(1));
+                            }
+                        }
+                        // The stream ended or broke: the watch ends, and the waiter polls (and
+                        // watches again at its next round).
+                        Ok(None) | Err(_) => return,
+                    },
+                }
+            }
+        });
+        Ok(Some(locker_core::ReleaseWatch::from_receiver(rx)))
+    }
+
+    async fn liveness_left(&self, process_hash: &str) -> Result<Option<Duration>> {
+        let Some(kv) = self.get(&self.process_key(process_hash)).await? else {
+            return Ok(Some(Duration::ZERO));
+        };
+        let lease = kv.lease();
+        if lease == 0 {
+            return Ok(None);
+        }
+        let left = self
+            .call(|mut c| async move { c.lease_time_to_live(lease, None).await })
+            .await?
+            .ttl();
+        // "The lease will expire in under TTL + 1 seconds"; -1 when it is gone.
+        Ok(Some(match u64::try_from(left) {
+            Ok(secs) => Duration::from_secs(secs + 1),
+            Err(_) => Duration::ZERO,
+        }))
     }
 
     async fn forget_process(&self, process_hash: &str) -> Result<()> {

@@ -587,7 +587,7 @@ impl LockBackend for PostgresBackend {
         let notifier = self.notifier.get_or_init(|| {
             crate::notify::Notifier::start(self.pool.clone(), self.config.command_timeout)
         });
-        Ok(notifier.watch(key).await)
+        notifier.watch(key).await
     }
 
     async fn liveness_left(&self, process_hash: &str) -> Result<Option<Duration>> {

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use locker_core::{ReleaseWatch, WatchHub};
+use locker_core::{Error, ReleaseWatch, Result, WatchHub};
 use sqlx::postgres::{PgListener, PgPool};
 use tokio::sync::{oneshot, watch};
 
@@ -50,17 +50,22 @@ impl Notifier {
         }
     }
 
-    /// A watch of `key`, once the listener listens; `None` when it does not (the waiter polls).
-    pub(crate) async fn watch(&self, key: &str) -> Option<ReleaseWatch> {
+    /// A watch of `key`, once the listener listens; `None` when notifications never arrive
+    /// (the waiter polls), an error while the listener cannot connect (the waiter polls and
+    /// asks again later).
+    pub(crate) async fn watch(&self, key: &str) -> Result<Option<ReleaseWatch>> {
         let mut state = self.state.clone();
         let started = tokio::time::timeout(
             self.wait_for_start,
             state.wait_for(|s| *s != State::Starting),
         )
         .await;
-        match started {
-            Ok(Ok(s)) if *s == State::Listening => Some(self.hub.watch(key).0),
-            _ => None,
+        match started.as_ref().map(|s| s.as_deref().copied()) {
+            Ok(Ok(State::Listening)) => Ok(Some(self.hub.watch(key).0)),
+            Ok(Ok(State::Off)) => Ok(None),
+            _ => Err(Error::unavailable(
+                "the listener for release notifications is not connected; polling",
+            )),
         }
     }
 }
@@ -123,7 +128,7 @@ async fn listen(
     pool: &PgPool,
     hub: &WatchHub,
     timeout: Duration,
-) -> Result<Option<PgListener>, sqlx::Error> {
+) -> std::result::Result<Option<PgListener>, sqlx::Error> {
     let bounded = |e: tokio::time::error::Elapsed| sqlx::Error::Io(std::io::Error::other(e));
     let mut listener = tokio::time::timeout(timeout, PgListener::connect_with(pool))
         .await

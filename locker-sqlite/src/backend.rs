@@ -4,7 +4,9 @@
 //! released row keeps its token (it is only marked expired) until the cleanup deletes it a
 //! minute later, by which time the clock floor is far above it; so tokens strictly increase.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use locker_core::{
     validate_key, AcquireOutcome, BackendFactory, Capabilities, Error, ErrorKind, ExtendOutcome,
-    LockBackend, LockData, ProcessData, ReleaseOutcome, Result,
+    LockBackend, LockData, ProcessData, ReleaseOutcome, Result, WatchHub,
 };
 use locker_sql::{lock_from_row, stored_record, ttl_ms, Tables};
 use sqlx::sqlite::{
@@ -121,6 +123,14 @@ const READ_PROCESS: &str = concat!(
 
 const FORGET_PROCESS: &str = "DELETE FROM {processes} WHERE process_hash = ?1";
 
+/// Milliseconds left of a liveness record (no row: none).
+const LIVENESS_LEFT: &str = concat!(
+    "SELECT expires_at - ",
+    now_ms!(),
+    " FROM {processes} WHERE process_hash = ?1 AND expires_at > ",
+    now_ms!()
+);
+
 /// Rows expired over a minute ago; run every [`CLEANUP_EVERY`] liveness writes.
 const CLEANUP: &str = concat!(
     "DELETE FROM {locks} WHERE expires_at < ",
@@ -154,6 +164,7 @@ struct Statements {
     ping: String,
     read_process: String,
     forget_process: String,
+    liveness_left: String,
     cleanup: String,
     put_raw: String,
 }
@@ -169,6 +180,7 @@ impl Statements {
             ping: t.render(PING),
             read_process: t.render(READ_PROCESS),
             forget_process: t.render(FORGET_PROCESS),
+            liveness_left: t.render(LIVENESS_LEFT),
             cleanup: t.render(CLEANUP),
             put_raw: t.render(PUT_RAW),
         }
@@ -182,6 +194,24 @@ pub struct SqliteBackend {
     pool: SqlitePool,
     sql: Statements,
     pings: AtomicU64,
+    /// Wakes the waiters of this process when a lock of this database is released here.
+    releases: WatchHub,
+}
+
+/// The release hubs of this process, one per database file and locks table: SQLite cannot
+/// notify other processes, but the waiters of this one are woken by its own releases, through
+/// whichever connection made them.
+fn hub_for(config: &SqliteConfig) -> WatchHub {
+    static HUBS: std::sync::OnceLock<std::sync::Mutex<HashMap<(PathBuf, String), WatchHub>>> =
+        std::sync::OnceLock::new();
+    let path = std::fs::canonicalize(&config.path).unwrap_or_else(|_| config.path.clone());
+    let mut hubs = HUBS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    hubs.entry((path, config.tables.locks.clone()))
+        .or_default()
+        .clone()
 }
 
 struct LockRow {
@@ -245,6 +275,7 @@ impl SqliteBackend {
             .map_err(map_error)?;
         Ok(SqliteBackend {
             sql: Statements::new(&config.tables),
+            releases: hub_for(config),
             config: config.clone(),
             pool,
             pings: AtomicU64::new(0),
@@ -405,6 +436,7 @@ impl LockBackend for SqliteBackend {
             )
             .await?;
         if released.is_some() {
+            self.releases.notify(key);
             return Ok(ReleaseOutcome::Released);
         }
         match self.read_row(key).await? {
@@ -496,6 +528,25 @@ impl LockBackend for SqliteBackend {
         )
         .await?;
         Ok(())
+    }
+
+    /// Wakes on releases made by this process only (`Capabilities::release_events` stays
+    /// `false`: other processes' releases are found by polling).
+    async fn watch_release(&self, key: &str) -> Result<Option<locker_core::ReleaseWatch>> {
+        Ok(Some(self.releases.watch(key).0))
+    }
+
+    async fn liveness_left(&self, process_hash: &str) -> Result<Option<Duration>> {
+        let ms: Option<i64> = self
+            .timed(
+                sqlx::query_scalar(&self.sql.liveness_left)
+                    .bind(process_hash)
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
+        Ok(Some(Duration::from_millis(
+            ms.and_then(|ms| u64::try_from(ms).ok()).unwrap_or(0),
+        )))
     }
 }
 
