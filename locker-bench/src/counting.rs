@@ -25,6 +25,8 @@ pub(crate) struct Counts {
     pub(crate) read_process: AtomicU64,
     pub(crate) forget_process: AtomicU64,
     pub(crate) ping: AtomicU64,
+    pub(crate) watch_release: AtomicU64,
+    pub(crate) liveness_left: AtomicU64,
 }
 
 /// The counters at one instant; `after - before` is what happened in between.
@@ -40,6 +42,8 @@ pub(crate) struct Snapshot {
     pub(crate) read_process: u64,
     pub(crate) forget_process: u64,
     pub(crate) ping: u64,
+    pub(crate) watch_release: u64,
+    pub(crate) liveness_left: u64,
 }
 
 impl std::ops::Sub for Snapshot {
@@ -56,6 +60,8 @@ impl std::ops::Sub for Snapshot {
             read_process: self.read_process - o.read_process,
             forget_process: self.forget_process - o.forget_process,
             ping: self.ping - o.ping,
+            watch_release: self.watch_release - o.watch_release,
+            liveness_left: self.liveness_left - o.liveness_left,
         }
     }
 }
@@ -78,6 +84,12 @@ impl Snapshot {
         .into_iter()
         .filter(|&(_, n)| n > 0)
         .collect()
+    }
+
+    /// What waiting costs the store: tries (acquire and its follow-ups), liveness lookups
+    /// and subscriptions; not the reporter's pings.
+    pub(crate) fn waiting_calls(&self) -> u64 {
+        self.other() + self.liveness_left + self.watch_release + self.read
     }
 
     /// Calls that are neither pings, reads nor extends.
@@ -105,6 +117,8 @@ impl Counts {
             read_process: g(&self.read_process),
             forget_process: g(&self.forget_process),
             ping: g(&self.ping),
+            watch_release: g(&self.watch_release),
+            liveness_left: g(&self.liveness_left),
         }
     }
 }
@@ -202,5 +216,13 @@ impl LockBackend for Counting {
     async fn forget_process(&self, process_hash: &str) -> Result<()> {
         bump(&self.counts.forget_process);
         self.inner.forget_process(process_hash).await
+    }
+    async fn watch_release(&self, key: &str) -> Result<Option<locker::ReleaseWatch>> {
+        bump(&self.counts.watch_release);
+        self.inner.watch_release(key).await
+    }
+    async fn liveness_left(&self, process_hash: &str) -> Result<Option<Duration>> {
+        bump(&self.counts.liveness_left);
+        self.inner.liveness_left(process_hash).await
     }
 }

@@ -23,6 +23,7 @@ mod counting;
 mod durable;
 mod raw;
 mod roundtrips;
+mod waiting;
 
 #[derive(Parser, Debug)]
 #[command(name = "locker-bench")]
@@ -103,6 +104,30 @@ enum Sub {
         url: Option<String>,
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         seconds: Duration,
+    },
+    /// Waiting for a lock, per backend: hand-off latency, takeover with a waiter waiting,
+    /// the store load of many waiters, fairness; next to the polling it replaced.
+    Wait {
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "redis,fred,postgres,sqlite,etcd"
+        )]
+        backends: Vec<String>,
+        /// Hand-off trials (0 to skip).
+        #[arg(long, default_value_t = 200)]
+        trials: usize,
+        /// Takeover trials, a holder process SIGKILLed (0 to skip).
+        #[arg(long, default_value_t = 10)]
+        kill_trials: usize,
+        /// Waiters of the load figure (0 to skip).
+        #[arg(long, default_value_t = 64)]
+        waiters: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        load_window: Duration,
+        /// 0s to skip.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        fairness_window: Duration,
     },
     /// (internal) One chaos worker.
     ChaosWorker {
@@ -525,6 +550,35 @@ fn main() {
             seconds,
         }) => {
             runtime.block_on(cycles_alone(&cli, backend, side, url.as_deref(), *seconds));
+            return;
+        }
+        Some(Sub::Wait {
+            backends,
+            trials,
+            kill_trials,
+            waiters,
+            load_window,
+            fairness_window,
+        }) => {
+            let plan = waiting::Plan {
+                trials: *trials,
+                kill_trials: *kill_trials,
+                waiters: *waiters,
+                load_window: *load_window,
+                fairness_window: *fairness_window,
+            };
+            println!(
+                "## Waiting, run of {}\n\nMachine: {}\n\nCommand: `cargo run --release -p locker-bench -- wait --backends {} --trials {trials} --kill-trials {kill_trials} --waiters {waiters} --load-window {load_window:?} --fairness-window {fairness_window:?}`",
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+                machine(),
+                backends.join(",")
+            );
+            let dir = tempfile::tempdir().expect("temporary directory");
+            for backend in backends {
+                let (url, server) = start_server(backend, dir.path());
+                runtime.block_on(waiting::run(backend, &url, &plan));
+                drop(server);
+            }
             return;
         }
         Some(Sub::ChaosWorker { url, dir, keys }) => {
