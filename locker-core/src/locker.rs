@@ -807,7 +807,7 @@ impl Locker {
     /// let locker = Locker::builder(MemoryBackend::new()).build()?;
     /// let total = locker
     ///     .mutex("ledger", Wait::up_to(Duration::from_secs(30)), |heartbeat| async move {
-    ///         heartbeat.beat()?;
+    ///         heartbeat.beat().await?;
     ///         Ok::<_, locker_core::Error>(42)
     ///     })
     ///     .await??;

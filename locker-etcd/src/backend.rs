@@ -47,6 +47,9 @@ struct ProcessLease {
     ttl: i64,
 }
 
+/// How often a waiter asks again about a holder's lease in the lease's last second.
+const ETCD_LAST_SECOND_STEP: Duration = Duration::from_millis(100);
+
 /// A TTL in whole seconds, rounded up (etcd's lease granularity).
 fn ttl_secs(ttl: Duration) -> Result<i64> {
     if ttl.is_zero() {
@@ -603,9 +606,13 @@ impl LockBackend for EtcdBackend {
             .call(|mut c| async move { c.lease_time_to_live(lease, None).await })
             .await?
             .ttl();
-        // "The lease will expire in under TTL + 1 seconds"; -1 when it is gone.
+        // etcd answers whole seconds, rounded down ("the lease will expire in under TTL + 1
+        // seconds"), and -1 when the lease is gone. A waiter wakes at the TTL (early by under
+        // a second), and in its last second asks again every 100 ms, so that a dead holder is
+        // found within 100 ms of its lease's expiry, not a second later.
         Ok(Some(match u64::try_from(left) {
-            Ok(secs) => Duration::from_secs(secs + 1),
+            Ok(0) => ETCD_LAST_SECOND_STEP,
+            Ok(secs) => Duration::from_secs(secs),
             Err(_) => Duration::ZERO,
         }))
     }
