@@ -251,4 +251,12 @@ impl LockBackend for InterposedBackend {
     async fn forget_process(&self, process_hash: &str) -> Result<()> {
         self.inner.forget_process(process_hash).await
     }
+
+    async fn watch_release(&self, key: &str) -> Result<Option<locker_core::ReleaseWatch>> {
+        self.inner.watch_release(key).await
+    }
+
+    async fn liveness_left(&self, process_hash: &str) -> Result<Option<Duration>> {
+        self.inner.liveness_left(process_hash).await
+    }
 }

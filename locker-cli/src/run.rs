@@ -71,8 +71,8 @@ pub(crate) struct RunArgs {
     /// The lock key: one command per key runs at once across the cluster.
     key: String,
     /// How long to wait for the lock when someone else holds it: a duration (30s, 5m), 0 (do
-    /// not wait) or forever. The wait is woken by the store when the lock is released (Redis
-    /// standalone, PostgreSQL, etcd; other backends poll with backoff) and tries again when the
+    /// not wait) or forever. The wait is woken by the store when the lock is released (Redis,
+    /// PostgreSQL, etcd; SQLite polls with backoff) and tries again when the
     /// holder would be found dead; a signal ends it.
     #[arg(long, value_name = "DURATION|forever", default_value = "0s", value_parser = parse_wait)]
     wait: Wait,

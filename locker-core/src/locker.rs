@@ -723,7 +723,6 @@ impl Locker {
         let mut store: Option<ReleaseWatch> = None;
         // Backends without release events may still wake waiters of their own process.
         let mut can_watch = true;
-        let mut subscribed_once = false;
         let mut attempt = 0u32;
         loop {
             let holder = match self.acquire(request.clone()).await? {
@@ -735,7 +734,8 @@ impl Locker {
                 return Err(timed_out(holder));
             }
             if store.is_none() && can_watch {
-                match backend.watch_release(&request.key).await {
+                // Never past the wait's limit (a store that does not answer a subscription).
+                match bounded(deadline, backend.watch_release(&request.key)).await {
                     Ok(Some(watch)) => store = Some(watch),
                     Ok(None) => can_watch = false,
                     Err(e) => inner
@@ -743,9 +743,9 @@ impl Locker {
                         .emit(BackgroundSource::Wait, e.with_key(request.key.clone())),
                 }
                 // A release between the try and the subscription would go unseen: try again
-                // at once, once.
-                if store.is_some() && !subscribed_once {
-                    subscribed_once = true;
+                // at once after each new subscription (one per pause at most: a watch that
+                // ends is made again only after the pause).
+                if store.is_some() {
                     continue;
                 }
             }
@@ -760,27 +760,40 @@ impl Locker {
                 && *holder.process_hash != *inner.process_hash
             {
                 // Try again when the holder would be found dead, if it stops reporting.
-                if let Ok(Some(left)) = backend.liveness_left(&holder.process_hash).await {
+                if let Ok(Some(left)) =
+                    bounded(deadline, backend.liveness_left(&holder.process_hash)).await
+                {
                     pause = pause.min(left + LIVENESS_MARGIN);
                 }
             }
-            let until = now + pause;
+            // A backoff may answer `Duration::MAX` ("only wake-ups"): a far instant, not an
+            // overflow.
+            let until = now
+                .checked_add(pause)
+                .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600));
             let until = deadline.map_or(until, |d| until.min(d));
-            tokio::select! {
-                _ = tokio::time::sleep_until(until) => {}
-                alive = async {
-                    match &mut store {
-                        Some(watch) => watch.released().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    if !alive {
-                        // The backend's subscription ended: poll, and subscribe again later.
+            loop {
+                let phase_changed = inner.held_changed.notified();
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    alive = async {
+                        match &mut store {
+                            Some(watch) => watch.released().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        if alive {
+                            break;
+                        }
+                        // The backend's subscription ended: sleep on, and subscribe again
+                        // after the pause.
                         store = None;
                     }
+                    _ = local.released() => break,
+                    _ = drain.changed() => break,
+                    // `abandon` (and the end of a shutdown) wake waiters too.
+                    () = phase_changed => break,
                 }
-                _ = local.released() => {}
-                _ = drain.changed() => {}
             }
         }
     }
@@ -1297,6 +1310,24 @@ impl fmt::Debug for LockGuard {
             .field("owner_hash", &self.state.owner_hash)
             .field("fencing_token", &self.state.fencing_token)
             .finish()
+    }
+}
+
+/// `call`, or a timeout error once `deadline` (if any) has passed.
+async fn bounded<T>(
+    deadline: Option<tokio::time::Instant>,
+    call: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match deadline {
+        None => call.await,
+        Some(deadline) => tokio::time::timeout_at(deadline, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::new(
+                    ErrorKind::Timeout,
+                    "the wait's limit passed during a call to the store",
+                ))
+            }),
     }
 }
 

@@ -103,14 +103,17 @@ const RELEASE: &str = "WITH del AS (
     SELECT false, fencing_token, record, owner_hash FROM {locks}
         WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM del)";
 
-/// [`RELEASE`], and a notification to waiters when the lock was deleted (`pg_notify` runs once
-/// per deleted row, and is sent at commit).
+/// [`RELEASE`], and a notification to waiters when the lock was deleted: `pg_notify` runs once
+/// per deleted row (the subquery refers to the row, so it is not run without one), and the
+/// notification is sent at commit.
 const RELEASE_NOTIFY: &str = "WITH del AS (
         DELETE FROM {locks} WHERE key = $1 AND owner_hash = $2 AND expires_at > now()
         RETURNING fencing_token, record, owner_hash
     )
     SELECT true AS won, fencing_token, record, owner_hash
-        FROM del CROSS JOIN LATERAL (SELECT pg_notify('distributed_locker_released', $1)) AS n
+        FROM del CROSS JOIN LATERAL (
+            SELECT pg_notify('distributed_locker_released', $1) WHERE del.owner_hash IS NOT NULL
+        ) AS n
     UNION ALL
     SELECT false, fencing_token, record, owner_hash FROM {locks}
         WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM del)";
@@ -201,6 +204,16 @@ impl Statements {
     }
 }
 
+/// The connection options of every connection: unnamed statements (no cache), and the
+/// application name.
+fn connect_options(config: &PostgresConfig) -> sqlx::postgres::PgConnectOptions {
+    config
+        .options
+        .clone()
+        .statement_cache_capacity(0)
+        .application_name("distributed-locker")
+}
+
 /// A pool of connections to the PostgreSQL store; made by [`PostgresConfig`], which is the
 /// [`BackendFactory`].
 pub struct PostgresBackend {
@@ -241,11 +254,7 @@ impl PostgresBackend {
     /// Opens a pool (at least one connection, so an unreachable server fails here, within the
     /// connect timeout) and, unless disabled, creates or upgrades the tables.
     pub async fn connect(config: &PostgresConfig) -> Result<Self> {
-        let options = config
-            .options
-            .clone()
-            .statement_cache_capacity(0)
-            .application_name("distributed-locker");
+        let options = connect_options(config);
         // sqlx's pool retries a refused connection until its acquire timeout, and then says
         // only "pool timed out". One connection of our own first brings every definite failure
         // at once, naming its cause (refused, no such host, credentials or database refused,
@@ -585,7 +594,17 @@ impl LockBackend for PostgresBackend {
             return Ok(None);
         }
         let notifier = self.notifier.get_or_init(|| {
-            crate::notify::Notifier::start(self.pool.clone(), self.config.command_timeout)
+            // The listener's connection comes from a pool of its own: the lock pool keeps all
+            // of its connections for the locks (and the probe).
+            let listener_pool = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(self.config.connect_timeout)
+                .connect_lazy_with(connect_options(&self.config));
+            crate::notify::Notifier::start(
+                self.pool.clone(),
+                listener_pool,
+                self.config.command_timeout,
+            )
         });
         notifier.watch(key).await
     }

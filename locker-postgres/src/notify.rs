@@ -1,6 +1,7 @@
 //! Release notifications: a release runs `pg_notify(CHANNEL, key)` in its statement (sent at
 //! commit, so only for a release that happened); a waiter's backend `LISTEN`s on one connection
-//! of its own, opened at the first wait, and wakes the waiters of the key named.
+//! of its own (a one-connection pool beside the lock pool), opened at the first wait, and wakes
+//! the waiters of the key named.
 //!
 //! Behind a transaction-mode pooler a `LISTEN` is lost with its transaction: after `LISTEN`,
 //! the task sends a probe notification through the pool and waits for it; when it does not
@@ -37,11 +38,19 @@ pub(crate) struct Notifier {
 
 impl Notifier {
     /// Starts the listener task on the current runtime.
-    pub(crate) fn start(pool: PgPool, timeout: Duration) -> Notifier {
+    /// `pool` sends the probe; `listener_pool` (one connection) holds the `LISTEN`.
+    pub(crate) fn start(pool: PgPool, listener_pool: PgPool, timeout: Duration) -> Notifier {
         let hub = WatchHub::new();
         let (state_tx, state) = watch::channel(State::Starting);
         let (stop, stopped) = oneshot::channel();
-        tokio::spawn(run(pool, hub.clone(), state_tx, stopped, timeout));
+        tokio::spawn(run(
+            pool,
+            listener_pool,
+            hub.clone(),
+            state_tx,
+            stopped,
+            timeout,
+        ));
         Notifier {
             hub,
             state,
@@ -75,13 +84,14 @@ const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 
 async fn run(
     pool: PgPool,
+    listener_pool: PgPool,
     hub: WatchHub,
     state: watch::Sender<State>,
     mut stopped: oneshot::Receiver<()>,
     timeout: Duration,
 ) {
     loop {
-        match listen(&pool, &hub, timeout).await {
+        match listen(&pool, &listener_pool, &hub, timeout).await {
             Ok(Some(mut listener)) => {
                 state.send_replace(State::Listening);
                 hub.notify_all();
@@ -126,11 +136,12 @@ async fn run(
 /// arrive in time.
 async fn listen(
     pool: &PgPool,
+    listener_pool: &PgPool,
     hub: &WatchHub,
     timeout: Duration,
 ) -> std::result::Result<Option<PgListener>, sqlx::Error> {
     let bounded = |e: tokio::time::error::Elapsed| sqlx::Error::Io(std::io::Error::other(e));
-    let mut listener = tokio::time::timeout(timeout, PgListener::connect_with(pool))
+    let mut listener = tokio::time::timeout(timeout, PgListener::connect_with(listener_pool))
         .await
         .map_err(bounded)??;
     tokio::time::timeout(timeout, listener.listen(CHANNEL))

@@ -515,7 +515,7 @@ impl LockBackend for RedisBackend {
         let notifier = self.notifier.get_or_init(|| {
             crate::notify::Notifier::start(self.driver.clone(), self.config.command_timeout)
         });
-        notifier.watch(&self.config.keys.lock(key)).await.map(Some)
+        notifier.watch(&self.config.keys.lock(key)).await
     }
 
     async fn liveness_left(&self, process_hash: &str) -> Result<Option<Duration>> {

@@ -98,6 +98,7 @@ pub struct RedisConfig {
     pub(crate) command_timeout: Duration,
     pub(crate) client: ClientLibrary,
     pub(crate) wait_for_replicas: Option<WaitForReplicas>,
+    pub(crate) release_events: bool,
 }
 
 impl RedisConfig {
@@ -155,6 +156,7 @@ impl RedisConfig {
             client: self.client,
             wait_replicas: self.wait_for_replicas.map(|w| w.replicas),
             wait_timeout: self.wait_for_replicas.map(|w| w.timeout),
+            release_events: self.release_events,
         }
     }
 
@@ -215,6 +217,12 @@ impl RedisConfig {
     /// The durable mode, when on: see [`RedisConfigBuilder::wait_for_replicas`].
     pub fn wait_for_replicas(&self) -> Option<WaitForReplicas> {
         self.wait_for_replicas
+    }
+
+    /// Whether releases wake waiters through pub/sub; see
+    /// [`RedisConfigBuilder::release_events`].
+    pub fn release_events(&self) -> bool {
+        self.release_events
     }
 
     /// The URL of this configuration with the password replaced by `***`.
@@ -340,10 +348,16 @@ fn parse_url(url: &str) -> Result<RedisConfigBuilder> {
                 builder.wait_timeout = Some(duration()?);
                 builder
             }
+            "release_events" => builder.release_events(
+                value
+                    .parse()
+                    .map_err(|_| bad(&format!("release_events {value:?} is not true or false")))?,
+            ),
             other => {
                 return Err(bad(&format!(
                     "unknown parameter {other:?} (expected prefix, client, connect_timeout, \
-                     command_timeout, wait_replicas or wait_timeout; see the table of \
+                     command_timeout, wait_replicas, wait_timeout or release_events; see the \
+                     table of \
                      `locker::connect`)"
                 )))
             }
@@ -405,6 +419,7 @@ impl fmt::Debug for RedisConfig {
             .field("command_timeout", &self.command_timeout)
             .field("client", &self.client)
             .field("wait_for_replicas", &self.wait_for_replicas)
+            .field("release_events", &self.release_events)
             .finish()
     }
 }
@@ -432,6 +447,7 @@ pub struct RedisConfigBuilder {
     client: ClientLibrary,
     wait_replicas: Option<u32>,
     wait_timeout: Option<Duration>,
+    release_events: bool,
 }
 
 impl Default for RedisConfigBuilder {
@@ -450,11 +466,23 @@ impl Default for RedisConfigBuilder {
             client: ClientLibrary::default(),
             wait_replicas: None,
             wait_timeout: None,
+            release_events: true,
         }
     }
 }
 
 impl RedisConfigBuilder {
+    /// Whether releases wake waiters through pub/sub (`true` by default; URL parameter
+    /// `release_events`). The release script then `PUBLISH`es on a channel named as the lock
+    /// key, and a backend with waiters keeps one pub/sub connection (to one node of a
+    /// cluster). On a Redis Cluster every `PUBLISH` is sent to every node over the cluster bus:
+    /// with many nodes and many releases per second, `false` saves that traffic, and waiters
+    /// poll instead.
+    pub fn release_events(mut self, on: bool) -> Self {
+        self.release_events = on;
+        self
+    }
+
     /// Adds a server (`host:port`); several nodes make a cluster's seed list.
     pub fn node(mut self, host: impl Into<String>, port: u16) -> Self {
         self.nodes.push((host.into(), port));
@@ -655,6 +683,7 @@ impl RedisConfigBuilder {
             command_timeout: self.command_timeout,
             client: self.client,
             wait_for_replicas,
+            release_events: self.release_events,
         })
     }
 }
@@ -671,6 +700,7 @@ impl fmt::Debug for RedisConfigBuilder {
             .field("key_prefix", &self.key_prefix)
             .field("wait_replicas", &self.wait_replicas)
             .field("wait_timeout", &self.wait_timeout)
+            .field("release_events", &self.release_events)
             .finish()
     }
 }

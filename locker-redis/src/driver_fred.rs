@@ -24,7 +24,7 @@ use crate::version;
 
 pub(crate) struct FredDriver {
     client: Client,
-    /// How long a new pub/sub connection may take; `None` on a cluster (no notifications).
+    /// How long a new pub/sub connection may take; `None` without release events.
     pubsub_connect_timeout: Option<Duration>,
     /// Sources and SHA1s of the scripts, by `ScriptName::index`.
     scripts: Vec<(String, String)>,
@@ -125,11 +125,11 @@ impl FredDriver {
         }
         Ok(FredDriver {
             client,
-            pubsub_connect_timeout: (!config.is_cluster()).then_some(connect_timeout),
+            pubsub_connect_timeout: config.release_events.then_some(connect_timeout),
             scripts: ScriptName::ALL
                 .iter()
                 .map(|s| {
-                    let source = s.source(!config.is_cluster());
+                    let source = s.source(config.release_events);
                     let sha = fred::util::sha1_hash(&source);
                     (source, sha)
                 })

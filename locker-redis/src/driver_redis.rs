@@ -28,8 +28,9 @@ enum Conn {
 
 pub(crate) struct RedisDriver {
     conn: Conn,
-    /// Opens pub/sub connections (standalone servers).
-    pubsub: Option<(redis::Client, Duration)>,
+    /// Opens pub/sub connections: a client per node (one for a standalone server), tried in
+    /// turn; `None` without release events.
+    pubsub: Option<PubSubClients>,
     /// Sources and SHA1s of the scripts, by `ScriptName::index`.
     scripts: Vec<(String, String)>,
     label: String,
@@ -52,6 +53,20 @@ impl RedisDriver {
             client_tls: None,
             root_cert: Some(pem.clone()),
         });
+        let pubsub = if config.release_events {
+            let clients = config
+                .nodes()
+                .iter()
+                .map(|(host, port)| node_client(config, host, *port, settings.clone()))
+                .collect::<Result<Vec<_>>>()?;
+            Some(PubSubClients {
+                clients,
+                next: std::sync::atomic::AtomicUsize::new(0),
+                connect_timeout: config.connect_timeout,
+            })
+        } else {
+            None
+        };
         let connect = async {
             match &config.topology {
                 Topology::Standalone { host, port } => {
@@ -74,7 +89,6 @@ impl RedisDriver {
                         None => redis::Client::open(info),
                     }
                     .map_err(map_error)?;
-                    let pubsub = Some((client.clone(), config.connect_timeout));
                     let manager_config = redis::aio::ConnectionManagerConfig::new()
                         .set_connection_timeout(Some(config.connect_timeout))
                         .set_response_timeout(Some(config.command_timeout))
@@ -83,7 +97,7 @@ impl RedisDriver {
                         .await
                         .map_err(map_error)?;
                     check_standalone_version(&mut manager, &config.redacted_url()).await?;
-                    Ok((Conn::Standalone(manager), pubsub))
+                    Ok(Conn::Standalone(manager))
                 }
                 Topology::Cluster { nodes } => {
                     let nodes: Vec<_> = nodes
@@ -122,12 +136,12 @@ impl RedisDriver {
                     let client = builder.build().map_err(map_error)?;
                     let mut conn = client.get_async_connection().await.map_err(map_error)?;
                     check_cluster_versions(&mut conn).await?;
-                    Ok((Conn::Cluster(conn), None))
+                    Ok(Conn::Cluster(conn))
                 }
             }
         };
         // Bound the whole connect, retries included.
-        let (conn, pubsub) = tokio::time::timeout(config.connect_timeout * 3, connect)
+        let conn = tokio::time::timeout(config.connect_timeout * 3, connect)
             .await
             .map_err(|_| {
                 Error::new(
@@ -144,7 +158,7 @@ impl RedisDriver {
             scripts: ScriptName::ALL
                 .iter()
                 .map(|s| {
-                    let source = s.source(!config.is_cluster());
+                    let source = s.source(config.release_events);
                     let sha = Script::new(&source).get_hash().to_owned();
                     (source, sha)
                 })
@@ -334,21 +348,76 @@ impl Driver for RedisDriver {
     }
 
     async fn subscriber(&self) -> Result<Option<Box<dyn Subscriber>>> {
-        let Some((client, connect_timeout)) = &self.pubsub else {
+        let Some(pubsub) = &self.pubsub else {
             return Ok(None);
         };
-        let pubsub = tokio::time::timeout(*connect_timeout, client.get_async_pubsub())
-            .await
-            .map_err(|_| {
-                Error::new(
-                    ErrorKind::Timeout,
-                    format!("no pub/sub connection within {connect_timeout:?}"),
-                )
-            })?
-            .map_err(map_error)?;
-        let (sink, stream) = pubsub.split();
-        Ok(Some(Box::new(RedisSubscriber { sink, stream })))
+        // A cluster's nodes in turn, from the one after the last tried: classic pub/sub
+        // messages reach every node, so any one will do, and a failed one is skipped.
+        let n = pubsub.clients.len();
+        let first = pubsub
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut last_error = None;
+        for i in 0..n {
+            let client = &pubsub.clients[(first + i) % n];
+            let timeout = pubsub.connect_timeout;
+            match tokio::time::timeout(timeout, client.get_async_pubsub()).await {
+                Ok(Ok(conn)) => {
+                    let (sink, stream) = conn.split();
+                    return Ok(Some(Box::new(RedisSubscriber { sink, stream })));
+                }
+                Ok(Err(e)) => last_error = Some(map_error(e)),
+                Err(_) => {
+                    last_error = Some(Error::new(
+                        ErrorKind::Timeout,
+                        format!("no pub/sub connection within {timeout:?}"),
+                    ))
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| Error::unavailable("no node to subscribe on")))
     }
+}
+
+/// The clients that open pub/sub connections, one per node.
+struct PubSubClients {
+    clients: Vec<redis::Client>,
+    next: std::sync::atomic::AtomicUsize,
+    connect_timeout: Duration,
+}
+
+/// A client of one node, with the configuration's credentials and TLS.
+fn node_client(
+    config: &RedisConfig,
+    host: &str,
+    port: u16,
+    settings: RedisConnectionInfo,
+) -> Result<redis::Client> {
+    let addr = if config.tls {
+        ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(host.to_owned(), port)
+    };
+    let info = addr
+        .into_connection_info()
+        .map_err(map_error)?
+        .set_redis_settings(settings);
+    match &config.root_cert_pem {
+        Some(pem) => redis::Client::build_with_tls(
+            info,
+            TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            },
+        ),
+        None => redis::Client::open(info),
+    }
+    .map_err(map_error)
 }
 
 /// A pub/sub connection of the `redis` crate.

@@ -1,18 +1,21 @@
-//! Release notifications: on a standalone server, the release script publishes an empty
-//! message on a channel named as the lock key; a waiter subscribes to it.
+//! Release notifications: the release script publishes an empty message on a channel named as
+//! the lock key; a waiter subscribes to it.
 //!
 //! One pub/sub connection per backend, opened at the first wait and kept by a task: it
 //! subscribes to a channel when the key gets its first waiter and unsubscribes when the last
 //! one goes, wakes the key's waiters on each message, and after a broken connection opens a
-//! new one, subscribes to every watched key again and wakes every waiter (a release may have
-//! been missed meanwhile). A notification is only a hint: the waiter acquires again.
+//! new one (at most one attempt per [`RECONNECT_AFTER`]), subscribes again to every watched key
+//! and wakes every waiter (a release may have been missed meanwhile). A server that refuses
+//! `SUBSCRIBE` (an ACL user without channel rights) turns notifications off for the backend:
+//! waiters poll. A notification is only a hint: the waiter acquires again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use locker_core::{Error, ReleaseWatch, Result, WatchHub};
+use locker_core::{Error, ErrorKind, ReleaseWatch, Result, WatchHub};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::backend::Driver;
 
@@ -27,8 +30,15 @@ pub(crate) trait Subscriber: Send {
     async fn next_message(&mut self) -> Option<String>;
 }
 
+/// What a subscription came to: `Ok(true)` subscribed, `Ok(false)` notifications are off.
+type Ack = oneshot::Sender<Result<bool>>;
+
 enum Command {
-    Subscribe(String, oneshot::Sender<Result<()>>),
+    /// Subscribe to the channel of a key's first watcher.
+    Subscribe(String, Ack),
+    /// Answered once every command before it is done: a later watcher of a key waits this way
+    /// for the first one's subscription.
+    Sync(Ack),
     Unsubscribe(String),
 }
 
@@ -61,32 +71,32 @@ impl Notifier {
         }
     }
 
-    /// A watch of `channel` (a lock key), subscribed when this returns.
-    pub(crate) async fn watch(&self, channel: &str) -> Result<ReleaseWatch> {
+    /// A watch of `channel` (a lock key), subscribed when this returns; `None` when the server
+    /// refuses subscriptions.
+    pub(crate) async fn watch(&self, channel: &str) -> Result<Option<ReleaseWatch>> {
         let (watch, first) = self.hub.watch(channel);
-        if first {
-            let (ack, acked) = oneshot::channel();
-            self.commands
-                .send(Command::Subscribe(channel.to_owned(), ack))
-                .map_err(|_| Error::unavailable("the release notifications task is gone"))?;
-            match tokio::time::timeout(self.timeout, acked).await {
-                Ok(Ok(result)) => result?,
-                Ok(Err(_)) => {
-                    return Err(Error::unavailable("the release notifications task is gone"))
-                }
-                Err(_) => {
-                    return Err(Error::new(
-                        locker_core::ErrorKind::Timeout,
-                        format!("SUBSCRIBE was not confirmed within {:?}", self.timeout),
-                    ))
-                }
-            }
+        let (ack, acked) = oneshot::channel();
+        let command = if first {
+            Command::Subscribe(channel.to_owned(), ack)
+        } else {
+            Command::Sync(ack)
+        };
+        let gone = || Error::unavailable("the release notifications task is gone");
+        self.commands.send(command).map_err(|_| gone())?;
+        match tokio::time::timeout(self.timeout, acked).await {
+            Ok(Ok(Ok(true))) => Ok(Some(watch)),
+            Ok(Ok(Ok(false))) => Ok(None),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(gone()),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("SUBSCRIBE was not confirmed within {:?}", self.timeout),
+            )),
         }
-        Ok(watch)
     }
 }
 
-/// How long the task waits before opening a new connection after a failure.
+/// The shortest time between two attempts to open a pub/sub connection.
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 
 async fn run(
@@ -97,26 +107,44 @@ async fn run(
     timeout: Duration,
 ) {
     let mut conn: Option<Box<dyn Subscriber>> = None;
+    let mut next_attempt = Instant::now();
+    // Set for good when the server refuses subscriptions.
+    let mut off = false;
     loop {
-        if conn.is_none() {
-            conn = connect(&*driver, &hub, timeout).await;
-            if conn.is_some() {
-                // Subscribed again to every watched key: wake them all, in case a release
-                // was missed while the connection was down.
-                hub.notify_all();
+        if conn.is_none() && !off && Instant::now() >= next_attempt {
+            next_attempt = Instant::now() + RECONNECT_AFTER;
+            match connect(&*driver, &hub, timeout).await {
+                Ok(sub) => {
+                    conn = Some(sub);
+                    // Subscribed again to every watched key: wake them all, in case a release
+                    // was missed while the connection was down.
+                    hub.notify_all();
+                }
+                Err(e) if e.kind() == ErrorKind::Auth => {
+                    refuse(&e);
+                    off = true;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot open a pub/sub connection for release notifications");
+                }
             }
         }
         let Some(sub) = conn.as_mut() else {
-            // No connection: refuse new subscriptions (their waiters poll) until the next try.
+            // No connection: answer subscriptions at once (their waiters poll) until the next
+            // attempt.
             tokio::select! {
                 _ = &mut stopped => return,
-                _ = tokio::time::sleep(RECONNECT_AFTER) => {}
+                _ = tokio::time::sleep_until(next_attempt), if !off => {}
                 command = commands.recv() => match command {
                     None => return,
-                    Some(Command::Subscribe(_, ack)) => {
-                        let _ = ack.send(Err(Error::unavailable(
-                            "no pub/sub connection for release notifications",
-                        )));
+                    Some(Command::Subscribe(_, ack) | Command::Sync(ack)) => {
+                        let _ = ack.send(if off {
+                            Ok(false)
+                        } else {
+                            Err(Error::unavailable(
+                                "no pub/sub connection for release notifications",
+                            ))
+                        });
                     }
                     Some(Command::Unsubscribe(_)) => {}
                 },
@@ -128,11 +156,24 @@ async fn run(
             command = commands.recv() => match command {
                 None => return,
                 Some(Command::Subscribe(channel, ack)) => {
-                    let result = bounded(timeout, sub.subscribe(&channel)).await;
-                    if result.is_err() {
-                        conn = None;
+                    match bounded(timeout, sub.subscribe(&channel)).await {
+                        Ok(()) => {
+                            let _ = ack.send(Ok(true));
+                        }
+                        Err(e) if e.kind() == ErrorKind::Auth => {
+                            refuse(&e);
+                            off = true;
+                            conn = None;
+                            let _ = ack.send(Ok(false));
+                        }
+                        Err(e) => {
+                            conn = None;
+                            let _ = ack.send(Err(e));
+                        }
                     }
-                    let _ = ack.send(result);
+                }
+                Some(Command::Sync(ack)) => {
+                    let _ = ack.send(Ok(true));
                 }
                 Some(Command::Unsubscribe(channel)) => {
                     // A new waiter may have come since the last one left.
@@ -151,26 +192,27 @@ async fn run(
     }
 }
 
-/// A new connection, subscribed to every watched key; `None` on failure.
+fn refuse(e: &Error) {
+    tracing::warn!(
+        error = %e,
+        "the Redis server refuses SUBSCRIBE (an ACL user without channel rights?): waiters \
+         poll; grant the user the lock keys' channels (`&{{prefix}}*`) or set release_events=false"
+    );
+}
+
+/// A new connection, subscribed to every watched key.
 async fn connect(
     driver: &dyn Driver,
     hub: &WatchHub,
     timeout: Duration,
-) -> Option<Box<dyn Subscriber>> {
-    let mut sub = match bounded(timeout, driver.subscriber()).await {
-        Ok(Some(sub)) => sub,
-        Ok(None) => return None,
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot open a pub/sub connection for release notifications");
-            return None;
-        }
-    };
+) -> Result<Box<dyn Subscriber>> {
+    let mut sub = bounded(timeout, driver.subscriber())
+        .await?
+        .ok_or_else(|| Error::unavailable("this connection cannot subscribe"))?;
     for channel in hub.watched_keys() {
-        if bounded(timeout, sub.subscribe(&channel)).await.is_err() {
-            return None;
-        }
+        bounded(timeout, sub.subscribe(&channel)).await?;
     }
-    Some(sub)
+    Ok(sub)
 }
 
 async fn bounded<T>(
@@ -181,7 +223,7 @@ async fn bounded<T>(
         .await
         .unwrap_or_else(|_| {
             Err(Error::new(
-                locker_core::ErrorKind::Timeout,
+                ErrorKind::Timeout,
                 format!("no answer within {timeout:?}"),
             ))
         })

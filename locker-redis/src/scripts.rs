@@ -45,8 +45,10 @@ use locker_core::{Error, ErrorKind, LockData, Result};
 /// - `extend(lk, fk, rec, ttl, owner, prefix)`: rewrites `owner`'s record with `rec` (open at
 ///   its end, no token) and keeps the stored token (`EXTENDED`, token or empty).
 /// - `release(lk, fk, owner, prefix)`: deletes `owner`'s record (`RELEASED`), and when the
-///   script was made with `NOTIFY` (a standalone server), publishes an empty message on the
-///   channel named as the lock key, to wake waiters (see `notify`).
+///   script was made with `NOTIFY` (release events on), publishes an empty message on the
+///   channel named as the lock key, to wake waiters (see `notify`). A `PUBLISH` the server
+///   refuses (an ACL user without channel rights: Redis 7's default for new users) is ignored:
+///   the release happened, and waiters poll.
 const OWNED: &str = r#"
 local function owned(cur, owner, prefix)
   if string.sub(cur, 1, #prefix) == prefix and string.byte(cur, -1) == 125 then return true end
@@ -136,7 +138,7 @@ local function release(lk, fk, owner, prefix)
   if o == nil then return 'CORRUPT', cur end
   if not o then return 'HELD', cur end
   redis.call('DEL', lk)
-  if NOTIFY then redis.call('PUBLISH', lk, '') end
+  if NOTIFY then pcall(redis.call, 'PUBLISH', lk, '') end
   return 'RELEASED'
 end
 "#;

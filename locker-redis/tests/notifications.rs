@@ -1,7 +1,8 @@
-//! Release notifications on a standalone server, both clients: a release publishes on the lock
-//! key's channel and wakes a waiter; a broken pub/sub connection is made again (and its waiters
-//! woken); a release that publishes nothing (a Node worker's, or a raw `DEL`) is found by the
-//! fallback poll.
+//! Release notifications on a standalone server, both clients (the conformance suite wakes
+//! waiters on a cluster too): a release publishes on the lock key's channel and wakes a waiter;
+//! a broken pub/sub connection is made again (and its waiters woken); a release that publishes
+//! nothing (a Node worker's, or a raw `DEL`) is found by the fallback poll; without release
+//! events, waiters poll.
 
 use std::time::Duration;
 
@@ -164,4 +165,114 @@ async fn redis_rs_finds_a_silent_release_by_polling() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fred_finds_a_silent_release_by_polling() {
     a_silent_release_is_found_by_the_poll(ClientLibrary::Fred).await;
+}
+
+/// With `release_events=false` the scripts publish nothing, no pub/sub connection is opened,
+/// and waiters poll.
+async fn without_release_events_waiters_poll(client: ClientLibrary) {
+    let config = config(client)
+        .into_builder()
+        .release_events(false)
+        .build()
+        .expect("config");
+    let backend = RedisBackend::connect(&config).await.expect("connect");
+    assert!(!backend.capabilities().release_events);
+    assert!(backend.watch_release("k").await.expect("watch").is_none());
+    let (a, b) = (
+        locker(&config, Duration::from_millis(200)),
+        locker(&config, Duration::from_millis(200)),
+    );
+    let key = unique("no-events");
+    let guard = acquired(&a, &key).await;
+    let waiter = tokio::spawn({
+        let (b, key) = (b.clone(), key.clone());
+        async move { b.acquire_wait(key.as_str(), Wait::forever()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = guard.release().await.expect("release");
+    let got = tokio::time::timeout(PATIENCE, waiter)
+        .await
+        .expect("found by polling")
+        .expect("task")
+        .expect("acquire_wait");
+    let _ = got.release().await.expect("release");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rs_without_release_events_polls() {
+    without_release_events_waiters_poll(ClientLibrary::Redis).await;
+}
+
+#[cfg(feature = "fred")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fred_without_release_events_polls() {
+    without_release_events_waiters_poll(ClientLibrary::Fred).await;
+}
+
+/// An ACL user without channel rights (Redis 7's default for new users): releases still
+/// succeed (the script's `PUBLISH` is refused and ignored), and waiters poll.
+async fn a_user_without_channel_rights_releases_and_polls(client: ClientLibrary) {
+    let user = format!("nochan-{}", unique("u").rsplit('-').next().unwrap_or("0"));
+    let mut redis = redis_cli().await;
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(">secret")
+        .arg("~*")
+        .arg("+@all")
+        .arg("resetchannels")
+        .query_async(&mut redis)
+        .await
+        .expect("acl setuser");
+    let config = config(client)
+        .into_builder()
+        .username(&user)
+        .password("secret")
+        .build()
+        .expect("config");
+    let (a, b) = (
+        locker(&config, Duration::from_millis(200)),
+        locker(&config, Duration::from_millis(200)),
+    );
+    let key = unique("nochan");
+    let guard = acquired(&a, &key).await;
+    let waiter = tokio::spawn({
+        let (b, key) = (b.clone(), key.clone());
+        async move { b.acquire_wait(key.as_str(), Wait::forever()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        guard.release().await.expect("the release succeeds"),
+        locker_core::ReleaseOutcome::Released
+    );
+    let got = tokio::time::timeout(PATIENCE, waiter)
+        .await
+        .expect("found by polling")
+        .expect("task")
+        .expect("acquire_wait");
+    let _ = got.release().await.expect("release");
+    a.shutdown().await;
+    b.shutdown().await;
+    let _: () = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut redis)
+        .await
+        .expect("acl deluser");
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rs_user_without_channel_rights() {
+    a_user_without_channel_rights_releases_and_polls(ClientLibrary::Redis).await;
+}
+
+#[cfg(feature = "fred")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fred_user_without_channel_rights() {
+    a_user_without_channel_rights_releases_and_polls(ClientLibrary::Fred).await;
 }

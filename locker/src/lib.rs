@@ -83,6 +83,7 @@ pub const SCHEMES: &[&str] = &[
 /// | | `command_timeout` | duration of one command | `5s` |
 /// | | `wait_replicas` | durable mode: after each acquire, take-over and extend, wait until this many replicas acknowledged it (`WAIT`), else a retryable error (see `redis::RedisConfigBuilder::wait_for_replicas`) | off |
 /// | | `wait_timeout` | durable mode: how long to wait for them (shorter than `command_timeout`; needs `wait_replicas`) | `100ms` |
+/// | | `release_events` | `true` or `false`: releases wake waiters through pub/sub (on a cluster, each `PUBLISH` crosses the cluster bus to every node) | `true` |
 /// | `postgres`, `postgresql` | `schema` | schema of the tables (a plain identifier) | `public` |
 /// | | `table_prefix` | prefix of the table names (a plain identifier) | `locker_` |
 /// | | `migrate` | `true` or `false`: create or upgrade the tables on connect | `true` |
