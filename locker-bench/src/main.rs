@@ -370,23 +370,30 @@ async fn bench_backend(cli: &Cli, name: &str, url: &str) {
     locker.shutdown().await;
 }
 
-async fn takeover(cli: &Cli, url: &str) {
+/// Starts a process of this binary that acquires `key` on `url` (with [`takeover_locker`]),
+/// and returns once it holds the lock; it then waits to be killed.
+pub(crate) fn spawn_holder(url: &str, key: &str) -> std::process::Child {
     let exe = std::env::current_exe().expect("own path");
+    let mut child = Command::new(&exe)
+        .args(["hold", url, key])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("holder process");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("holder output");
+    assert_eq!(line.trim(), "acquired", "holder failed");
+    child
+}
+
+async fn takeover(cli: &Cli, url: &str) {
     let taker = takeover_locker(url);
     let mut times = Vec::new();
     for trial in 0..cli.takeover_trials {
         let key = format!("bench/takeover/{}/{trial}", std::process::id());
-        let mut child = Command::new(&exe)
-            .args(["hold", url, &key])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("holder process");
-        let mut line = String::new();
-        let stdout = child.stdout.take().expect("stdout");
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("holder output");
-        assert_eq!(line.trim(), "acquired", "holder failed");
+        let mut child = spawn_holder(url, &key);
         child.kill().expect("SIGKILL");
         let killed = Instant::now();
         let _ = child.wait();

@@ -8,8 +8,6 @@
 //! - load: 64 waiters on one held key, store calls per second, waiting vs polling;
 //! - fairness: 16 tasks in 4 lockers looping on one key.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +15,7 @@ use std::time::{Duration, Instant};
 use locker::{LockAttempt, LockGuard, Locker, Wait};
 
 use crate::counting::{CountingFactory, Counts};
-use crate::{percentile, takeover_locker, TAKEOVER_LIVENESS};
+use crate::{percentile, spawn_holder, takeover_locker, TAKEOVER_LIVENESS};
 
 /// The poll of `locker run --wait` before waiting was woken by the store.
 const OLD_POLL: Duration = Duration::from_millis(200);
@@ -166,23 +164,12 @@ async fn hand_off(url: &str, trials: usize) {
 }
 
 async fn takeover(url: &str, trials: usize) {
-    let exe = std::env::current_exe().expect("own path");
     let taker = takeover_locker(url);
     taker.ready().await.expect("ready");
     let mut times = Vec::new();
     for trial in 0..trials {
         let key = format!("bench/wait-takeover/{}/{trial}", std::process::id());
-        let mut child = Command::new(&exe)
-            .args(["hold", url, &key])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("holder process");
-        let mut line = String::new();
-        let stdout = child.stdout.take().expect("stdout");
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("holder output");
-        assert_eq!(line.trim(), "acquired", "holder failed");
+        let mut child = spawn_holder(url, &key);
         let waiter = tokio::spawn({
             let (taker, key) = (taker.clone(), key.clone());
             async move {

@@ -38,6 +38,28 @@ async fn acquired(locker: &Locker, key: &str) -> LockGuard {
     }
 }
 
+/// A task waiting for `key` on `b`.
+fn start_waiter(
+    b: &Locker,
+    key: &str,
+    wait: Wait,
+) -> tokio::task::JoinHandle<locker_core::Result<LockGuard>> {
+    let (b, key) = (b.clone(), key.to_owned());
+    tokio::spawn(async move { b.acquire_wait(key.as_str(), wait).await })
+}
+
+/// The guard a waiter got, or a failure saying `why` it should have come.
+async fn waited(
+    waiter: tokio::task::JoinHandle<locker_core::Result<LockGuard>>,
+    why: &str,
+) -> LockGuard {
+    tokio::time::timeout(PATIENCE, waiter)
+        .await
+        .expect(why)
+        .expect("task")
+        .expect("acquire_wait")
+}
+
 fn unique(name: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -72,16 +94,11 @@ async fn a_broken_subscription_is_made_again(client: ClientLibrary) {
     );
     let key = unique("broken");
     let guard = acquired(&a, &key).await;
-    let waiter = tokio::spawn({
-        let (b, key) = (b.clone(), key.clone());
-        async move {
-            b.acquire_wait(
-                key.as_str(),
-                Wait::forever().backoff(|_| Duration::from_secs(3600)),
-            )
-            .await
-        }
-    });
+    let waiter = start_waiter(
+        &b,
+        &key,
+        Wait::forever().backoff(|_| Duration::from_secs(3600)),
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut redis = redis_cli().await;
     let killed: u64 = redis::cmd("CLIENT")
@@ -96,11 +113,7 @@ async fn a_broken_subscription_is_made_again(client: ClientLibrary) {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!waiter.is_finished(), "acquired a held lock");
     let _ = guard.release().await.expect("release");
-    let got = tokio::time::timeout(PATIENCE, waiter)
-        .await
-        .expect("woken after the pub/sub connection was made again")
-        .expect("task")
-        .expect("acquire_wait");
+    let got = waited(waiter, "woken after the pub/sub connection was made again").await;
     let _ = got.release().await.expect("release");
     a.shutdown().await;
     b.shutdown().await;
@@ -120,10 +133,7 @@ async fn a_silent_release_is_found_by_the_poll(client: ClientLibrary) {
         .await
         .expect("connect")
         .lock_key(&key);
-    let waiter = tokio::spawn({
-        let (b, key) = (b.clone(), key.clone());
-        async move { b.acquire_wait(key.as_str(), Wait::forever()).await }
-    });
+    let waiter = start_waiter(&b, &key, Wait::forever());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut redis = redis_cli().await;
     let deleted: u64 = redis::cmd("DEL")
@@ -132,11 +142,7 @@ async fn a_silent_release_is_found_by_the_poll(client: ClientLibrary) {
         .await
         .expect("del");
     assert_eq!(deleted, 1);
-    let got = tokio::time::timeout(PATIENCE, waiter)
-        .await
-        .expect("found by the fallback poll")
-        .expect("task")
-        .expect("acquire_wait");
+    let got = waited(waiter, "found by the fallback poll").await;
     drop(guard);
     let _ = got.release().await.expect("release");
     a.shutdown().await;
@@ -184,17 +190,10 @@ async fn without_release_events_waiters_poll(client: ClientLibrary) {
     );
     let key = unique("no-events");
     let guard = acquired(&a, &key).await;
-    let waiter = tokio::spawn({
-        let (b, key) = (b.clone(), key.clone());
-        async move { b.acquire_wait(key.as_str(), Wait::forever()).await }
-    });
+    let waiter = start_waiter(&b, &key, Wait::forever());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = guard.release().await.expect("release");
-    let got = tokio::time::timeout(PATIENCE, waiter)
-        .await
-        .expect("found by polling")
-        .expect("task")
-        .expect("acquire_wait");
+    let got = waited(waiter, "found by polling").await;
     let _ = got.release().await.expect("release");
     a.shutdown().await;
     b.shutdown().await;
@@ -240,20 +239,13 @@ async fn a_user_without_channel_rights_releases_and_polls(client: ClientLibrary)
     );
     let key = unique("nochan");
     let guard = acquired(&a, &key).await;
-    let waiter = tokio::spawn({
-        let (b, key) = (b.clone(), key.clone());
-        async move { b.acquire_wait(key.as_str(), Wait::forever()).await }
-    });
+    let waiter = start_waiter(&b, &key, Wait::forever());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         guard.release().await.expect("the release succeeds"),
         locker_core::ReleaseOutcome::Released
     );
-    let got = tokio::time::timeout(PATIENCE, waiter)
-        .await
-        .expect("found by polling")
-        .expect("task")
-        .expect("acquire_wait");
+    let got = waited(waiter, "found by polling").await;
     let _ = got.release().await.expect("release");
     a.shutdown().await;
     b.shutdown().await;
