@@ -25,6 +25,18 @@ pub enum BackgroundSource {
     Wait,
 }
 
+impl std::fmt::Display for BackgroundSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackgroundSource::Reporter => "liveness reporter",
+            BackgroundSource::Heartbeat => "heartbeat",
+            BackgroundSource::Release => "release",
+            BackgroundSource::Connection => "connection",
+            BackgroundSource::Wait => "wait",
+        })
+    }
+}
+
 /// A recoverable error that no caller was waiting for, sent to
 /// [`Locker::subscribe_errors`](crate::Locker::subscribe_errors) and logged with `tracing`.
 #[derive(Debug, Clone)]
@@ -33,6 +45,13 @@ pub struct BackgroundError {
     pub source: BackgroundSource,
     /// What happened.
     pub error: Arc<Error>,
+}
+
+/// `{source}: {error}`, e.g. `liveness reporter: backend unavailable: connection refused`.
+impl std::fmt::Display for BackgroundError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.source, self.error)
+    }
 }
 
 /// How many background errors a slow subscriber may fall behind before it misses some.
@@ -55,11 +74,33 @@ impl Events {
     }
 
     pub(crate) fn emit(&self, source: BackgroundSource, error: Error) {
-        tracing::warn!(?source, error = %error, "distributed-locker background error");
+        // Once: an application that subscribed reports them itself.
+        if self.tx.receiver_count() == 0 {
+            tracing::warn!(%source, error = %error, "distributed-locker background error");
+        } else {
+            tracing::debug!(%source, error = %error, "distributed-locker background error");
+        }
         // No subscriber is fine: the error was logged.
         let _ = self.tx.send(BackgroundError {
             source,
             error: Arc::new(error),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_background_error_displays_its_source_and_error() {
+        let e = BackgroundError {
+            source: BackgroundSource::Reporter,
+            error: Arc::new(Error::unavailable("connection refused")),
+        };
+        assert_eq!(
+            e.to_string(),
+            "liveness reporter: backend unavailable: connection refused"
+        );
     }
 }

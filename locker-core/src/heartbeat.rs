@@ -614,6 +614,10 @@ impl Heartbeat {
     /// # Ok(())
     /// # }
     /// ```
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the future only watches (its beats are the heartbeat's own, which any later
+    /// beat resumes); drop it, or call `lost` again, at any time.
     pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
         let hb = self.clone();
         async move {

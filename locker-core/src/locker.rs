@@ -199,7 +199,7 @@ impl Inner {
             .unwrap_or_default();
         Err(Error::new(
             ErrorKind::Draining,
-            format!("the process is draining: {reason}"),
+            format!("this locker takes no more work ({reason})"),
         ))
     }
 
@@ -408,7 +408,35 @@ impl Locker {
     }
 
     /// Subscribes to recoverable background errors: failed liveness writes, retried releases,
-    /// retried rechecks and extensions. They are also logged with `tracing`.
+    /// retried rechecks and extensions, failed subscriptions of waiters.
+    ///
+    /// Each is logged with `tracing` too: at WARN while nobody subscribes, at DEBUG while a
+    /// receiver exists (the application reports them itself, not twice).
+    ///
+    /// The receiver is a [`tokio::sync::broadcast`] one, with room for 256 errors: a receiver
+    /// that falls further behind gets [`RecvError::Lagged`](broadcast::error::RecvError::Lagged)
+    /// once (with the number it missed), then the newer errors. So a loop must go on after
+    /// `Lagged`, and end only on `Closed` (the locker is gone):
+    ///
+    /// ```
+    /// use tokio::sync::broadcast::error::RecvError;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), locker_core::Error> {
+    /// # let locker = locker_core::Locker::builder(locker_core::MemoryBackend::new()).build()?;
+    /// let mut errors = locker.subscribe_errors();
+    /// tokio::spawn(async move {
+    ///     loop {
+    ///         match errors.recv().await {
+    ///             Ok(e) => eprintln!("{e}"),
+    ///             Err(RecvError::Lagged(missed)) => eprintln!("{missed} background errors missed"),
+    ///             Err(RecvError::Closed) => break,
+    ///         }
+    ///     }
+    /// });
+    /// # locker.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn subscribe_errors(&self) -> broadcast::Receiver<BackgroundError> {
         self.inner.events.subscribe()
     }
@@ -525,7 +553,7 @@ impl Locker {
         pending.disarm();
         let holder = match outcome {
             AcquireDecision::Acquired(stored) => {
-                tracing::info!(key = %key, owner_hash = %stored.owner_hash, fencing_token = ?stored.fencing_token, "acquired lock");
+                tracing::debug!(key = %key, owner_hash = %stored.owner_hash, fencing_token = ?stored.fencing_token, "acquired lock");
                 return self.guard(key, stored, sent_at).await;
             }
             AcquireDecision::TookOver { stored, dead } => {
@@ -536,7 +564,7 @@ impl Locker {
             AcquireDecision::HeldByLive(stored) | AcquireDecision::Held(stored)
                 if stored.owner_hash == data.owner_hash =>
             {
-                tracing::info!(key = %key, owner_hash = %stored.owner_hash, fencing_token = ?stored.fencing_token, "acquired lock");
+                tracing::debug!(key = %key, owner_hash = %stored.owner_hash, fencing_token = ?stored.fencing_token, "acquired lock");
                 return self.guard(key, stored, sent_at).await;
             }
             AcquireDecision::HeldByLive(holder) => return Ok(LockAttempt::Held(holder)),
@@ -1036,6 +1064,12 @@ impl fmt::Debug for Locker {
 /// locker's reporter thread (which is why it works outside a runtime, too), retrying retryable
 /// errors until the lock would have expired anyway. If the locker was shut down or abandoned,
 /// nothing more is sent.
+///
+/// **Call [`Locker::shutdown`] before the process exits**: the background release runs on the
+/// reporter thread, which dies with the process. A process that drops its guards and exits at
+/// once leaves its locks behind, until its liveness record expires (`liveness_ttl`) and
+/// another process takes them over; `shutdown` waits for the releases and deletes the
+/// liveness record, so that others get the locks at once.
 #[must_use = "dropping the guard releases the lock"]
 pub struct LockGuard {
     state: Arc<LockState>,
@@ -1075,6 +1109,10 @@ impl LockGuard {
     /// [`ErrorKind::LockLost`], naming the new holder when there is one, if the lock is no
     /// longer ours; backend errors as they come (a retryable one is also reported in the
     /// background and leaves the lock held).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: an extension dropped during its write may or may not have landed; either
+    /// way the lock stays ours and the heartbeat extends it again when due.
     pub async fn extend(&self) -> Result<()> {
         let now = self.state.locker.clock.now();
         self.heartbeat_check()?;
@@ -1162,7 +1200,7 @@ impl LockGuard {
             Ok(outcome) => {
                 handoff.armed = false;
                 inner.local_releases.notify(&state.key);
-                tracing::info!(key = %state.key, owner_hash = %state.owner_hash, ?outcome, "released lock");
+                log_release(&state.key, &state.owner_hash, &outcome);
             }
             Err(e) if e.is_retryable() => {
                 inner
@@ -1179,6 +1217,25 @@ impl LockGuard {
         }
         drop(handoff);
         drop(self);
+    }
+}
+
+/// Logs a release's outcome: DEBUG when the lock was released, INFO when it was no longer
+/// ours to release (it expired, or someone else holds it now: the job's lock was lost).
+pub(crate) fn log_release(key: &str, owner_hash: &str, outcome: &ReleaseOutcome) {
+    match outcome {
+        ReleaseOutcome::Released => tracing::debug!(key, owner_hash, "released lock"),
+        ReleaseOutcome::NoKey => tracing::info!(
+            key,
+            owner_hash,
+            "nothing to release: the lock had expired or was released already"
+        ),
+        ReleaseOutcome::Held(holder) => tracing::info!(
+            key,
+            owner_hash,
+            holder = %holder.owner_hash,
+            "nothing released: someone else holds the lock now"
+        ),
     }
 }
 

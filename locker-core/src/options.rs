@@ -9,28 +9,40 @@ use crate::locker::Locker;
 
 /// How often the reporter writes this process's liveness record. One record per process (not
 /// per lock) makes frequent writes cheap.
+///
+/// Value: **2 s**.
 pub const DEFAULT_REPORT_EVERY: Duration = Duration::from_secs(2);
 
 /// How long a liveness record lives. A process that stops reporting for this long is dead to
 /// the cluster, and its locks are taken over: this bounds how long a crashed job blocks others.
 /// It can be short because the reporter runs on its own thread, which a busy job cannot starve.
+///
+/// Value: **10 s**.
 pub const DEFAULT_LIVENESS_TTL: Duration = Duration::from_secs(10);
 
 /// How long the first acquire (or [`Locker::ready`]) waits for the reporter's first
 /// successful write when the store does not answer. A definite failure (a refused connection,
 /// a file that cannot be opened, credentials refused; see [`Error::is_definite`]) ends the wait
 /// at once.
+///
+/// Value: **15 s**.
 pub const DEFAULT_REPORTER_START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How often a heartbeat rereads the lock to check nobody took it over (one read).
+///
+/// Value: **5 s**.
 pub const DEFAULT_RECHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// How often a heartbeat extends the lock (one write). Rare, since liveness is carried by the
 /// reporter, not by the lock.
+///
+/// Value: **60 s**.
 pub const DEFAULT_EXTEND_EVERY: Duration = Duration::from_secs(60);
 
 /// How long a lock lives without an extension. Long, so a job survives pauses (GC, a blocked
 /// runtime, a slow network) without losing its lock.
+///
+/// Value: **5 min**.
 pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(5 * 60);
 
 /// How many failures in a row make the locker replace a connection (`0`: never). A failure is
@@ -38,12 +50,16 @@ pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(5 * 60);
 /// replied, see [`Error::set_store_answered`]), or each [`DEFAULT_SLOW_CALL_AFTER`] that a
 /// call waits while the connection answers nothing; any answer resets the count. Both connections (the jobs' one and the reporter's) heal this way, because a client
 /// library may keep a broken connection for good (seen after a Redis Cluster failover).
+///
+/// Value: **3**.
 pub const DEFAULT_RECONNECT_AFTER_FAILURES: u32 = 3;
 
 /// How long a call may wait for the store before each further wait of that length counts as a
 /// failure toward [`DEFAULT_RECONNECT_AFTER_FAILURES`], when no other call on the same
 /// connection got an answer meanwhile (a busy connection that answers is working). The call
 /// itself goes on: a slow answer is still used, until its caller's own deadline.
+///
+/// Value: **1 s**.
 pub const DEFAULT_SLOW_CALL_AFTER: Duration = Duration::from_secs(1);
 
 /// The timings of a [`Locker`]; see the `DEFAULT_*` constants for each default and its reason.

@@ -656,7 +656,7 @@ pub(crate) async fn release_with_retry(
     loop {
         match backend.release(key, owner_hash).await {
             Ok(outcome) => {
-                tracing::debug!(key, owner_hash, ?outcome, "released lock");
+                crate::locker::log_release(key, owner_hash, &outcome);
                 return Ok(outcome);
             }
             Err(e) if e.is_retryable() && clock.now() < deadline => {
