@@ -210,6 +210,16 @@ impl Fixture {
         self.locker_builder().build().expect("valid timings")
     }
 
+    /// A locker whose locks live [`Timing::short_lock_ttl`] (extended every
+    /// `short_extend_every`), for cases about expiry.
+    pub fn short_ttl_locker(&self) -> Locker {
+        self.locker_builder()
+            .lock_ttl(self.timing.short_lock_ttl)
+            .extend_every(self.timing.short_extend_every)
+            .build()
+            .expect("valid timings")
+    }
+
     /// Starts a private server, when the setup can (see [`Setup::with_private_server`]).
     pub async fn private_server(&self) -> Option<PrivateServer> {
         let start = self.private_server.as_ref()?;

@@ -8,7 +8,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -174,6 +174,7 @@ impl Drop for Registration {
                     let idle = slot.watchers == 0;
                     if idle {
                         keys.remove(&self.key);
+                        self.hub.inner.watched.store(keys.len(), Ordering::Release);
                     }
                     idle
                 }
@@ -217,6 +218,9 @@ type OnIdle = Box<dyn Fn(&str) + Send + Sync>;
 #[derive(Default)]
 struct HubInner {
     keys: Mutex<HashMap<String, Slot>>,
+    /// How many keys have watchers: a release with none (the common case) wakes nobody
+    /// without taking the lock.
+    watched: AtomicUsize,
     on_idle: Option<OnIdle>,
 }
 
@@ -236,6 +240,7 @@ impl WatchHub {
         WatchHub {
             inner: Arc::new(HubInner {
                 keys: Mutex::default(),
+                watched: AtomicUsize::new(0),
                 on_idle: Some(Box::new(on_idle)),
             }),
         }
@@ -253,6 +258,7 @@ impl WatchHub {
             None => {
                 let (tx, rx) = watch::channel(0);
                 keys.insert(key.to_owned(), Slot { tx, watchers: 1 });
+                self.inner.watched.store(keys.len(), Ordering::Release);
                 (rx, true)
             }
         };
@@ -268,6 +274,11 @@ impl WatchHub {
 
     /// Wakes the watchers of `key` (nothing when it has none).
     pub fn notify(&self, key: &str) {
+        // A watcher registered before this release's notify saw the count it set (both under
+        // the map's lock, then this load): the release happened after its subscription.
+        if self.inner.watched.load(Ordering::Acquire) == 0 {
+            return;
+        }
         if let Some(slot) = self.keys().get(key) {
             slot.tx.send_modify(|n| *n = n.wrapping_add(1));
         }

@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
+use locker_conformance::cases::acquired;
 use locker_conformance::servers::{self, ServerKind};
-use locker_core::{LockAttempt, LockBackend, LockGuard, Locker, Wait};
+use locker_core::{LockBackend, Locker, Wait};
 use locker_postgres::{PostgresBackend, PostgresConfig};
 
 /// A test that waits this long has failed.
@@ -26,13 +27,6 @@ fn locker(config: &PostgresConfig) -> Locker {
         .recheck_every(Duration::from_millis(500))
         .build()
         .expect("locker")
-}
-
-async fn acquired(locker: &Locker, key: &str) -> LockGuard {
-    match locker.acquire(key).await.expect("acquire") {
-        LockAttempt::Acquired(guard) => guard,
-        LockAttempt::Held(holder) => panic!("{key} is held by {}", holder.owner_hash),
-    }
 }
 
 fn unique(name: &str) -> String {

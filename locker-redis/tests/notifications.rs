@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
+use locker_conformance::cases::acquired;
 use locker_conformance::servers::{self, ServerKind};
-use locker_core::{LockAttempt, LockBackend, LockGuard, Locker, Wait};
+use locker_core::{LockBackend, LockGuard, Locker, Wait};
 use locker_redis::{ClientLibrary, RedisBackend, RedisConfig};
 
 /// A test that waits this long has failed.
@@ -29,13 +30,6 @@ fn locker(config: &RedisConfig, recheck_every: Duration) -> Locker {
         .recheck_every(recheck_every)
         .build()
         .expect("locker")
-}
-
-async fn acquired(locker: &Locker, key: &str) -> LockGuard {
-    match locker.acquire(key).await.expect("acquire") {
-        LockAttempt::Acquired(guard) => guard,
-        LockAttempt::Held(holder) => panic!("{key} is held by {}", holder.owner_hash),
-    }
 }
 
 /// A task waiting for `key` on `b`.

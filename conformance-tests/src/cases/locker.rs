@@ -149,12 +149,7 @@ pub async fn locker_takeover_after_the_owner_process_dies(fx: &Fixture) -> Verdi
 /// A lock that is not extended expires after the lock TTL, and its heartbeat fails.
 pub async fn locker_expiry_when_not_extended(fx: &Fixture) -> Verdict {
     let t = fx.timing;
-    let a = fx
-        .locker_builder()
-        .lock_ttl(t.short_lock_ttl)
-        .extend_every(t.short_extend_every)
-        .build()
-        .expect("timings");
+    let a = fx.short_ttl_locker();
     let key = fx.key("k");
     let guard = acquired(&a, &key).await;
     tokio::time::sleep(t.expiry_of(t.short_lock_ttl)).await;
@@ -172,12 +167,7 @@ pub async fn locker_expiry_when_not_extended(fx: &Fixture) -> Verdict {
 /// A beating job keeps its lock well past the lock TTL.
 pub async fn locker_extension_keeps_the_lock(fx: &Fixture) -> Verdict {
     let t = fx.timing;
-    let a = fx
-        .locker_builder()
-        .lock_ttl(t.short_lock_ttl)
-        .extend_every(t.short_extend_every)
-        .build()
-        .expect("timings");
+    let a = fx.short_ttl_locker();
     let key = fx.key("k");
     let guard = acquired(&a, &key).await;
     let first = guard.lock_data();

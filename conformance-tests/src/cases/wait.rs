@@ -176,12 +176,7 @@ pub async fn wait_takes_over_from_a_dead_holder(fx: &Fixture) -> Verdict {
 /// it) is still found free by a waiter, through its fallback poll.
 pub async fn wait_finds_a_silently_expired_lock(fx: &Fixture) -> Verdict {
     let t = fx.timing;
-    let a = fx
-        .locker_builder()
-        .lock_ttl(t.short_lock_ttl)
-        .extend_every(t.short_extend_every)
-        .build()
-        .expect("timings");
+    let a = fx.short_ttl_locker();
     let b = fx.locker();
     let key = fx.key("k");
     let guard = acquired(&a, &key).await; // never beats: the lock expires
