@@ -1,4 +1,5 @@
-//! [`PostgresBackend`]: every operation one statement, every TTL the database's `now()`.
+//! [`PostgresBackend`]: every operation one call (of a function of migration 3 where it can),
+//! every TTL the database's `now()`.
 //!
 //! Statements are sent unnamed (`persistent(false)`, no statement cache) and nothing is set on
 //! the session, so the backend works behind a transaction-mode pooler such as PgBouncer.
@@ -9,8 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use locker_core::{
-    validate_key, AcquireOutcome, BackendFactory, Capabilities, Error, ErrorKind, ExtendOutcome,
-    LockBackend, LockData, ProcessData, ReleaseOutcome, Result,
+    validate_key, AcquireDecision, AcquireOutcome, BackendFactory, Capabilities, Error, ErrorKind,
+    ExtendOutcome, LockBackend, LockData, ProcessData, ReleaseOutcome, Result,
 };
 use locker_sql::{lock_from_row, stored_record, ttl_ms, Tables};
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
@@ -171,6 +172,25 @@ const PUT_RAW: &str = concat!(
 
 const GET_RAW: &str = "SELECT record FROM {locks} WHERE key = $1 AND expires_at > now()";
 
+/// The compare-and-set operations through the functions of migration 3 (see
+/// [`crate::migrations`]): planned once per connection, where the statements above are parsed
+/// and planned at every call. The statements stay for databases whose owners apply the
+/// migrations themselves and have not applied that one yet.
+const FN_ACQUIRE: &str = "SELECT o_decision, o_token, o_record, o_owner, o_dead_token, \
+     o_dead_record FROM {schema}.\"{prefix}acquire\"($1, $2, $3, $4, $5, $6)";
+const FN_EXTEND: &str = "SELECT o_won, o_token, o_record, o_owner \
+     FROM {schema}.\"{prefix}extend\"($1, $2, $3, $4)";
+const FN_RELEASE: &str = "SELECT o_won, o_token, o_record, o_owner \
+     FROM {schema}.\"{prefix}release\"($1, $2, $3)";
+
+/// Whether the functions of migration 3 are there (all three, with these arguments).
+const HAS_FUNCTIONS: &str = "SELECT \
+     to_regprocedure('{schema}.\"{prefix}acquire\"(text, text, text, float8, text, boolean)') \
+         IS NOT NULL \
+     AND to_regprocedure('{schema}.\"{prefix}extend\"(text, text, float8, text)') IS NOT NULL \
+     AND to_regprocedure('{schema}.\"{prefix}release\"(text, text, boolean)') IS NOT NULL \
+     AS present";
+
 /// The statements with this store's table names.
 struct Statements {
     acquire: String,
@@ -184,6 +204,9 @@ struct Statements {
     liveness_left: String,
     put_raw: String,
     get_raw: String,
+    fn_acquire: String,
+    fn_extend: String,
+    fn_release: String,
 }
 
 impl Statements {
@@ -200,6 +223,9 @@ impl Statements {
             liveness_left: tables.render(LIVENESS_LEFT),
             put_raw: tables.render(PUT_RAW),
             get_raw: tables.render(GET_RAW),
+            fn_acquire: tables.render(FN_ACQUIRE),
+            fn_extend: tables.render(FN_EXTEND),
+            fn_release: tables.render(FN_RELEASE),
         }
     }
 }
@@ -220,6 +246,9 @@ pub struct PostgresBackend {
     config: PostgresConfig,
     pool: PgPool,
     sql: Statements,
+    /// The functions of migration 3 are there: the compare-and-set operations call them, and
+    /// an acquire decides about a dead holder in the same call.
+    functions: bool,
     /// Release notifications, started at the first wait.
     notifier: std::sync::OnceLock<crate::notify::Notifier>,
 }
@@ -248,6 +277,50 @@ impl CasRow {
     fn lock(&self, key: &str) -> Result<LockData> {
         lock_from_row(key, &self.record, Some(self.fencing_token))
     }
+}
+
+/// The answer of the `acquire` function.
+struct FnAcquireRow {
+    decision: String,
+    lock: CasRow,
+    dead: Option<(i64, String)>,
+}
+
+impl FnAcquireRow {
+    fn from_pg(row: &PgRow) -> Result<Self> {
+        let get = |e: sqlx::Error| map_error(e);
+        let dead_token: Option<i64> = row.try_get("o_dead_token").map_err(get)?;
+        let dead_record: Option<String> = row.try_get("o_dead_record").map_err(get)?;
+        let decision: String = row.try_get("o_decision").map_err(get)?;
+        Ok(FnAcquireRow {
+            lock: CasRow {
+                won: decision == "acquired" || decision == "took_over",
+                fencing_token: row.try_get("o_token").map_err(get)?,
+                record: row.try_get("o_record").map_err(get)?,
+                owner_hash: row.try_get("o_owner").map_err(get)?,
+            },
+            dead: dead_token.zip(dead_record),
+            decision,
+        })
+    }
+}
+
+/// The answer of the `extend` and `release` functions: `None` when no live lock is stored.
+fn fn_cas_row(row: &PgRow) -> Result<Option<CasRow>> {
+    let get = |e: sqlx::Error| map_error(e);
+    let won: bool = row.try_get("o_won").map_err(get)?;
+    let token: Option<i64> = row.try_get("o_token").map_err(get)?;
+    let record: Option<String> = row.try_get("o_record").map_err(get)?;
+    let owner: Option<String> = row.try_get("o_owner").map_err(get)?;
+    Ok(match (token, record, owner) {
+        (Some(fencing_token), Some(record), Some(owner_hash)) => Some(CasRow {
+            won,
+            fencing_token,
+            record,
+            owner_hash,
+        }),
+        _ => None,
+    })
 }
 
 impl PostgresBackend {
@@ -294,7 +367,22 @@ impl PostgresBackend {
                 .await
                 .map_err(map_error)?;
         }
+        let functions: bool = sqlx::query(&config.tables.render(HAS_FUNCTIONS))
+            .persistent(false)
+            .fetch_one(&pool)
+            .await
+            .and_then(|row| row.try_get("present"))
+            .map_err(map_error)?;
+        if !functions {
+            tracing::warn!(
+                table = %config.tables.locks,
+                "the functions of distributed-locker's migration 3 are missing (migrate=false?): \
+                 locks work, with slower statements and two or three round trips to take over \
+                 a dead holder's lock; apply the migration (see locker-postgres's README)"
+            );
+        }
         Ok(PostgresBackend {
+            functions,
             sql: Statements::new(&config.tables, config.release_events),
             config: config.clone(),
             pool,
@@ -376,6 +464,35 @@ impl PostgresBackend {
         ))
     }
 
+    /// One call of the `acquire` function: with `check`, a dead holder's lock is taken over in
+    /// the same call.
+    async fn call_acquire(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        dead_owner: Option<&str>,
+        check: bool,
+    ) -> Result<FnAcquireRow> {
+        check_key(key)?;
+        let ttl = ttl_ms(ttl)? as f64;
+        let record = stored_record(data);
+        let row = self
+            .timed(
+                sqlx::query(&self.sql.fn_acquire)
+                    .bind(key)
+                    .bind(&data.owner_hash)
+                    .bind(&record)
+                    .bind(ttl)
+                    .bind(dead_owner)
+                    .bind(check)
+                    .persistent(false)
+                    .fetch_one(&self.pool),
+            )
+            .await?;
+        FnAcquireRow::from_pg(&row)
+    }
+
     async fn create(
         &self,
         key: &str,
@@ -383,6 +500,15 @@ impl PostgresBackend {
         ttl: Duration,
         dead_owner: Option<&str>,
     ) -> Result<AcquireOutcome> {
+        if self.functions {
+            let row = self.call_acquire(key, data, ttl, dead_owner, false).await?;
+            let lock = row.lock.lock(key)?;
+            return Ok(if row.lock.won {
+                AcquireOutcome::Acquired(lock)
+            } else {
+                AcquireOutcome::Held(lock)
+            });
+        }
         check_key(key)?;
         let ttl = ttl_ms(ttl)? as f64;
         let record = stored_record(data);
@@ -443,11 +569,43 @@ impl LockBackend for PostgresBackend {
         c.atomic_take_over = true;
         c.max_key_len = Some(MAX_KEY_LEN);
         c.release_events = self.config.release_events;
+        c.checked_acquire = self.functions;
         c
     }
 
     async fn acquire(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
         self.create(key, data, ttl, None).await
+    }
+
+    async fn acquire_checked(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+    ) -> Result<AcquireDecision> {
+        if !self.functions {
+            return Ok(match self.create(key, data, ttl, None).await? {
+                AcquireOutcome::Acquired(stored) => AcquireDecision::Acquired(stored),
+                AcquireOutcome::Held(holder) => AcquireDecision::Held(holder),
+            });
+        }
+        let row = self.call_acquire(key, data, ttl, None, true).await?;
+        let lock = row.lock.lock(key)?;
+        Ok(match (row.decision.as_str(), row.dead) {
+            ("acquired", _) => AcquireDecision::Acquired(lock),
+            ("took_over", Some((token, record))) => AcquireDecision::TookOver {
+                stored: lock,
+                dead: lock_from_row(key, &record, Some(token))?,
+            },
+            ("live", _) => AcquireDecision::HeldByLive(lock),
+            ("held", _) => AcquireDecision::Held(lock),
+            (other, _) => {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!("the acquire function answered {other:?}"),
+                ))
+            }
+        })
     }
 
     async fn extend(
@@ -460,13 +618,27 @@ impl LockBackend for PostgresBackend {
         check_key(key)?;
         let ttl = ttl_ms(ttl)? as f64;
         let record = stored_record(data);
-        let row = self
-            .compare_and_set(
+        let row = if self.functions {
+            let row = self
+                .timed(
+                    sqlx::query(&self.sql.fn_extend)
+                        .bind(key)
+                        .bind(&record)
+                        .bind(ttl)
+                        .bind(owner_hash)
+                        .persistent(false)
+                        .fetch_one(&self.pool),
+                )
+                .await?;
+            fn_cas_row(&row)?
+        } else {
+            self.compare_and_set(
                 &self.sql.extend,
                 |q| q.bind(key).bind(&record).bind(ttl).bind(owner_hash),
                 false,
             )
-            .await?;
+            .await?
+        };
         match row {
             None => Ok(ExtendOutcome::NoKey),
             Some(row) if row.won => Ok(ExtendOutcome::Extended(row.lock(key)?)),
@@ -479,9 +651,22 @@ impl LockBackend for PostgresBackend {
 
     async fn release(&self, key: &str, owner_hash: &str) -> Result<ReleaseOutcome> {
         check_key(key)?;
-        let row = self
-            .compare_and_set(&self.sql.release, |q| q.bind(key).bind(owner_hash), false)
-            .await?;
+        let row = if self.functions {
+            let row = self
+                .timed(
+                    sqlx::query(&self.sql.fn_release)
+                        .bind(key)
+                        .bind(owner_hash)
+                        .bind(self.config.release_events)
+                        .persistent(false)
+                        .fetch_one(&self.pool),
+                )
+                .await?;
+            fn_cas_row(&row)?
+        } else {
+            self.compare_and_set(&self.sql.release, |q| q.bind(key).bind(owner_hash), false)
+                .await?
+        };
         match row {
             None => Ok(ReleaseOutcome::NoKey),
             Some(row) if row.won => Ok(ReleaseOutcome::Released),
