@@ -1,11 +1,19 @@
 //! [`EtcdBackend`]: each record on a lease of its own TTL (rounded up to whole seconds), each
 //! compare-and-set one transaction, fencing tokens from revisions.
 //!
-//! - acquire: grant a lease, then one transaction "if the key does not exist, put it on the
-//!   lease, else read it" (a lost race revokes the unused lease);
-//! - extend: read, renew the lease (one keep-alive), then "if the key's modification revision is
-//!   still the one read, put the new record on the same lease";
-//! - release: read, then "if unchanged, delete", and revoke the lease so nothing lingers;
+//! - acquire: one transaction "if the key does not exist, put it on the lease, else read it", on
+//!   a lease kept from a lock this connection released, renewed (one keep-alive) at the same
+//!   time; only when there is none, a new lease is granted first. A lease that was not used
+//!   (the key is held) is kept for the next acquire: a try on a held key grants nothing;
+//! - extend, of a lock this connection acquired: "if the key's creation revision is still the
+//!   one this connection made, put the new record on the same lease", and the lease's renewal,
+//!   at the same time (one round trip);
+//! - release, of a lock this connection acquired: "if the key's creation revision is still
+//!   ours, delete it, else read it" (one round trip); the lease, now without a key, is kept for
+//!   the next acquire;
+//! - extend and release of a lock acquired elsewhere (another connection, an earlier process):
+//!   read, then "if the modification revision is unchanged, write" (and release revokes the
+//!   lease);
 //! - take-over: "if the dead owner's record is unchanged, delete it", then acquire, so that the
 //!   new lock has a new creation revision;
 //! - the fencing token is the key's creation revision, which only grows.
@@ -18,7 +26,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use etcd_client::{
@@ -39,7 +47,42 @@ pub struct EtcdBackend {
     client: Client,
     /// The lease of each liveness record this connection keeps, with its TTL in seconds.
     process_leases: Mutex<HashMap<String, ProcessLease>>,
+    /// The leases of the locks this connection acquired, and spare leases.
+    lock_leases: Mutex<LockLeases>,
 }
+
+/// A lock lease, and a lower bound of its expiry: the time its last grant or renewal was
+/// sent, plus its TTL.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    id: i64,
+    secs: i64,
+    alive_until: Instant,
+}
+
+/// A lock this connection acquired: its incarnation (the key's creation revision) and lease.
+#[derive(Debug, Clone)]
+struct HeldLease {
+    owner_hash: String,
+    create_revision: i64,
+    lease: Lease,
+}
+
+/// The lock leases of a connection. A released lock's lease has no key any more: it is kept
+/// (up to [`MAX_SPARE_LEASES`]) for the next acquire, which renews it instead of granting a new
+/// one (a grant is a write through the cluster's log; a renewal is answered by the leader).
+#[derive(Debug, Default)]
+struct LockLeases {
+    /// By full lock key.
+    held: HashMap<String, HeldLease>,
+    spares: Vec<Lease>,
+}
+
+/// Spare leases kept per connection; more are revoked.
+const MAX_SPARE_LEASES: usize = 64;
+
+/// Held-lease entries past which expired ones are pruned (locks lost without a release).
+const PRUNE_HELD_AT: usize = 10_000;
 
 #[derive(Debug, Clone, Copy)]
 struct ProcessLease {
@@ -139,6 +182,7 @@ impl EtcdBackend {
             config: config.clone(),
             client,
             process_leases: Mutex::new(HashMap::new()),
+            lock_leases: Mutex::new(LockLeases::default()),
         })
     }
 
@@ -250,33 +294,258 @@ impl EtcdBackend {
         Ok(())
     }
 
+    fn leases(&self) -> std::sync::MutexGuard<'_, LockLeases> {
+        self.lock_leases
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A spare lease of `secs` that should still be alive, if one is kept.
+    fn take_spare(&self, secs: i64) -> Option<Lease> {
+        let soon = Instant::now() + Duration::from_secs(1);
+        let mut leases = self.leases();
+        // Spares that expire within a second are not worth a renewal: they go.
+        leases.spares.retain(|l| l.alive_until > soon);
+        let at = leases.spares.iter().rposition(|l| l.secs == secs)?;
+        Some(leases.spares.swap_remove(at))
+    }
+
+    /// Keeps a lease that has no key for the next acquire (or revokes it if enough are kept).
+    fn keep_spare(&self, lease: Lease) {
+        let mut leases = self.leases();
+        if leases.spares.len() < MAX_SPARE_LEASES {
+            leases.spares.push(lease);
+        } else {
+            drop(leases);
+            self.revoke_later(lease.id);
+        }
+    }
+
+    fn remember_held(&self, full: &str, held: HeldLease) {
+        let mut leases = self.leases();
+        if leases.held.len() >= PRUNE_HELD_AT {
+            let now = Instant::now();
+            leases.held.retain(|_, h| h.lease.alive_until > now);
+        }
+        leases.held.insert(full.to_owned(), held);
+    }
+
+    /// The lease of the lock under `full` if this connection acquired it for `owner_hash`.
+    fn held_by(&self, full: &str, owner_hash: &str) -> Option<HeldLease> {
+        self.leases()
+            .held
+            .get(full)
+            .filter(|h| h.owner_hash == owner_hash)
+            .cloned()
+    }
+
+    fn forget_held(&self, full: &str) -> Option<HeldLease> {
+        self.leases().held.remove(full)
+    }
+
+    /// Revokes a lease in the background (the caller does not wait for it).
+    fn revoke_later(&self, lease: i64) {
+        let mut client = self.client.clone();
+        let limit = self.config.command_timeout;
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(limit, client.lease_revoke(lease)).await;
+            });
+        }
+    }
+
     async fn create(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
         let full = self.lock_key(key);
         let secs = ttl_secs(ttl)?;
-        let lease = self.grant(secs).await?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(full.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                full.as_str(),
-                stored(data),
-                Some(PutOptions::new().with_lease(lease)),
-            )])
-            .or_else([TxnOp::get(full.as_str(), None)]);
-        let resp = match self.txn(txn).await {
-            Ok(resp) => resp,
-            Err(e) => {
-                self.revoke(lease).await;
-                return Err(e);
-            }
+        let attempt = |lease: i64| {
+            Txn::new()
+                .when([Compare::create_revision(full.as_str(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    full.as_str(),
+                    stored(data),
+                    Some(PutOptions::new().with_lease(lease)),
+                )])
+                .or_else([TxnOp::get(full.as_str(), None)])
         };
+        // A kept lease, renewed while the transaction runs: one round trip.
+        while let Some(spare) = self.take_spare(secs) {
+            let sent = Instant::now();
+            let (renewed, answer) = tokio::join!(self.renew(spare.id), self.txn(attempt(spare.id)));
+            let renewed = renewed.map(|alive| {
+                alive.then_some(Lease {
+                    alive_until: sent + Duration::from_secs(secs.unsigned_abs()),
+                    ..spare
+                })
+            });
+            match (renewed, answer) {
+                // Held: the lease was not used; kept if it was renewed.
+                (renewed, Ok(resp)) if !resp.succeeded() => {
+                    if let Ok(Some(lease)) = renewed {
+                        self.keep_spare(lease);
+                    }
+                    return self.held_answer(key, &resp);
+                }
+                (Ok(Some(lease)), Ok(resp)) => return self.created(key, &full, data, lease, &resp),
+                // The lease had expired, and the put was refused: the next spare, or a grant.
+                (_, Err(e)) if lease_gone(&e) => continue,
+                // Put, on a lease that expired right after: the key went with it.
+                (Ok(None), Ok(_)) => {
+                    return Err(Error::unavailable(
+                        "the lock's lease expired during the acquire; try again",
+                    ))
+                }
+                // Put but not surely renewed (the key might not live its whole TTL), or not
+                // known to be put: revoking the lease deletes the key, if it is there.
+                (Err(e), Ok(_)) | (_, Err(e)) => {
+                    self.revoke(spare.id).await;
+                    return Err(e);
+                }
+            }
+        }
+        let sent = Instant::now();
+        let id = self.grant(secs).await?;
+        let lease = Lease {
+            id,
+            secs,
+            alive_until: sent + Duration::from_secs(secs.unsigned_abs()),
+        };
+        match self.txn(attempt(id)).await {
+            Ok(resp) => self.created(key, &full, data, lease, &resp),
+            Err(e) => {
+                self.revoke(id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The answer of an acquire's transaction on `lease`: the lock stored on it (remembered
+    /// for this connection's extend and release), or the holder (the lease is kept).
+    fn created(
+        &self,
+        key: &str,
+        full: &str,
+        data: &LockData,
+        lease: Lease,
+        resp: &etcd_client::TxnResponse,
+    ) -> Result<AcquireOutcome> {
         if resp.succeeded() {
             let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+            self.remember_held(
+                full,
+                HeldLease {
+                    owner_hash: data.owner_hash.clone(),
+                    create_revision: revision,
+                    lease,
+                },
+            );
             let mut stored = data.clone();
             stored.fencing_token = u64::try_from(revision).ok();
             return Ok(AcquireOutcome::Acquired(stored));
         }
-        self.revoke(lease).await;
-        match held_kv(&resp.op_responses()) {
+        self.keep_spare(lease);
+        self.held_answer(key, resp)
+    }
+
+    /// Extends a lock this connection acquired: "if its creation revision is still ours, put
+    /// the record on its lease", and the lease's renewal, at once. `None` when the answer is
+    /// not clear-cut (the caller then reads and decides).
+    async fn extend_held(
+        &self,
+        key: &str,
+        full: &str,
+        data: &LockData,
+        held: HeldLease,
+    ) -> Result<Option<ExtendOutcome>> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                full,
+                CompareOp::Equal,
+                held.create_revision,
+            )])
+            .and_then([TxnOp::put(
+                full,
+                stored(data),
+                Some(PutOptions::new().with_lease(held.lease.id)),
+            )])
+            .or_else([TxnOp::get(full, None)]);
+        let sent = Instant::now();
+        let (renewed, answer) = tokio::join!(self.renew(held.lease.id), self.txn(txn));
+        let resp = match answer {
+            Ok(resp) => resp,
+            // The lease expired: the lock went with it; whether someone holds it now is read.
+            Err(e) if lease_gone(&e) => {
+                self.forget_held(full);
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        if !resp.succeeded() {
+            self.forget_held(full);
+            return Ok(match held_kv(resp.op_responses()) {
+                None => Some(ExtendOutcome::NoKey),
+                Some(kv) => {
+                    let current = lock_from_kv(key, &kv)?;
+                    (current.owner_hash != held.owner_hash).then_some(ExtendOutcome::Held(current))
+                }
+            });
+        }
+        match renewed? {
+            true => {
+                let lease = Lease {
+                    alive_until: sent + Duration::from_secs(held.lease.secs.unsigned_abs()),
+                    ..held.lease
+                };
+                if let Some(entry) = self.leases().held.get_mut(full) {
+                    entry.lease = lease;
+                }
+                let mut stored = data.clone();
+                stored.fencing_token = u64::try_from(held.create_revision).ok();
+                Ok(Some(ExtendOutcome::Extended(stored)))
+            }
+            // Rewritten on a lease that then expired: the key is gone with it.
+            false => {
+                self.forget_held(full);
+                Ok(Some(ExtendOutcome::NoKey))
+            }
+        }
+    }
+
+    /// Releases a lock this connection acquired: "if its creation revision is still ours,
+    /// delete it, else read it". The lease, without a key now, is kept for the next acquire.
+    /// `None` when the answer is not clear-cut.
+    async fn release_held(
+        &self,
+        key: &str,
+        full: &str,
+        held: HeldLease,
+    ) -> Result<Option<ReleaseOutcome>> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                full,
+                CompareOp::Equal,
+                held.create_revision,
+            )])
+            .and_then([TxnOp::delete(full, None)])
+            .or_else([TxnOp::get(full, None)]);
+        let resp = self.txn(txn).await?;
+        self.forget_held(full);
+        if resp.succeeded() {
+            self.keep_spare(held.lease);
+            return Ok(Some(ReleaseOutcome::Released));
+        }
+        // Not ours any more: its lease has no key, or is gone; it is not kept.
+        self.revoke_later(held.lease.id);
+        Ok(match held_kv(resp.op_responses()) {
+            None => Some(ReleaseOutcome::NoKey),
+            Some(kv) => {
+                let current = lock_from_kv(key, &kv)?;
+                (current.owner_hash != held.owner_hash).then_some(ReleaseOutcome::Held(current))
+            }
+        })
+    }
+
+    fn held_answer(&self, key: &str, resp: &etcd_client::TxnResponse) -> Result<AcquireOutcome> {
+        match held_kv(resp.op_responses()) {
             Some(kv) => Ok(AcquireOutcome::Held(lock_from_kv(key, &kv)?)),
             // Deleted between the two branches' evaluation: the caller tries again.
             None => Err(Error::unavailable(
@@ -340,9 +609,9 @@ fn never_sent(e: &etcd_client::Error) -> bool {
 /// Operations per transaction of `read_many` (etcd's default `--max-txn-ops` is 128).
 const TXN_OPS: usize = 128;
 
-fn held_kv(ops: &[TxnOpResponse]) -> Option<KeyValue> {
-    ops.iter().find_map(|op| match op {
-        TxnOpResponse::Get(get) => first_kv(get).cloned(),
+fn held_kv(ops: Vec<TxnOpResponse>) -> Option<KeyValue> {
+    ops.into_iter().find_map(|op| match op {
+        TxnOpResponse::Get(get) => first_kv(&get).cloned(),
         _ => None,
     })
 }
@@ -372,8 +641,16 @@ impl LockBackend for EtcdBackend {
         owner_hash: &str,
     ) -> Result<ExtendOutcome> {
         validate_key(key)?;
-        ttl_secs(ttl)?;
+        let secs = ttl_secs(ttl)?;
         let full = self.lock_key(key);
+        if let Some(held) = self
+            .held_by(&full, owner_hash)
+            .filter(|h| h.lease.secs == secs)
+        {
+            if let Some(outcome) = self.extend_held(key, &full, data, held).await? {
+                return Ok(outcome);
+            }
+        }
         for _ in 0..5 {
             let Some(kv) = self.get(&full).await? else {
                 return Ok(ExtendOutcome::NoKey);
@@ -411,6 +688,11 @@ impl LockBackend for EtcdBackend {
     async fn release(&self, key: &str, owner_hash: &str) -> Result<ReleaseOutcome> {
         validate_key(key)?;
         let full = self.lock_key(key);
+        if let Some(held) = self.held_by(&full, owner_hash) {
+            if let Some(outcome) = self.release_held(key, &full, held).await? {
+                return Ok(outcome);
+            }
+        }
         for _ in 0..5 {
             let Some(kv) = self.get(&full).await? else {
                 return Ok(ReleaseOutcome::NoKey);
@@ -678,6 +960,13 @@ fn lease_not_found(e: &etcd_client::Error) -> bool {
         etcd_client::Error::GRpcStatus(status) => status.message().contains("lease not found"),
         _ => false,
     }
+}
+
+/// [`lease_not_found`], of an etcd error mapped to this crate's.
+fn lease_gone(e: &Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|source| source.downcast_ref::<etcd_client::Error>())
+        .is_some_and(lease_not_found)
 }
 
 #[cfg(test)]
