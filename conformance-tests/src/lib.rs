@@ -302,7 +302,7 @@ impl Verdict {
 
 /// Runs one case in its own runtime and reports it; what [`conformance_suite!`] expands to.
 #[doc(hidden)]
-pub fn __run<S, C, F>(suite: &str, case: &str, setup: S, run: C)
+pub fn __run<S, C, F>(suite: &str, case: &str, setup: S, run: C) -> Verdict
 where
     S: Future<Output = Setup>,
     C: FnOnce(Fixture) -> F,
@@ -317,19 +317,35 @@ where
         let fixture = Fixture::new(suite, case, setup.await).await;
         run(fixture).await
     });
-    let line = match verdict {
+    let line = match &verdict {
         Verdict::Passed => format!("conformance {suite}::{case}: passed\n"),
         Verdict::Skipped(reason) => format!("conformance {suite}::{case}: SKIPPED ({reason})\n"),
     };
     // Straight to the process's stderr, past the test harness's capture, so every run lists
     // what ran and what was skipped.
     let _ = std::io::stderr().write_all(line.as_bytes());
+    verdict
 }
 
 macro_rules! define_suite {
     ($d:tt; $($name:ident),* $(,)?) => {
         /// The name of every case, in the order the suite runs them.
         pub const CASE_NAMES: &[&str] = &[$(stringify!($name)),*];
+
+        /// Runs the case named `case` (one of [`CASE_NAMES`]) against the backend `setup` makes,
+        /// in a runtime of its own, as one test of [`conformance_suite!`] does: for a test or
+        /// an example of your own that runs some cases. A failing check panics.
+        ///
+        /// # Panics
+        /// When `case` is not one of [`CASE_NAMES`], or the case fails.
+        pub fn run_case(suite: &str, case: &str, setup: impl Future<Output = Setup>) -> Verdict {
+            match case {
+                $(stringify!($name) => __run(suite, case, setup, |fixture| async move {
+                    cases::$name(&fixture).await
+                }),)*
+                other => panic!("no conformance case is named {other:?} (see CASE_NAMES)"),
+            }
+        }
 
         /// Generates one `#[test]` per conformance case for a backend.
         ///
@@ -350,7 +366,7 @@ macro_rules! define_suite {
                     $(
                         #[test]
                         fn $name() {
-                            $d crate::__run(
+                            let _ = $d crate::__run(
                                 stringify!($d suite),
                                 stringify!($name),
                                 async { $d setup.await },

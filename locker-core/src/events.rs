@@ -23,6 +23,25 @@ pub enum BackgroundSource {
     Connection,
     /// A waiter could not subscribe to the store's release notifications; it polls instead.
     Wait,
+    /// A held lock was lost (taken over, gone from the store, expired, or this process's
+    /// liveness lapsed); its job's next beat fails. Sent once per lost lock, with the error
+    /// the beat gives. Not logged again here: the loss itself is logged at WARN.
+    LockLost,
+}
+
+impl BackgroundSource {
+    /// The source as a metric label: `reporter`, `heartbeat`, `release`, `connection`, `wait`,
+    /// `lock_lost`.
+    pub fn label(self) -> &'static str {
+        match self {
+            BackgroundSource::Reporter => "reporter",
+            BackgroundSource::Heartbeat => "heartbeat",
+            BackgroundSource::Release => "release",
+            BackgroundSource::Connection => "connection",
+            BackgroundSource::Wait => "wait",
+            BackgroundSource::LockLost => "lock_lost",
+        }
+    }
 }
 
 impl std::fmt::Display for BackgroundSource {
@@ -33,6 +52,7 @@ impl std::fmt::Display for BackgroundSource {
             BackgroundSource::Release => "release",
             BackgroundSource::Connection => "connection",
             BackgroundSource::Wait => "wait",
+            BackgroundSource::LockLost => "lock lost",
         })
     }
 }
@@ -74,11 +94,15 @@ impl Events {
     }
 
     pub(crate) fn emit(&self, source: BackgroundSource, error: Error) {
-        // Once: an application that subscribed reports them itself.
-        if self.tx.receiver_count() == 0 {
-            tracing::warn!(%source, error = %error, "distributed-locker background error");
-        } else {
-            tracing::debug!(%source, error = %error, "distributed-locker background error");
+        crate::metrics::background_error(source);
+        // Once: an application that subscribed reports them itself. A lost lock was logged
+        // where it was found.
+        if source != BackgroundSource::LockLost {
+            if self.tx.receiver_count() == 0 {
+                tracing::warn!(%source, error = %error, "distributed-locker background error");
+            } else {
+                tracing::debug!(%source, error = %error, "distributed-locker background error");
+            }
         }
         // No subscriber is fine: the error was logged.
         let _ = self.tx.send(BackgroundError {

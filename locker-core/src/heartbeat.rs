@@ -103,8 +103,9 @@ impl LockState {
             if let Some(signal) = &*lock_ignoring_poison(&self.lost_signal) {
                 signal.send_replace(true);
             }
+            crate::metrics::lost(&loss);
             match &loss {
-                Loss::Released | Loss::Abandoned => {}
+                Loss::Released | Loss::Abandoned => return,
                 Loss::TakenOver(holder) => tracing::warn!(
                     key = %self.key, owner_hash = %self.owner_hash, new_owner = %holder.owner_hash,
                     "lock taken over by someone else; the job must stop"
@@ -113,6 +114,11 @@ impl LockState {
                     key = %self.key, owner_hash = %self.owner_hash, reason = ?other,
                     "lock lost; the job must stop"
                 ),
+            }
+            if let Some(e) = self.loss_error() {
+                self.locker
+                    .events
+                    .emit(BackgroundSource::LockLost, e.with_key(self.key.clone()));
             }
         }
     }

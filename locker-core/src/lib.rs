@@ -11,6 +11,7 @@ mod healing;
 mod heartbeat;
 mod locker;
 mod memory;
+pub mod metrics;
 mod options;
 mod record;
 mod reporter;

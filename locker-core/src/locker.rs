@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use tokio::sync::{broadcast, watch, Notify, OnceCell};
+use tracing::Instrument;
 
 use crate::backend::{
     AcquireDecision, AcquireOutcome, BackendFactory, LockBackend, ReleaseOutcome,
@@ -280,7 +281,13 @@ impl Inner {
     /// lock, stops the reporter now (after the releases already queued to it).
     fn unregister(&self, id: u64) {
         let now_empty = match self.held.lock() {
-            Ok(mut held) => held.remove(&id).is_some() && held.is_empty(),
+            Ok(mut held) => {
+                let removed = held.remove(&id).is_some();
+                if removed {
+                    crate::metrics::held_changed(-1.0);
+                }
+                removed && held.is_empty()
+            }
             Err(_) => false,
         };
         // Only `shutdown` waits for this, and only after it left `Running`: a removal that saw
@@ -522,6 +529,30 @@ impl Locker {
     /// a dropped [`LockGuard`].
     pub async fn acquire(&self, request: impl Into<LockRequest>) -> Result<LockAttempt> {
         let request = request.into();
+        let span = tracing::debug_span!(
+            "locker.acquire",
+            key = %request.key,
+            owner_hash = tracing::field::Empty,
+            fencing_token = tracing::field::Empty,
+        );
+        let started = std::time::Instant::now();
+        let result = self.acquire_once(request).instrument(span.clone()).await;
+        let outcome = match &result {
+            Ok(LockAttempt::Acquired(guard)) => {
+                span.record("owner_hash", guard.owner_hash());
+                if let Some(token) = guard.fencing_token() {
+                    span.record("fencing_token", token);
+                }
+                "acquired"
+            }
+            Ok(LockAttempt::Held(_)) => "held",
+            Err(_) => "error",
+        };
+        crate::metrics::acquire(outcome, started.elapsed());
+        result
+    }
+
+    async fn acquire_once(&self, request: LockRequest) -> Result<LockAttempt> {
         let inner = &self.inner;
         validate_key(&request.key)?;
         inner.check_running()?;
@@ -557,6 +588,7 @@ impl Locker {
                 return self.guard(key, stored, sent_at).await;
             }
             AcquireDecision::TookOver { stored, dead } => {
+                crate::metrics::took_over();
                 tracing::warn!(key = %key, owner_hash = %stored.owner_hash, dead_owner = %dead.owner_hash, fencing_token = ?stored.fencing_token, "took over the lock of a dead process");
                 return self.guard(key, stored, sent_at).await;
             }
@@ -583,6 +615,7 @@ impl Locker {
         pending.disarm();
         match ours_if_replayed(outcome, &data.owner_hash) {
             AcquireOutcome::Acquired(stored) => {
+                crate::metrics::took_over();
                 tracing::warn!(key = %key, owner_hash = %stored.owner_hash, dead_owner = %holder.owner_hash, fencing_token = ?stored.fencing_token, "took over the lock of a dead process");
                 self.guard(key, stored, sent_at).await
             }
@@ -598,6 +631,7 @@ impl Locker {
         let state = Arc::new(LockState::new(inner.clone(), id, key, stored, sent_at));
         if let Ok(mut held) = inner.held.lock() {
             held.insert(id, Arc::downgrade(&state));
+            crate::metrics::held_changed(1.0);
         }
         let guard = LockGuard { state };
         // `shutdown` sets the phase before it waits for the held locks, so a lock registered
@@ -715,7 +749,18 @@ impl Locker {
         request: impl Into<LockRequest>,
         wait: Wait,
     ) -> Result<LockGuard> {
-        let request = request.into();
+        let started = std::time::Instant::now();
+        let result = self.wait_for(request.into(), wait).await;
+        let outcome = match &result {
+            Ok(_) => "acquired",
+            Err(e) if e.kind() == ErrorKind::MutexTimeout => "timeout",
+            Err(_) => "error",
+        };
+        crate::metrics::waited(outcome, started.elapsed());
+        result
+    }
+
+    async fn wait_for(&self, request: LockRequest, wait: Wait) -> Result<LockGuard> {
         validate_key(&request.key)?;
         let inner = &self.inner;
         let started = tokio::time::Instant::now();
@@ -911,6 +956,15 @@ impl Locker {
     pub fn drain(&self, reason: impl Into<String>) {
         let reason = reason.into();
         tracing::info!(%reason, "locker draining");
+        if !self.inner.draining.load(Ordering::Acquire) {
+            let mut held = 0;
+            self.inner.for_each_held(|state| {
+                if !state.released.load(Ordering::Acquire) {
+                    held += 1;
+                }
+            });
+            crate::metrics::lost_for("drained", held);
+        }
         if let Ok(mut r) = self.inner.drain_reason.write() {
             *r = Some(reason);
         }
@@ -1155,6 +1209,7 @@ impl LockGuard {
             retry_every,
             &inner.events,
         )
+        .instrument(release_span(&state))
         .await;
         handoff.armed = false;
         if matches!(result, Ok(ReleaseOutcome::Released)) {
@@ -1171,7 +1226,19 @@ impl LockGuard {
         F: FnOnce(Heartbeat) -> Fut,
         Fut: Future<Output = T>,
     {
-        let result = AssertUnwindSafe(job(self.heartbeat())).catch_unwind().await;
+        let span = tracing::debug_span!(
+            "locker.run",
+            key = %self.state.key,
+            owner_hash = %self.state.owner_hash,
+            fencing_token = tracing::field::Empty,
+        );
+        if let Some(token) = self.state.fencing_token {
+            span.record("fencing_token", token);
+        }
+        let result = AssertUnwindSafe(job(self.heartbeat()))
+            .catch_unwind()
+            .instrument(span)
+            .await;
         self.release_after_run().await;
         match result {
             Ok(value) => value,
@@ -1193,7 +1260,12 @@ impl LockGuard {
             armed: true,
         };
         let result = match inner.backend().await {
-            Ok(backend) => backend.release(&state.key, &state.owner_hash).await,
+            Ok(backend) => {
+                backend
+                    .release(&state.key, &state.owner_hash)
+                    .instrument(release_span(&state))
+                    .await
+            }
             Err(e) => Err(e),
         };
         match result {
@@ -1220,9 +1292,24 @@ impl LockGuard {
     }
 }
 
+/// The span of a release: key, owner hash, fencing token.
+fn release_span(state: &LockState) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "locker.release",
+        key = %state.key,
+        owner_hash = %state.owner_hash,
+        fencing_token = tracing::field::Empty,
+    );
+    if let Some(token) = state.fencing_token {
+        span.record("fencing_token", token);
+    }
+    span
+}
+
 /// Logs a release's outcome: DEBUG when the lock was released, INFO when it was no longer
 /// ours to release (it expired, or someone else holds it now: the job's lock was lost).
 pub(crate) fn log_release(key: &str, owner_hash: &str, outcome: &ReleaseOutcome) {
+    crate::metrics::release(outcome);
     match outcome {
         ReleaseOutcome::Released => tracing::debug!(key, owner_hash, "released lock"),
         ReleaseOutcome::NoKey => tracing::info!(

@@ -91,18 +91,21 @@ impl<W: Word> Published<W> {
     }
 
     /// A write sent at `started` was acknowledged at `finished`. Called by one thread only.
-    pub(crate) fn record_success(&self, started: u64, finished: u64, ttl: u64) {
+    /// Returns whether the record may have been missing before this write (a lapse).
+    pub(crate) fn record_success(&self, started: u64, finished: u64, ttl: u64) -> bool {
         let prev = self.last_ok_start.load(Ordering::Acquire);
         // The previous record expired at `prev + ttl` at the earliest, and this write reached the
         // store at `finished` at the latest: if the first is not after the second, the record
         // may have been missing in between, and anyone could have taken our locks then.
-        if prev != 0 && finished >= prev.saturating_add(ttl) {
+        let lapsed = prev != 0 && finished >= prev.saturating_add(ttl);
+        if lapsed {
             // Published before the fresh `last_ok_start` below (see the type's docs).
             self.lapse_end.fetch_max(finished, Ordering::AcqRel);
         }
         if started > prev {
             self.last_ok_start.store(started, Ordering::Release);
         }
+        lapsed
     }
 }
 
@@ -149,7 +152,11 @@ impl Liveness {
 
     /// A write sent at `started` was acknowledged at `finished`.
     fn record_success(&self, started: u64, finished: u64) {
-        self.published.record_success(started, finished, self.ttl);
+        let lapsed = self.published.record_success(started, finished, self.ttl);
+        crate::metrics::liveness_written(
+            Duration::from_nanos(finished.saturating_sub(started)),
+            lapsed,
+        );
         if let Ok(mut failure) = self.start_failure.lock() {
             *failure = None;
         }
