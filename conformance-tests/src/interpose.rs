@@ -139,6 +139,13 @@ impl BackendFactory for Interposed {
             control: self.control.clone(),
         }))
     }
+
+    async fn connect_reporter(&self) -> Result<Arc<dyn LockBackend>> {
+        Ok(Arc::new(InterposedBackend {
+            inner: self.inner.connect_reporter().await?,
+            control: self.control.clone(),
+        }))
+    }
 }
 
 struct InterposedBackend {

@@ -222,6 +222,10 @@ impl BackendFactory for ArcFactory {
     async fn connect(&self) -> locker_core::Result<Arc<dyn locker_core::LockBackend>> {
         self.0.connect().await
     }
+
+    async fn connect_reporter(&self) -> locker_core::Result<Arc<dyn locker_core::LockBackend>> {
+        self.0.connect_reporter().await
+    }
 }
 
 /// Acquires `key`, retrying every failed or unanswered attempt (each waits 2 s at most) until

@@ -139,6 +139,14 @@ impl BackendFactory for CountingFactory {
             split_reads: self.split_reads,
         }))
     }
+
+    async fn connect_reporter(&self) -> Result<Arc<dyn LockBackend>> {
+        Ok(Arc::new(Counting {
+            inner: self.inner.connect_reporter().await?,
+            counts: self.counts.clone(),
+            split_reads: self.split_reads,
+        }))
+    }
 }
 
 #[derive(Debug)]

@@ -261,8 +261,19 @@ pub async fn read_each<B: LockBackend + ?Sized>(
 /// depend on the runtime that made another one.
 #[async_trait]
 pub trait BackendFactory: Send + Sync + 'static {
-    /// Opens a new connection (or a new handle to a shared in-process store).
+    /// Opens a new connection (or a new handle to a shared in-process store): the one of the
+    /// jobs, on the caller's runtime.
     async fn connect(&self) -> Result<Arc<dyn LockBackend>>;
+
+    /// Opens the liveness reporter's connection, on the reporter's own thread and runtime.
+    ///
+    /// The default is [`connect`](Self::connect). A factory whose `connect` hands out an
+    /// application's own client or pool (bound to the application's runtime, and busy with its
+    /// queries) opens a new one here, from the same configuration: the reporter must not wait
+    /// on a runtime or a pool that the jobs can starve.
+    async fn connect_reporter(&self) -> Result<Arc<dyn LockBackend>> {
+        self.connect().await
+    }
 }
 
 /// A [`BackendFactory`] made of an async closure; see [`factory_fn`].
@@ -304,5 +315,9 @@ where
 impl<T: BackendFactory + ?Sized> BackendFactory for Arc<T> {
     async fn connect(&self) -> Result<Arc<dyn LockBackend>> {
         (**self).connect().await
+    }
+
+    async fn connect_reporter(&self) -> Result<Arc<dyn LockBackend>> {
+        (**self).connect_reporter().await
     }
 }

@@ -231,7 +231,14 @@ impl Shared {
     }
 
     async fn reconnect(&self, old: &Arc<Generation>, failures: u32) {
-        let result = match timeout(self.connect_timeout, self.factory.connect()).await {
+        let connect = async {
+            if self.side == "reporter" {
+                self.factory.connect_reporter().await
+            } else {
+                self.factory.connect().await
+            }
+        };
+        let result = match timeout(self.connect_timeout, connect).await {
             Ok(result) => result,
             Err(_) => Err(Error::new(
                 ErrorKind::Timeout,

@@ -396,7 +396,7 @@ impl Task {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Command>) {
         let mut pending = Vec::new();
         let backend = loop {
-            let attempt = timeout(self.start_timeout, self.factory.connect());
+            let attempt = timeout(self.start_timeout, self.factory.connect_reporter());
             tokio::select! {
                 res = attempt => match res {
                     Ok(Ok(backend)) => match self.check_failover_time(&*backend) {

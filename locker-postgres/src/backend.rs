@@ -327,6 +327,40 @@ impl PostgresBackend {
     /// Opens a pool (at least one connection, so an unreachable server fails here, within the
     /// connect timeout) and, unless disabled, creates or upgrades the tables.
     pub async fn connect(config: &PostgresConfig) -> Result<Self> {
+        let pool = match &config.pool {
+            Some(pool) => pool.clone(),
+            None => Self::open_pool(config).await?,
+        };
+        if config.migrate {
+            crate::migrations::run(&pool, &config.tables)
+                .await
+                .map_err(map_error)?;
+        }
+        let functions: bool = sqlx::query(&config.tables.render(HAS_FUNCTIONS))
+            .persistent(false)
+            .fetch_one(&pool)
+            .await
+            .and_then(|row| row.try_get("present"))
+            .map_err(map_error)?;
+        if !functions {
+            tracing::warn!(
+                table = %config.tables.locks,
+                "the functions of distributed-locker's migration 3 are missing (migrate=false?): \
+                 locks work, with slower statements and two or three round trips to take over \
+                 a dead holder's lock; apply the migration (see locker-postgres's README)"
+            );
+        }
+        Ok(PostgresBackend {
+            functions,
+            sql: Statements::new(&config.tables, config.release_events),
+            config: config.clone(),
+            pool,
+            notifier: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// A pool of the locker's own, from the configuration's connect options.
+    async fn open_pool(config: &PostgresConfig) -> Result<PgPool> {
         let options = connect_options(config);
         // sqlx's pool retries a refused connection until its acquire timeout, and then says
         // only "pool timed out". One connection of our own first brings every definite failure
@@ -356,38 +390,12 @@ impl PostgresBackend {
                 ))
             }
         }
-        let pool = PgPoolOptions::new()
+        PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.connect_timeout)
             .connect_with(options)
             .await
-            .map_err(map_error)?;
-        if config.migrate {
-            crate::migrations::run(&pool, &config.tables)
-                .await
-                .map_err(map_error)?;
-        }
-        let functions: bool = sqlx::query(&config.tables.render(HAS_FUNCTIONS))
-            .persistent(false)
-            .fetch_one(&pool)
-            .await
-            .and_then(|row| row.try_get("present"))
-            .map_err(map_error)?;
-        if !functions {
-            tracing::warn!(
-                table = %config.tables.locks,
-                "the functions of distributed-locker's migration 3 are missing (migrate=false?): \
-                 locks work, with slower statements and two or three round trips to take over \
-                 a dead holder's lock; apply the migration (see locker-postgres's README)"
-            );
-        }
-        Ok(PostgresBackend {
-            functions,
-            sql: Statements::new(&config.tables, config.release_events),
-            config: config.clone(),
-            pool,
-            notifier: std::sync::OnceLock::new(),
-        })
+            .map_err(map_error)
     }
 
     /// The configuration this pool was made with.
@@ -826,6 +834,13 @@ impl fmt::Debug for PostgresBackend {
 impl BackendFactory for PostgresConfig {
     async fn connect(&self) -> Result<Arc<dyn LockBackend>> {
         Ok(Arc::new(PostgresBackend::connect(self).await?))
+    }
+
+    /// Never the application's pool: one of the reporter's own.
+    async fn connect_reporter(&self) -> Result<Arc<dyn LockBackend>> {
+        Ok(Arc::new(
+            PostgresBackend::connect(&self.for_reporter()).await?,
+        ))
     }
 }
 

@@ -7,7 +7,7 @@ use locker_core::url_params::{duration, encode_raw_userinfo};
 use locker_core::{Error, Result};
 use locker_sql::Tables;
 use percent_encoding::percent_decode_str;
-use sqlx::postgres::{PgConnectOptions, PgSslMode};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgSslMode};
 use sqlx::ConnectOptions;
 use url::Url;
 
@@ -50,6 +50,8 @@ pub struct PostgresConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) command_timeout: Duration,
     pub(crate) release_events: bool,
+    /// The application's pool, for the jobs' connection (see [`PostgresConfigBuilder::pool`]).
+    pub(crate) pool: Option<PgPool>,
 }
 
 /// The libpq-style parameters sqlx's `PgConnectOptions` reads (sqlx-postgres 0.8,
@@ -249,6 +251,23 @@ impl PostgresConfig {
             connect_timeout: self.connect_timeout,
             command_timeout: self.command_timeout,
             release_events: self.release_events,
+            pool: self.pool,
+        }
+    }
+
+    /// The application's pool the jobs' connection uses, if one was given.
+    pub fn pool(&self) -> Option<&PgPool> {
+        self.pool.as_ref()
+    }
+
+    /// This configuration without the application's pool: what the liveness reporter's
+    /// connection is made from.
+    pub(crate) fn for_reporter(&self) -> PostgresConfig {
+        PostgresConfig {
+            pool: None,
+            // It writes one row every report interval, and retries releases.
+            max_connections: self.max_connections.min(2),
+            ..self.clone()
         }
     }
 
@@ -286,6 +305,7 @@ impl fmt::Debug for PostgresConfig {
             .field("max_connections", &self.max_connections)
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
+            .field("application_pool", &self.pool.is_some())
             .finish()
     }
 }
@@ -308,6 +328,7 @@ pub struct PostgresConfigBuilder {
     connect_timeout: Duration,
     command_timeout: Duration,
     release_events: bool,
+    pool: Option<PgPool>,
 }
 
 impl Default for PostgresConfigBuilder {
@@ -321,6 +342,7 @@ impl Default for PostgresConfigBuilder {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            pool: None,
         }
     }
 }
@@ -329,6 +351,36 @@ impl PostgresConfigBuilder {
     /// Connection options made with sqlx (host, port, user, password, database, TLS).
     pub fn connect_options(mut self, options: PgConnectOptions) -> Self {
         self.options = Some(options);
+        self
+    }
+
+    /// The application's own pool, for the jobs: their locks are acquired, extended and
+    /// released through it (its TLS, credentials, timeouts and size; the locker's statements
+    /// are unnamed, so its statement cache is not used), and the migrations run on it.
+    ///
+    /// What the locker opens on its own, from the pool's connect options (with the
+    /// application name `distributed-locker` and no statement cache): the liveness reporter's
+    /// connection (a pool of up to 2, on the reporter's thread and runtime, so that neither a
+    /// starved application runtime nor a pool busy with the application's queries can delay
+    /// a liveness write), and, when a waiter waits, the `LISTEN` connection. This also sets
+    /// [`connect_options`](Self::connect_options) and
+    /// [`max_connections`](Self::max_connections) from the pool.
+    ///
+    /// ```no_run
+    /// # async fn app() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = sqlx::PgPool::connect("postgres://app@db/app").await?;
+    /// let config = locker_postgres::PostgresConfig::builder()
+    ///     .pool(pool.clone())
+    ///     .schema("jobs")
+    ///     .build()?;
+    /// let locker = locker_core::Locker::builder(config).build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn pool(mut self, pool: PgPool) -> Self {
+        self.options = Some((*pool.connect_options()).clone());
+        self.max_connections = pool.options().get_max_connections().max(1);
+        self.pool = Some(pool);
         self
     }
 
@@ -399,6 +451,7 @@ impl PostgresConfigBuilder {
             connect_timeout: self.connect_timeout,
             command_timeout: self.command_timeout,
             release_events: self.release_events,
+            pool: self.pool,
         })
     }
 }
