@@ -263,12 +263,15 @@ impl SqliteBackend {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(config.busy_timeout);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(config.max_connections)
-            .acquire_timeout(config.command_timeout)
-            .connect_with(options)
-            .await
-            .map_err(|e| map_open_error(&config.path, e))?;
+        let pool = match &config.pool {
+            Some(pool) => pool.clone(),
+            None => SqlitePoolOptions::new()
+                .max_connections(config.max_connections)
+                .acquire_timeout(config.command_timeout)
+                .connect_with(options)
+                .await
+                .map_err(|e| map_open_error(&config.path, e))?,
+        };
         sqlx::raw_sql(&config.tables.render(SCHEMA))
             .execute(&pool)
             .await
@@ -562,6 +565,13 @@ impl fmt::Debug for SqliteBackend {
 impl BackendFactory for SqliteConfig {
     async fn connect(&self) -> Result<Arc<dyn LockBackend>> {
         Ok(Arc::new(SqliteBackend::connect(self).await?))
+    }
+
+    /// Never the application's pool: one of the reporter's own.
+    async fn connect_reporter(&self) -> Result<Arc<dyn LockBackend>> {
+        Ok(Arc::new(
+            SqliteBackend::connect(&self.for_reporter()).await?,
+        ))
     }
 }
 

@@ -1,5 +1,6 @@
 //! [`SqliteConfig`]: a database file, from a `sqlite://` URL or a builder.
 
+use sqlx::SqlitePool;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,6 +42,8 @@ pub struct SqliteConfig {
     pub(crate) busy_timeout: Duration,
     pub(crate) command_timeout: Duration,
     pub(crate) max_connections: u32,
+    /// The application's pool, for the jobs' connection (see [`SqliteConfig::from_pool`]).
+    pub(crate) pool: Option<SqlitePool>,
 }
 
 impl SqliteConfig {
@@ -126,6 +129,47 @@ impl SqliteConfig {
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            pool: None,
+        }
+    }
+
+    /// A builder for the database of the application's own pool, whose connections the jobs'
+    /// locks then use (the tables are created through it too).
+    ///
+    /// The liveness reporter opens a pool of its own on the same file (WAL, `synchronous =
+    /// NORMAL`, the busy timeout of this configuration), on its thread and runtime, so that a
+    /// blocked application runtime or a pool busy with the application's queries cannot delay
+    /// a liveness write. WAL mode, once set by that pool, is the file's for every connection.
+    ///
+    /// ```no_run
+    /// # async fn app() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = sqlx::SqlitePool::connect("sqlite:///var/lib/app/app.db").await?;
+    /// let config = locker_sqlite::SqliteConfig::from_pool(pool.clone()).build()?;
+    /// let locker = locker_core::Locker::builder(config).build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_pool(pool: SqlitePool) -> SqliteConfigBuilder {
+        let path = pool.connect_options().get_filename().to_owned();
+        SqliteConfigBuilder {
+            max_connections: pool.options().get_max_connections().max(1),
+            pool: Some(pool),
+            ..SqliteConfig::builder(path)
+        }
+    }
+
+    /// The application's pool the jobs' connection uses, if one was given.
+    pub fn pool(&self) -> Option<&SqlitePool> {
+        self.pool.as_ref()
+    }
+
+    /// This configuration without the application's pool: what the liveness reporter's
+    /// connection is made from.
+    pub(crate) fn for_reporter(&self) -> SqliteConfig {
+        SqliteConfig {
+            pool: None,
+            max_connections: self.max_connections.min(2),
+            ..self.clone()
         }
     }
 
@@ -163,6 +207,7 @@ impl fmt::Debug for SqliteConfig {
             .field("busy_timeout", &self.busy_timeout)
             .field("command_timeout", &self.command_timeout)
             .field("max_connections", &self.max_connections)
+            .field("application_pool", &self.pool.is_some())
             .finish()
     }
 }
@@ -176,6 +221,7 @@ pub struct SqliteConfigBuilder {
     busy_timeout: Duration,
     command_timeout: Duration,
     max_connections: u32,
+    pool: Option<SqlitePool>,
 }
 
 impl SqliteConfigBuilder {
@@ -221,6 +267,7 @@ impl SqliteConfigBuilder {
             busy_timeout: self.busy_timeout,
             command_timeout: self.command_timeout,
             max_connections: self.max_connections,
+            pool: self.pool,
         })
     }
 }
