@@ -99,6 +99,9 @@ pub struct RedisConfig {
     pub(crate) client: ClientLibrary,
     pub(crate) wait_for_replicas: Option<WaitForReplicas>,
     pub(crate) release_events: bool,
+    /// The application's own `redis` client (see [`RedisConfigBuilder::redis_client`]).
+    #[cfg(feature = "redis")]
+    pub(crate) redis_client: Option<redis::Client>,
 }
 
 impl RedisConfig {
@@ -157,6 +160,8 @@ impl RedisConfig {
             wait_replicas: self.wait_for_replicas.map(|w| w.replicas),
             wait_timeout: self.wait_for_replicas.map(|w| w.timeout),
             release_events: self.release_events,
+            #[cfg(feature = "redis")]
+            redis_client: self.redis_client,
         }
     }
 
@@ -448,6 +453,8 @@ pub struct RedisConfigBuilder {
     wait_replicas: Option<u32>,
     wait_timeout: Option<Duration>,
     release_events: bool,
+    #[cfg(feature = "redis")]
+    redis_client: Option<redis::Client>,
 }
 
 impl Default for RedisConfigBuilder {
@@ -467,6 +474,8 @@ impl Default for RedisConfigBuilder {
             wait_replicas: None,
             wait_timeout: None,
             release_events: true,
+            #[cfg(feature = "redis")]
+            redis_client: None,
         }
     }
 }
@@ -480,6 +489,49 @@ impl RedisConfigBuilder {
     /// poll instead.
     pub fn release_events(mut self, on: bool) -> Self {
         self.release_events = on;
+        self
+    }
+
+    /// The application's own `redis` client (a standalone server, or a replica set's master):
+    /// its address, TLS (certificates included), credentials and database. The locker opens
+    /// its connections from it, as the application's own do: one for the jobs (a
+    /// `ConnectionManager`, with this configuration's timeouts), one for the liveness reporter
+    /// on its thread and runtime, and, when a waiter waits, one for pub/sub. A `redis::Client`
+    /// holds no connection, so nothing of the application's traffic is shared. This also sets
+    /// the node, TLS, user, password and database of this builder from the client, and the
+    /// client library to [`ClientLibrary::Redis`].
+    ///
+    /// ```
+    /// let client = redis::Client::open("redis://:s3cret@10.0.0.5:6380/2")?;
+    /// let config = locker_redis::RedisConfig::builder()
+    ///     .redis_client(client)
+    ///     .key_prefix("app:")
+    ///     .build()?;
+    /// assert_eq!(config.nodes(), [("10.0.0.5".to_owned(), 6380)]);
+    /// assert_eq!(config.database(), 2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(feature = "redis")]
+    pub fn redis_client(mut self, client: redis::Client) -> Self {
+        let info = client.get_connection_info();
+        match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port) => {
+                self.nodes = vec![(host.clone(), *port)];
+                self.tls = false;
+            }
+            redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                self.nodes = vec![(host.clone(), *port)];
+                self.tls = true;
+            }
+            // A Unix socket: the client connects; the node is only a label.
+            _ => self.nodes = vec![("unix-socket".to_owned(), 0)],
+        }
+        self.cluster = false;
+        self.username = info.redis_settings().username().map(str::to_owned);
+        self.password = info.redis_settings().password().map(str::to_owned);
+        self.database = info.redis_settings().db();
+        self.client = ClientLibrary::Redis;
+        self.redis_client = Some(client);
         self
     }
 
@@ -630,6 +682,13 @@ impl RedisConfigBuilder {
             self.nodes.push(("127.0.0.1".to_owned(), 6379));
         }
         let cluster = self.cluster || self.nodes.len() > 1;
+        #[cfg(feature = "redis")]
+        if self.redis_client.is_some() && (cluster || self.client != ClientLibrary::Redis) {
+            return Err(Error::invalid_input(
+                "an application's redis::Client is one standalone server driven by the redis \
+                 crate: no other node, no cluster, no other client library",
+            ));
+        }
         if cluster && self.database != 0 {
             return Err(Error::invalid_input("Redis Cluster has only database 0"));
         }
@@ -684,6 +743,8 @@ impl RedisConfigBuilder {
             client: self.client,
             wait_for_replicas,
             release_events: self.release_events,
+            #[cfg(feature = "redis")]
+            redis_client: self.redis_client,
         })
     }
 }

@@ -54,11 +54,14 @@ impl RedisDriver {
             root_cert: Some(pem.clone()),
         });
         let pubsub = if config.release_events {
-            let clients = config
-                .nodes()
-                .iter()
-                .map(|(host, port)| node_client(config, host, *port, settings.clone()))
-                .collect::<Result<Vec<_>>>()?;
+            let clients = match &config.redis_client {
+                Some(client) => vec![client.clone()],
+                None => config
+                    .nodes()
+                    .iter()
+                    .map(|(host, port)| node_client(config, host, *port, settings.clone()))
+                    .collect::<Result<Vec<_>>>()?,
+            };
             Some(PubSubClients {
                 clients,
                 next: std::sync::atomic::AtomicUsize::new(0),
@@ -69,6 +72,17 @@ impl RedisDriver {
         };
         let connect = async {
             match &config.topology {
+                Topology::Standalone { .. } if config.redis_client.is_some() => {
+                    let client = config.redis_client.clone().ok_or_else(|| {
+                        Error::invalid_input("the application's redis client is missing")
+                    })?;
+                    let mut manager =
+                        ConnectionManager::new_with_config(client, manager_config(config))
+                            .await
+                            .map_err(map_error)?;
+                    check_standalone_version(&mut manager, &config.redacted_url()).await?;
+                    Ok(Conn::Standalone(manager))
+                }
                 Topology::Standalone { host, port } => {
                     let addr = if config.tls {
                         ConnectionAddr::TcpTls {
@@ -89,13 +103,10 @@ impl RedisDriver {
                         None => redis::Client::open(info),
                     }
                     .map_err(map_error)?;
-                    let manager_config = redis::aio::ConnectionManagerConfig::new()
-                        .set_connection_timeout(Some(config.connect_timeout))
-                        .set_response_timeout(Some(config.command_timeout))
-                        .set_number_of_retries(2);
-                    let mut manager = ConnectionManager::new_with_config(client, manager_config)
-                        .await
-                        .map_err(map_error)?;
+                    let mut manager =
+                        ConnectionManager::new_with_config(client, manager_config(config))
+                            .await
+                            .map_err(map_error)?;
                     check_standalone_version(&mut manager, &config.redacted_url()).await?;
                     Ok(Conn::Standalone(manager))
                 }
@@ -166,6 +177,14 @@ impl RedisDriver {
             label: config.redacted_url(),
         })
     }
+}
+
+/// The connection manager's timeouts and retries.
+fn manager_config(config: &RedisConfig) -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_response_timeout(Some(config.command_timeout))
+        .set_number_of_retries(2)
 }
 
 /// `INFO server`, the reply the version check reads.
