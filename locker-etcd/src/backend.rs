@@ -130,28 +130,40 @@ impl EtcdBackend {
     /// Connects (authenticating when a user is set) and checks that the cluster answers, so
     /// that an unreachable cluster fails here, within the timeouts.
     pub async fn connect(config: &EtcdConfig) -> Result<Self> {
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(config.connect_timeout)
-            .with_timeout(config.command_timeout);
-        if let Some((user, password)) = &config.user {
-            options = options.with_user(user.clone(), password.clone());
-        }
-        if config.tls {
-            let mut tls = TlsOptions::new();
-            if let Some(pem) = &config.ca_pem {
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
+        let options = match &config.connect_options {
+            Some(options) => options.clone(),
+            None => {
+                let mut options = ConnectOptions::new()
+                    .with_connect_timeout(config.connect_timeout)
+                    .with_timeout(config.command_timeout);
+                if let Some((user, password)) = &config.user {
+                    options = options.with_user(user.clone(), password.clone());
+                }
+                if config.tls {
+                    let mut tls = TlsOptions::new();
+                    if let Some(pem) = &config.ca_pem {
+                        tls = tls.ca_certificate(Certificate::from_pem(pem));
+                    }
+                    options = options.with_tls(tls);
+                }
+                options
             }
-            options = options.with_tls(tls);
-        }
+        };
         // The client retries a member that refuses, since another may answer; when every
         // one refuses, that is the answer, and it comes in milliseconds.
-        if let Some(e) = every_endpoint_refuses(&config.endpoints, config.connect_timeout).await {
-            return Err(e);
+        if config.client.is_none() {
+            if let Some(e) = every_endpoint_refuses(&config.endpoints, config.connect_timeout).await
+            {
+                return Err(e);
+            }
         }
         let connect = async {
-            let mut client = Client::connect(&config.endpoints, Some(options))
-                .await
-                .map_err(map_error)?;
+            let mut client = match &config.client {
+                Some(client) => client.clone(),
+                None => Client::connect(&config.endpoints, Some(options))
+                    .await
+                    .map_err(map_error)?,
+            };
             // The probe may be routed to a member that is down: like any request that was never
             // sent, it is tried again until a live member answers (bounded by the timeout below).
             let mut tries: u64 = 0;
@@ -948,6 +960,11 @@ impl fmt::Debug for EtcdBackend {
 impl BackendFactory for EtcdConfig {
     async fn connect(&self) -> Result<Arc<dyn LockBackend>> {
         Ok(Arc::new(EtcdBackend::connect(self).await?))
+    }
+
+    /// Never the application's client: one of the reporter's own.
+    async fn connect_reporter(&self) -> Result<Arc<dyn LockBackend>> {
+        Ok(Arc::new(EtcdBackend::connect(&self.for_reporter()).await?))
     }
 }
 

@@ -38,6 +38,11 @@ pub struct EtcdConfig {
     pub(crate) prefix: String,
     pub(crate) connect_timeout: Duration,
     pub(crate) command_timeout: Duration,
+    /// The application's client, for the jobs (see [`EtcdConfigBuilder::client`]).
+    pub(crate) client: Option<etcd_client::Client>,
+    /// The application's connect options, for the connections the locker opens (see
+    /// [`EtcdConfigBuilder::connect_options`]).
+    pub(crate) connect_options: Option<etcd_client::ConnectOptions>,
 }
 
 impl EtcdConfig {
@@ -147,7 +152,18 @@ impl EtcdConfig {
                 prefix: String::new(),
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 command_timeout: DEFAULT_COMMAND_TIMEOUT,
+                client: None,
+                connect_options: None,
             },
+        }
+    }
+
+    /// This configuration without the application's client: what the liveness reporter's
+    /// connection is made from.
+    pub(crate) fn for_reporter(&self) -> EtcdConfig {
+        EtcdConfig {
+            client: None,
+            ..self.clone()
         }
     }
 
@@ -219,6 +235,11 @@ impl fmt::Debug for EtcdConfig {
             .field("custom_ca", &self.ca_pem.is_some())
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
+            .field("application_client", &self.client.is_some())
+            .field(
+                "application_connect_options",
+                &self.connect_options.is_some(),
+            )
             .finish()
     }
 }
@@ -273,6 +294,42 @@ impl EtcdConfigBuilder {
     /// Prefix of every key (empty by default).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.config.prefix = prefix.into();
+        self
+    }
+
+    /// The application's own client, for the jobs: their locks are acquired, extended and
+    /// released on its channel (its TLS, credentials and balancing). The liveness reporter
+    /// connects on its own, on its thread and runtime, to the endpoints of this builder, with
+    /// [`connect_options`](Self::connect_options) when given: an `etcd_client::Client` does
+    /// not say how it was made, so give the endpoints (and the options) it was made with.
+    ///
+    /// ```no_run
+    /// # async fn app() -> Result<(), Box<dyn std::error::Error>> {
+    /// use etcd_client::{Client, ConnectOptions};
+    ///
+    /// let options = ConnectOptions::new().with_user("app", "s3cret");
+    /// let client = Client::connect(["http://10.0.0.1:2379"], Some(options.clone())).await?;
+    /// let config = locker_etcd::EtcdConfig::builder()
+    ///     .endpoint("10.0.0.1", 2379)
+    ///     .client(client)
+    ///     .connect_options(options)
+    ///     .prefix("app/")
+    ///     .build()?;
+    /// let locker = locker_core::Locker::builder(config).build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn client(mut self, client: etcd_client::Client) -> Self {
+        self.config.client = Some(client);
+        self
+    }
+
+    /// The application's connect options (TLS, credentials, keep-alives), for every connection
+    /// the locker opens, in place of those this builder would make from
+    /// [`tls`](Self::tls), [`ca_certificate_pem`](Self::ca_certificate_pem),
+    /// [`user`](Self::user) and the timeouts.
+    pub fn connect_options(mut self, options: etcd_client::ConnectOptions) -> Self {
+        self.config.connect_options = Some(options);
         self
     }
 
