@@ -59,8 +59,18 @@ pub enum ClientLibrary {
 /// A standalone server or the seed nodes of a cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Topology {
-    Standalone { host: String, port: u16 },
-    Cluster { nodes: Vec<(String, u16)> },
+    Standalone {
+        host: String,
+        port: u16,
+    },
+    Cluster {
+        nodes: Vec<(String, u16)>,
+    },
+    /// A master found through Redis Sentinel: the sentinels, and the service name they watch.
+    Sentinel {
+        sentinels: Vec<(String, u16)>,
+        service: String,
+    },
 }
 
 /// Everything needed to connect to Redis; a [`BackendFactory`](locker_core::BackendFactory).
@@ -148,6 +158,10 @@ impl RedisConfig {
         RedisConfigBuilder {
             nodes: self.nodes(),
             cluster: matches!(self.topology, Topology::Cluster { .. }),
+            sentinel_service: match &self.topology {
+                Topology::Sentinel { service, .. } => Some(service.clone()),
+                _ => None,
+            },
             tls: self.tls,
             root_cert_pem: self.root_cert_pem,
             username: self.username,
@@ -191,6 +205,7 @@ impl RedisConfig {
         match &self.topology {
             Topology::Standalone { host, port } => vec![(host.clone(), *port)],
             Topology::Cluster { nodes } => nodes.clone(),
+            Topology::Sentinel { sentinels, .. } => sentinels.clone(),
         }
     }
 
@@ -230,13 +245,23 @@ impl RedisConfig {
         self.release_events
     }
 
+    /// The Sentinel service name (the master's name the sentinels watch), when the server is
+    /// found through Redis Sentinel; [`nodes`](Self::nodes) are then the sentinels.
+    pub fn sentinel_service(&self) -> Option<&str> {
+        match &self.topology {
+            Topology::Sentinel { service, .. } => Some(service),
+            _ => None,
+        }
+    }
+
     /// The URL of this configuration with the password replaced by `***`.
     pub fn redacted_url(&self) -> String {
-        let scheme = match (self.is_cluster(), self.tls) {
-            (false, false) => "redis",
-            (false, true) => "rediss",
-            (true, false) => "redis+cluster",
-            (true, true) => "rediss+cluster",
+        let scheme = match (&self.topology, self.tls) {
+            (Topology::Standalone { .. }, false) => "redis",
+            (Topology::Standalone { .. }, true) => "rediss",
+            (Topology::Cluster { .. }, false) => "redis+cluster",
+            (Topology::Cluster { .. }, true) => "rediss+cluster",
+            (Topology::Sentinel { .. }, _) => "redis+sentinel",
         };
         let auth = match (&self.username, &self.password) {
             (Some(u), Some(_)) => format!("{u}:***@"),
@@ -251,6 +276,15 @@ impl RedisConfig {
                 .map(|(h, p)| format!("{h}:{p}"))
                 .collect::<Vec<_>>()
                 .join(","),
+            Topology::Sentinel { sentinels, service } => format!(
+                "{}/{service}/{}",
+                sentinels
+                    .iter()
+                    .map(|(h, p)| format!("{h}:{p}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                self.database
+            ),
         };
         format!("{scheme}://{auth}{hosts}")
     }
@@ -278,14 +312,22 @@ fn parse_url(url: &str) -> Result<RedisConfigBuilder> {
     // `host` stands in for the host list, read below.
     let parsed =
         Url::parse(&format!("{scheme}://{userinfo}host{tail}")).map_err(|e| bad(&e.to_string()))?;
-    let (cluster, tls) = match parsed.scheme() {
-        "redis" => (false, false),
-        "rediss" => (false, true),
-        "redis+cluster" | "redis-cluster" => (true, false),
-        "rediss+cluster" | "rediss-cluster" => (true, true),
+    let (cluster, tls, sentinel) = match parsed.scheme() {
+        "redis" => (false, false, false),
+        "rediss" => (false, true, false),
+        "redis+cluster" | "redis-cluster" => (true, false, false),
+        "rediss+cluster" | "rediss-cluster" => (true, true, false),
+        "redis+sentinel" | "redis-sentinel" => (false, false, true),
+        "rediss+sentinel" | "rediss-sentinel" => {
+            return Err(bad(
+                "TLS through Redis Sentinel (rediss+sentinel) is not supported yet; use \
+                 redis+sentinel, or give an application's client",
+            ))
+        }
         other => {
             return Err(bad(&format!(
-                "unknown scheme {other:?} (expected redis, rediss, redis+cluster or rediss+cluster)"
+                "unknown scheme {other:?} (expected redis, rediss, redis+cluster, \
+                 rediss+cluster or redis+sentinel)"
             )))
         }
     };
@@ -308,7 +350,18 @@ fn parse_url(url: &str) -> Result<RedisConfigBuilder> {
     if nodes.is_empty() {
         return Err(bad("no host"));
     }
-    let path = parsed.path().trim_start_matches('/');
+    let mut path = parsed.path().trim_start_matches('/');
+    let mut sentinel_service = None;
+    if sentinel {
+        // `/service` or `/service/db`.
+        let (service, db) = path.split_once('/').unwrap_or((path, ""));
+        if service.is_empty() {
+            return Err(bad("redis+sentinel needs the service name as the path: \
+                 redis+sentinel://host:26379,host:26379/mymaster[/db]"));
+        }
+        sentinel_service = Some(decode(service)?);
+        path = db;
+    }
     let database = if path.is_empty() {
         0
     } else {
@@ -323,6 +376,7 @@ fn parse_url(url: &str) -> Result<RedisConfigBuilder> {
     let mut builder = RedisConfigBuilder {
         nodes,
         cluster,
+        sentinel_service,
         tls,
         username,
         password,
@@ -441,6 +495,7 @@ impl fmt::Display for RedisConfig {
 pub struct RedisConfigBuilder {
     nodes: Vec<(String, u16)>,
     cluster: bool,
+    sentinel_service: Option<String>,
     tls: bool,
     root_cert_pem: Option<Vec<u8>>,
     username: Option<String>,
@@ -462,6 +517,7 @@ impl Default for RedisConfigBuilder {
         RedisConfigBuilder {
             nodes: Vec::new(),
             cluster: false,
+            sentinel_service: None,
             tls: false,
             root_cert_pem: None,
             username: None,
@@ -527,6 +583,7 @@ impl RedisConfigBuilder {
             _ => self.nodes = vec![("unix-socket".to_owned(), 0)],
         }
         self.cluster = false;
+        self.sentinel_service = None;
         self.username = info.redis_settings().username().map(str::to_owned);
         self.password = info.redis_settings().password().map(str::to_owned);
         self.database = info.redis_settings().db();
@@ -538,6 +595,22 @@ impl RedisConfigBuilder {
     /// Adds a server (`host:port`); several nodes make a cluster's seed list.
     pub fn node(mut self, host: impl Into<String>, port: u16) -> Self {
         self.nodes.push((host.into(), port));
+        self
+    }
+
+    /// Finds the master through Redis Sentinel: the nodes of this builder are the sentinels,
+    /// and `service` the name they watch the master by (`sentinel monitor <service> ...`).
+    /// URL form: `redis+sentinel://[user:password@]host:26379,host:26379/service[/db]` (the
+    /// credentials and the database are the master's; the sentinels are asked without).
+    ///
+    /// At connect, the backend asks the sentinels for the master (redis-rs), or lets `fred`
+    /// follow them. With the `redis` crate, a failover is followed by reconnecting: the
+    /// connection to the old master fails (refused while it is down, `READONLY` once it is
+    /// back as a replica), and after
+    /// [`reconnect_after_failures`](locker_core::LockerOptions::reconnect_after_failures)
+    /// failures the locker connects again, which asks the sentinels again.
+    pub fn sentinel(mut self, service: impl Into<String>) -> Self {
+        self.sentinel_service = Some(service.into());
         self
     }
 
@@ -681,9 +754,17 @@ impl RedisConfigBuilder {
         if self.nodes.is_empty() {
             self.nodes.push(("127.0.0.1".to_owned(), 6379));
         }
-        let cluster = self.cluster || self.nodes.len() > 1;
+        let cluster = self.sentinel_service.is_none() && (self.cluster || self.nodes.len() > 1);
+        if self.sentinel_service.is_some() && (self.cluster || self.tls) {
+            return Err(Error::invalid_input(
+                "Redis Sentinel is for a master and its replicas, without TLS here: not a \
+                 cluster, and no TLS (not supported yet)",
+            ));
+        }
         #[cfg(feature = "redis")]
-        if self.redis_client.is_some() && (cluster || self.client != ClientLibrary::Redis) {
+        if self.redis_client.is_some()
+            && (cluster || self.sentinel_service.is_some() || self.client != ClientLibrary::Redis)
+        {
             return Err(Error::invalid_input(
                 "an application's redis::Client is one standalone server driven by the redis \
                  crate: no other node, no cluster, no other client library",
@@ -724,7 +805,12 @@ impl RedisConfigBuilder {
                 Some(WaitForReplicas { replicas, timeout })
             }
         };
-        let topology = if cluster {
+        let topology = if let Some(service) = self.sentinel_service {
+            Topology::Sentinel {
+                sentinels: self.nodes,
+                service,
+            }
+        } else if cluster {
             Topology::Cluster { nodes: self.nodes }
         } else {
             let (host, port) = self.nodes.swap_remove(0);
@@ -809,6 +895,47 @@ mod tests {
                 port: 6380
             }
         );
+    }
+
+    #[test]
+    fn sentinel_urls_parse() {
+        let c = RedisConfig::from_url(
+            "redis+sentinel://:s3cret@10.0.0.1:26379,10.0.0.2:26380/mymaster/2?prefix=app:",
+        )
+        .expect("url");
+        assert_eq!(c.sentinel_service(), Some("mymaster"));
+        assert_eq!(
+            c.nodes(),
+            [
+                ("10.0.0.1".to_owned(), 26379),
+                ("10.0.0.2".to_owned(), 26380)
+            ]
+        );
+        assert_eq!(c.database(), 2);
+        assert!(!c.is_cluster());
+        assert_eq!(c.key_prefix(), "app:");
+        assert_eq!(
+            c.redacted_url(),
+            "redis+sentinel://:***@10.0.0.1:26379,10.0.0.2:26380/mymaster/2"
+        );
+        let c = RedisConfig::from_url("redis-sentinel://h:26379/m").expect("url");
+        assert_eq!((c.sentinel_service(), c.database()), (Some("m"), 0));
+        for bad in [
+            "redis+sentinel://h:26379",
+            "redis+sentinel://h:26379/",
+            "rediss+sentinel://h:26379/m",
+            "redis+sentinel://h:26379/m/x",
+        ] {
+            let e = RedisConfig::from_url(bad).expect_err(bad);
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}");
+        }
+        let e = RedisConfig::builder()
+            .node("h", 26379)
+            .sentinel("m")
+            .cluster(true)
+            .build()
+            .expect_err("a sentinel cluster");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
     }
 
     #[test]

@@ -74,6 +74,14 @@ impl FredDriver {
                     .collect(),
                 policy: Default::default(),
             },
+            // fred asks the sentinels for the master, and again after a failover.
+            Topology::Sentinel { sentinels, service } => ServerConfig::Sentinel {
+                hosts: sentinels
+                    .iter()
+                    .map(|(h, p)| Server::new(h.as_str(), *p))
+                    .collect(),
+                service_name: service.clone(),
+            },
         };
         let database = u8::try_from(config.database)
             .map_err(|_| Error::invalid_input("fred supports databases 0 to 255"))?;

@@ -53,23 +53,6 @@ impl RedisDriver {
             client_tls: None,
             root_cert: Some(pem.clone()),
         });
-        let pubsub = if config.release_events {
-            let clients = match &config.redis_client {
-                Some(client) => vec![client.clone()],
-                None => config
-                    .nodes()
-                    .iter()
-                    .map(|(host, port)| node_client(config, host, *port, settings.clone()))
-                    .collect::<Result<Vec<_>>>()?,
-            };
-            Some(PubSubClients {
-                clients,
-                next: std::sync::atomic::AtomicUsize::new(0),
-                connect_timeout: config.connect_timeout,
-            })
-        } else {
-            None
-        };
         let connect = async {
             match &config.topology {
                 Topology::Standalone { .. } if config.redis_client.is_some() => {
@@ -81,7 +64,7 @@ impl RedisDriver {
                             .await
                             .map_err(map_error)?;
                     check_standalone_version(&mut manager, &config.redacted_url()).await?;
-                    Ok(Conn::Standalone(manager))
+                    Ok((Conn::Standalone(manager), None))
                 }
                 Topology::Standalone { host, port } => {
                     let addr = if config.tls {
@@ -97,7 +80,7 @@ impl RedisDriver {
                     let info = addr
                         .into_connection_info()
                         .map_err(map_error)?
-                        .set_redis_settings(settings);
+                        .set_redis_settings(settings.clone());
                     let client = match certs {
                         Some(certs) => redis::Client::build_with_tls(info, certs),
                         None => redis::Client::open(info),
@@ -108,7 +91,16 @@ impl RedisDriver {
                             .await
                             .map_err(map_error)?;
                     check_standalone_version(&mut manager, &config.redacted_url()).await?;
-                    Ok(Conn::Standalone(manager))
+                    Ok((Conn::Standalone(manager), None))
+                }
+                Topology::Sentinel { sentinels, service } => {
+                    let client = master_from_sentinels(config, sentinels, service).await?;
+                    let mut manager =
+                        ConnectionManager::new_with_config(client.clone(), manager_config(config))
+                            .await
+                            .map_err(map_error)?;
+                    check_standalone_version(&mut manager, &config.redacted_url()).await?;
+                    Ok((Conn::Standalone(manager), Some(client)))
                 }
                 Topology::Cluster { nodes } => {
                     let nodes: Vec<_> = nodes
@@ -147,12 +139,12 @@ impl RedisDriver {
                     let client = builder.build().map_err(map_error)?;
                     let mut conn = client.get_async_connection().await.map_err(map_error)?;
                     check_cluster_versions(&mut conn).await?;
-                    Ok(Conn::Cluster(conn))
+                    Ok((Conn::Cluster(conn), None))
                 }
             }
         };
         // Bound the whole connect, retries included.
-        let conn = tokio::time::timeout(config.connect_timeout * 3, connect)
+        let (conn, master) = tokio::time::timeout(config.connect_timeout * 3, connect)
             .await
             .map_err(|_| {
                 Error::new(
@@ -163,6 +155,24 @@ impl RedisDriver {
                     ),
                 )
             })??;
+        // Pub/sub: the application's client, the master the sentinels named, or each node.
+        let pubsub = if config.release_events {
+            let clients = match master.as_ref().or(config.redis_client.as_ref()) {
+                Some(client) => vec![client.clone()],
+                None => config
+                    .nodes()
+                    .iter()
+                    .map(|(host, port)| node_client(config, host, *port, settings.clone()))
+                    .collect::<Result<Vec<_>>>()?,
+            };
+            Some(PubSubClients {
+                clients,
+                next: std::sync::atomic::AtomicUsize::new(0),
+                connect_timeout: config.connect_timeout,
+            })
+        } else {
+            None
+        };
         Ok(RedisDriver {
             conn,
             pubsub,
@@ -177,6 +187,47 @@ impl RedisDriver {
             label: config.redacted_url(),
         })
     }
+}
+
+/// The master the sentinels name now, as a client (with the master's credentials and
+/// database); the sentinels themselves are asked without credentials.
+async fn master_from_sentinels(
+    config: &RedisConfig,
+    sentinels: &[(String, u16)],
+    service: &str,
+) -> Result<redis::Client> {
+    let addrs = sentinels
+        .iter()
+        .map(|(host, port)| ConnectionAddr::Tcp(host.clone(), *port));
+    let mut builder = redis::sentinel::SentinelClientBuilder::new(
+        addrs,
+        service,
+        redis::sentinel::SentinelServerType::Master,
+    )
+    .map_err(map_error)?
+    .set_client_to_redis_db(config.database);
+    if let Some(user) = &config.username {
+        builder = builder.set_client_to_redis_username(user);
+    }
+    if let Some(password) = &config.password {
+        builder = builder.set_client_to_redis_password(password);
+    }
+    let mut sentinel = builder.build().map_err(map_error)?;
+    sentinel.async_get_client().await.map_err(|e| {
+        let mapped = map_error(e);
+        Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "no master for service {service:?} from the sentinels {}: {mapped}",
+                sentinels
+                    .iter()
+                    .map(|(h, p)| format!("{h}:{p}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        )
+        .with_source(mapped)
+    })
 }
 
 /// The connection manager's timeouts and retries.
@@ -534,7 +585,14 @@ pub(crate) fn map_error(e: RedisError) -> Error {
     // does not resolve.
     let definite = e.is_connection_refusal() || find_io_error(&e).is_some_and(is_definite_io_error);
     // A server's error reply came over a working connection (see `Error::store_answered`).
-    let answered = matches!(e.kind(), K::Server(_)) || e.code().is_some();
+    // Except `READONLY` and `MASTERDOWN`: this connection points at a replica (an old master,
+    // after a Sentinel failover) and must be made again, so they count as failures of the
+    // connection (see `locker_core`'s healing), as a refused connection does.
+    let answered = (matches!(e.kind(), K::Server(_)) || e.code().is_some())
+        && !matches!(
+            e.kind(),
+            K::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+        );
     let mapped = Error::new(kind, "redis")
         .set_store_answered(answered)
         .with_source(e);

@@ -30,6 +30,8 @@ pub const SCHEMES: &[&str] = &[
     "rediss+cluster",
     "redis-cluster",
     "rediss-cluster",
+    "redis+sentinel",
+    "redis-sentinel",
     "postgres",
     "postgresql",
     "sqlite",
@@ -42,7 +44,7 @@ pub const SCHEMES: &[&str] = &[
 ///
 /// | scheme | backend | feature |
 /// |---|---|---|
-/// | `redis://`, `rediss://` (TLS), `redis+cluster://`, `rediss+cluster://` (also spelled `redis-cluster://`, `rediss-cluster://`) | Redis, Redis Cluster | `redis` (default) or `fred` |
+/// | `redis://`, `rediss://` (TLS), `redis+cluster://`, `rediss+cluster://` (also spelled `redis-cluster://`, `rediss-cluster://`), `redis+sentinel://` (also `redis-sentinel://`) | Redis, Redis Cluster, Redis with Sentinel | `redis` (default) or `fred` |
 /// | `postgres://`, `postgresql://` | PostgreSQL | `postgres` |
 /// | `sqlite:///abs/path.db`, `sqlite://relative/path.db`, `sqlite:path.db` | SQLite | `sqlite` (default) |
 /// | `etcd://`, `etcds://` (TLS) | etcd | `etcd` |
@@ -55,7 +57,9 @@ pub const SCHEMES: &[&str] = &[
 ///
 /// - `redis://[user[:password]@]host[:port][/db][?params]`;
 ///   `redis+cluster://[user[:password]@]host1:port1,host2:port2[?params]` (a cluster has no
-///   database number);
+///   database number); `redis+sentinel://[user[:password]@]sentinel1:26379,sentinel2:26379/service[/db][?params]`
+///   (the hosts are the sentinels, the path the service name they watch the master by; the
+///   credentials and database are the master's);
 /// - `postgres://[user[:password]@]host[:port]/database[?params]`;
 /// - `sqlite:` then the file's path (percent-decoded, up to the first `?`), then `?params`;
 ///   in-memory databases are refused (the locker's connections would each see their own);
@@ -139,7 +143,7 @@ pub fn connect(url: &str) -> Result<Arc<dyn BackendFactory>> {
     };
     match scheme.as_str() {
         "redis" | "rediss" | "redis+cluster" | "rediss+cluster" | "redis-cluster"
-        | "rediss-cluster" => {
+        | "rediss-cluster" | "redis+sentinel" | "redis-sentinel" => {
             #[cfg(any(feature = "redis", feature = "fred"))]
             {
                 Ok(Arc::new(locker_redis::RedisConfig::from_url(url)?))

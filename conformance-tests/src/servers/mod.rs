@@ -527,6 +527,16 @@ pub fn start_redis_cluster_with_replicas() -> Result<Server, ServerError> {
     }
 }
 
+/// Starts a private Redis master, its replica and three sentinels from the local
+/// `redis-server` (as `redis-server sentinel.conf --sentinel`, what Debian's `redis-sentinel`
+/// runs): node 0 is the master as started, node 1 its replica, nodes 2 to 4 the sentinels
+/// (`down-after-milliseconds 1000`, `failover-timeout 3000`, quorum 2, service `locker`). The
+/// URL is `redis+sentinel://` with the three sentinels and the service name. Local processes
+/// only: it fails, saying how to get `redis-server`, when the binary is missing.
+pub fn start_redis_sentinel() -> Result<Server, ServerError> {
+    redis::start_sentinel()
+}
+
 /// Starts a private server of `kind` from local binaries, whatever the environment says.
 pub fn start_process(kind: ServerKind) -> Result<Server, ServerError> {
     match kind {

@@ -175,6 +175,108 @@ fn start_cluster_of(masters: usize, replicas_each: usize) -> Result<Server, Serv
     )
 }
 
+/// The service name the sentinels of [`start_sentinel`] watch.
+pub(super) const SENTINEL_SERVICE: &str = "locker";
+
+/// Starts a Redis master (node 0), its replica (node 1) and three sentinels (nodes 2 to 4)
+/// that watch them as [`SENTINEL_SERVICE`], with `down-after-milliseconds 1000`,
+/// `failover-timeout 3000` and a quorum of 2. The endpoint is
+/// `redis+sentinel://127.0.0.1:s1,127.0.0.1:s2,127.0.0.1:s3/locker`. It is returned once the
+/// replica's link is up and every sentinel sees the master, the replica and the two other
+/// sentinels.
+pub(super) fn start_sentinel() -> Result<Server, ServerError> {
+    let kind = ServerKind::Redis;
+    let program = binary(kind)?;
+    let master = free_port(0)?;
+    let replica = free_port(0)?;
+    let fast_sync = || vec![OsString::from("--repl-diskless-sync-delay"), "0".into()];
+    let (master_process, master_dir) = custom_node(master, false, kind, fast_sync(), false)?;
+    let mut replica_args = fast_sync();
+    replica_args.extend([
+        OsString::from("--replicaof"),
+        "127.0.0.1".into(),
+        master.to_string().into(),
+    ]);
+    let (replica_process, replica_dir) = custom_node(replica, false, kind, replica_args, false)?;
+    let mut processes = vec![master_process, replica_process];
+    let mut dirs: Vec<Box<dyn std::any::Any + Send + Sync>> =
+        vec![Box::new(master_dir), Box::new(replica_dir)];
+    let mut sentinels = Vec::new();
+    for _ in 0..3 {
+        let port = free_port(0)?;
+        let dir = temp_dir("sentinel")?;
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                 sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {master} 2\n\
+                 sentinel down-after-milliseconds {SENTINEL_SERVICE} 1000\n\
+                 sentinel failover-timeout {SENTINEL_SERVICE} 3000\n\
+                 sentinel parallel-syncs {SENTINEL_SERVICE} 1\n",
+                dir = dir.path().display(),
+            ),
+        )
+        .map_err(|e| ServerError::io("write sentinel.conf", e))?;
+        let process = ServerProcess::new(
+            format!("redis sentinel on 127.0.0.1:{port}"),
+            &program,
+            vec![conf.into_os_string(), "--sentinel".into()],
+            None,
+            dir.path().join("server.log"),
+            Signal::SIGTERM,
+            move || answers(port),
+        )
+        .cleanup_on_exit(dir.path().to_owned());
+        processes.push(process);
+        dirs.push(Box::new(dir));
+        sentinels.push(port);
+    }
+    let endpoint = format!(
+        "redis+sentinel://{}/{SENTINEL_SERVICE}",
+        sentinels
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    Server::from_nodes(
+        kind,
+        Provider::Process,
+        vec![endpoint],
+        processes,
+        Some(Box::new(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if sentinel_ready(replica, &sentinels) {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    return Err(ServerError::failed(
+                        "the sentinels did not see the master, its replica and each other \
+                         within 30 s",
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })),
+        dirs,
+    )
+}
+
+fn sentinel_ready(replica: u16, sentinels: &[u16]) -> bool {
+    let linked = command(replica, &["INFO", "replication"])
+        .is_some_and(|info| info.contains("master_link_status:up"));
+    linked
+        && sentinels.iter().all(|&port| {
+            command(port, &["INFO", "sentinel"]).is_some_and(|info| {
+                info.contains("status=ok")
+                    && info.contains("slaves=1")
+                    && info.contains("sentinels=3")
+            })
+        })
+}
+
 /// Sends one command to the Redis server on a loopback port and returns its reply (RESP text),
 /// or `None` when nothing whole came back within a second. For commands whose reply is a simple
 /// string, an error, an integer or a bulk string: an array reply would be cut after its first
