@@ -41,6 +41,17 @@ pub enum AcquireDecision {
     Held(LockData),
 }
 
+/// An acquire's outcome as a decision that did not look at the holder's liveness: `Held`,
+/// never `HeldByLive` or `TookOver`.
+impl From<AcquireOutcome> for AcquireDecision {
+    fn from(outcome: AcquireOutcome) -> Self {
+        match outcome {
+            AcquireOutcome::Acquired(stored) => AcquireDecision::Acquired(stored),
+            AcquireOutcome::Held(holder) => AcquireDecision::Held(holder),
+        }
+    }
+}
+
 /// What [`LockBackend::extend`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use]
@@ -152,10 +163,9 @@ pub trait LockBackend: Send + Sync + fmt::Debug + 'static {
         data: &LockData,
         ttl: Duration,
     ) -> Result<AcquireDecision> {
-        Ok(match self.acquire(key, data, ttl).await? {
-            AcquireOutcome::Acquired(stored) => AcquireDecision::Acquired(stored),
-            AcquireOutcome::Held(holder) => AcquireDecision::Held(holder),
-        })
+        self.acquire(key, data, ttl)
+            .await
+            .map(AcquireDecision::from)
     }
 
     /// Rewrites the lock under `key` with `data` and re-arms its TTL, only if the stored

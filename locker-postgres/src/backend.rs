@@ -592,10 +592,10 @@ impl LockBackend for PostgresBackend {
         ttl: Duration,
     ) -> Result<AcquireDecision> {
         if !self.functions {
-            return Ok(match self.create(key, data, ttl, None).await? {
-                AcquireOutcome::Acquired(stored) => AcquireDecision::Acquired(stored),
-                AcquireOutcome::Held(holder) => AcquireDecision::Held(holder),
-            });
+            return self
+                .create(key, data, ttl, None)
+                .await
+                .map(AcquireDecision::from);
         }
         let row = self.call_acquire(key, data, ttl, None, true).await?;
         let lock = row.lock.lock(key)?;

@@ -55,37 +55,11 @@ impl RedisDriver {
         });
         let connect = async {
             match &config.topology {
-                Topology::Standalone { .. } if config.redis_client.is_some() => {
-                    let client = config.redis_client.clone().ok_or_else(|| {
-                        Error::invalid_input("the application's redis client is missing")
-                    })?;
-                    let mut manager =
-                        ConnectionManager::new_with_config(client, manager_config(config))
-                            .await
-                            .map_err(map_error)?;
-                    check_standalone_version(&mut manager, &config.redacted_url()).await?;
-                    Ok((Conn::Standalone(manager), None))
-                }
                 Topology::Standalone { host, port } => {
-                    let addr = if config.tls {
-                        ConnectionAddr::TcpTls {
-                            host: host.clone(),
-                            port: *port,
-                            insecure: false,
-                            tls_params: None,
-                        }
-                    } else {
-                        ConnectionAddr::Tcp(host.clone(), *port)
+                    let client = match &config.redis_client {
+                        Some(client) => client.clone(),
+                        None => node_client(config, host, *port, settings.clone())?,
                     };
-                    let info = addr
-                        .into_connection_info()
-                        .map_err(map_error)?
-                        .set_redis_settings(settings.clone());
-                    let client = match certs {
-                        Some(certs) => redis::Client::build_with_tls(info, certs),
-                        None => redis::Client::open(info),
-                    }
-                    .map_err(map_error)?;
                     let mut manager =
                         ConnectionManager::new_with_config(client, manager_config(config))
                             .await
