@@ -1,200 +1,205 @@
-//! Lock leases (issue 17): a try on a held key grants no lease (counted in raft entries); a released lock's lease is kept
-//! and given, renewed, to the next acquire, which then has its whole TTL; an expired spare is
-//! never used; a lock acquired on this connection is extended and released by its creation
-//! revision, and one taken over meanwhile is left to its new holder.
+//! Lock leases (issue 17): a try on a held key grants no lease (counted in raft entries); a
+//! released lock's lease is kept and given, renewed, to the next acquire, which then has its
+//! whole TTL; an expired spare is never used; a lock acquired on this connection is extended
+//! and released by its creation revision, and one taken over meanwhile is left to its new
+//! holder.
 
-use std::time::Duration;
+/// In a module named `etcd`, so that `scripts/test` runs them beside the other tests, with
+/// the etcd suites.
+mod etcd {
+    use std::time::Duration;
 
-use etcd_client::Client;
-use locker_conformance::servers::{self, ServerKind};
-use locker_core::{AcquireOutcome, ExtendOutcome, LockBackend, LockData, ReleaseOutcome};
-use locker_etcd::{EtcdBackend, EtcdConfig};
+    use etcd_client::Client;
+    use locker_conformance::servers::{self, ServerKind};
+    use locker_core::{AcquireOutcome, ExtendOutcome, LockBackend, LockData, ReleaseOutcome};
+    use locker_etcd::{EtcdBackend, EtcdConfig};
 
-const TTL: Duration = Duration::from_secs(30);
+    const TTL: Duration = Duration::from_secs(30);
 
-/// The tests of this file share one etcd server, and one of them counts its log entries: they
-/// run one at a time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    /// The tests of this file share one etcd server, and one of them counts its log entries: they
+    /// run one at a time.
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn backend(prefix: &str) -> (EtcdBackend, Client) {
-    let server = servers::shared(ServerKind::Etcd).unwrap_or_else(|e| panic!("{e}"));
-    let config = EtcdConfig::from_url(server.url())
-        .expect("url")
-        .into_builder()
-        .prefix(prefix)
-        .build()
-        .expect("config");
-    let backend = EtcdBackend::connect(&config).await.expect("connect");
-    let client = Client::connect(config.endpoints(), None)
-        .await
-        .expect("client");
-    (backend, client)
-}
-
-fn record(key: &str, n: u32) -> LockData {
-    let process = format!("host/{n}.{n}");
-    let owner = locker_core::new_owner_hash(key, &process, None).expect("owner");
-    LockData::new(owner, process, None)
-}
-
-async fn acquired(b: &EtcdBackend, key: &str, data: &LockData, ttl: Duration) -> LockData {
-    match b.acquire(key, data, ttl).await.expect("acquire") {
-        AcquireOutcome::Acquired(stored) => stored,
-        AcquireOutcome::Held(h) => panic!("{key} held by {}", h.owner_hash),
-    }
-}
-
-/// The lease the lock under `key` is stored on.
-async fn lease_of(client: &mut Client, prefix: &str, key: &str) -> i64 {
-    let resp = client
-        .get(format!("{prefix}lock/{key}"), None)
-        .await
-        .expect("get");
-    resp.kvs().first().expect("a lock").lease()
-}
-
-/// The server's raft log index: every write (a lease grant or revocation, a transaction with a
-/// write in it, even one whose comparison fails) adds an entry.
-async fn raft_index(client: &mut Client) -> u64 {
-    client.status().await.expect("status").raft_index()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_try_on_a_held_key_grants_no_lease_after_the_first() {
-    let _serial = SERIAL.lock().await;
-    let prefix = "leases-held/";
-    let (holder, mut client) = backend(prefix).await;
-    let (trier, _) = backend(prefix).await;
-    let first = record("busy", 1);
-    acquired(&holder, "busy", &first, TTL).await;
-    // One try: the lease it is granted is kept for the next.
-    let _ = trier
-        .acquire("busy", &record("busy", 2), TTL)
-        .await
-        .expect("try");
-    let before = raft_index(&mut client).await;
-    for _ in 0..20 {
-        match trier
-            .acquire("busy", &record("busy", 2), TTL)
+    async fn backend(prefix: &str) -> (EtcdBackend, Client) {
+        let server = servers::shared(ServerKind::Etcd).unwrap_or_else(|e| panic!("{e}"));
+        let config = EtcdConfig::from_url(server.url())
+            .expect("url")
+            .into_builder()
+            .prefix(prefix)
+            .build()
+            .expect("config");
+        let backend = EtcdBackend::connect(&config).await.expect("connect");
+        let client = Client::connect(config.endpoints(), None)
             .await
-            .expect("try")
-        {
-            AcquireOutcome::Held(h) => assert_eq!(h.owner_hash, first.owner_hash),
-            AcquireOutcome::Acquired(_) => panic!("a held key was acquired"),
+            .expect("client");
+        (backend, client)
+    }
+
+    fn record(key: &str, n: u32) -> LockData {
+        let process = format!("host/{n}.{n}");
+        let owner = locker_core::new_owner_hash(key, &process, None).expect("owner");
+        LockData::new(owner, process, None)
+    }
+
+    async fn acquired(b: &EtcdBackend, key: &str, data: &LockData, ttl: Duration) -> LockData {
+        match b.acquire(key, data, ttl).await.expect("acquire") {
+            AcquireOutcome::Acquired(stored) => stored,
+            AcquireOutcome::Held(h) => panic!("{key} held by {}", h.owner_hash),
         }
     }
-    let entries = raft_index(&mut client).await - before;
-    // One transaction each; a lease granted and revoked per try would be three.
-    assert!(
-        entries <= 25,
-        "20 tries on a held key wrote {entries} raft entries: leases were granted for them"
-    );
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_released_lease_is_reused_with_the_whole_ttl() {
-    let _serial = SERIAL.lock().await;
-    let prefix = "leases-reuse/";
-    let (b, mut client) = backend(prefix).await;
-    let ttl = Duration::from_secs(4);
-    let first = record("one", 1);
-    acquired(&b, "one", &first, ttl).await;
-    let lease = lease_of(&mut client, prefix, "one").await;
-    assert_eq!(
-        b.release("one", &first.owner_hash).await.expect("release"),
-        ReleaseOutcome::Released
-    );
-    // Let the kept lease run down by two seconds, then acquire another key.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let second = record("two", 2);
-    acquired(&b, "two", &second, ttl).await;
-    assert_eq!(
-        lease_of(&mut client, prefix, "two").await,
-        lease,
-        "the released lock's lease was not reused"
-    );
-    // Renewed when reused: the whole TTL is left (etcd answers whole seconds, rounded down),
-    // not the two seconds it had.
-    let left = client
-        .lease_time_to_live(lease, None)
-        .await
-        .expect("ttl")
-        .ttl();
-    assert!(
-        left >= 3,
-        "the reused lease has {left} s left, not the lock's 4"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_spare_lease_is_not_used() {
-    let _serial = SERIAL.lock().await;
-    let prefix = "leases-expired/";
-    let (b, mut client) = backend(prefix).await;
-    let ttl = Duration::from_secs(1);
-    let first = record("short", 1);
-    acquired(&b, "short", &first, ttl).await;
-    let old = lease_of(&mut client, prefix, "short").await;
-    assert_eq!(
-        b.release("short", &first.owner_hash)
+    /// The lease the lock under `key` is stored on.
+    async fn lease_of(client: &mut Client, prefix: &str, key: &str) -> i64 {
+        let resp = client
+            .get(format!("{prefix}lock/{key}"), None)
             .await
-            .expect("release"),
-        ReleaseOutcome::Released
-    );
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let second = record("short", 2);
-    acquired(&b, "short", &second, Duration::from_secs(5)).await;
-    let new = lease_of(&mut client, prefix, "short").await;
-    assert_ne!(new, old, "an expired lease was used");
-    assert!(
-        client
-            .lease_time_to_live(new, None)
+            .expect("get");
+        resp.kvs().first().expect("a lock").lease()
+    }
+
+    /// The server's raft log index: every write (a lease grant or revocation, a transaction with a
+    /// write in it, even one whose comparison fails) adds an entry.
+    async fn raft_index(client: &mut Client) -> u64 {
+        client.status().await.expect("status").raft_index()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_try_on_a_held_key_grants_no_lease_after_the_first() {
+        let _serial = SERIAL.lock().await;
+        let prefix = "leases-held/";
+        let (holder, mut client) = backend(prefix).await;
+        let (trier, _) = backend(prefix).await;
+        let first = record("busy", 1);
+        acquired(&holder, "busy", &first, TTL).await;
+        // One try: the lease it is granted is kept for the next.
+        let _ = trier
+            .acquire("busy", &record("busy", 2), TTL)
+            .await
+            .expect("try");
+        let before = raft_index(&mut client).await;
+        for _ in 0..20 {
+            match trier
+                .acquire("busy", &record("busy", 2), TTL)
+                .await
+                .expect("try")
+            {
+                AcquireOutcome::Held(h) => assert_eq!(h.owner_hash, first.owner_hash),
+                AcquireOutcome::Acquired(_) => panic!("a held key was acquired"),
+            }
+        }
+        let entries = raft_index(&mut client).await - before;
+        // One transaction each; a lease granted and revoked per try would be three.
+        assert!(
+            entries <= 25,
+            "20 tries on a held key wrote {entries} raft entries: leases were granted for them"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_released_lease_is_reused_with_the_whole_ttl() {
+        let _serial = SERIAL.lock().await;
+        let prefix = "leases-reuse/";
+        let (b, mut client) = backend(prefix).await;
+        let ttl = Duration::from_secs(4);
+        let first = record("one", 1);
+        acquired(&b, "one", &first, ttl).await;
+        let lease = lease_of(&mut client, prefix, "one").await;
+        assert_eq!(
+            b.release("one", &first.owner_hash).await.expect("release"),
+            ReleaseOutcome::Released
+        );
+        // Let the kept lease run down by two seconds, then acquire another key.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let second = record("two", 2);
+        acquired(&b, "two", &second, ttl).await;
+        assert_eq!(
+            lease_of(&mut client, prefix, "two").await,
+            lease,
+            "the released lock's lease was not reused"
+        );
+        // Renewed when reused: the whole TTL is left (etcd answers whole seconds, rounded down),
+        // not the two seconds it had.
+        let left = client
+            .lease_time_to_live(lease, None)
             .await
             .expect("ttl")
-            .ttl()
-            >= 4
-    );
-}
+            .ttl();
+        assert!(
+            left >= 3,
+            "the reused lease has {left} s left, not the lock's 4"
+        );
+    }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lock_taken_over_meanwhile_is_left_to_its_new_holder() {
-    let _serial = SERIAL.lock().await;
-    let prefix = "leases-taken/";
-    let (b, _) = backend(prefix).await;
-    let (heir, _) = backend(prefix).await;
-    let mine = record("job", 1);
-    let stored = acquired(&b, "job", &mine, TTL).await;
-    // Extended through this connection's record of its lock.
-    match b
-        .extend("job", &mine, TTL, &mine.owner_hash)
-        .await
-        .expect("extend")
-    {
-        ExtendOutcome::Extended(new) => assert_eq!(new.fencing_token, stored.fencing_token),
-        other => panic!("{other:?}"),
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_spare_lease_is_not_used() {
+        let _serial = SERIAL.lock().await;
+        let prefix = "leases-expired/";
+        let (b, mut client) = backend(prefix).await;
+        let ttl = Duration::from_secs(1);
+        let first = record("short", 1);
+        acquired(&b, "short", &first, ttl).await;
+        let old = lease_of(&mut client, prefix, "short").await;
+        assert_eq!(
+            b.release("short", &first.owner_hash)
+                .await
+                .expect("release"),
+            ReleaseOutcome::Released
+        );
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let second = record("short", 2);
+        acquired(&b, "short", &second, Duration::from_secs(5)).await;
+        let new = lease_of(&mut client, prefix, "short").await;
+        assert_ne!(new, old, "an expired lease was used");
+        assert!(
+            client
+                .lease_time_to_live(new, None)
+                .await
+                .expect("ttl")
+                .ttl()
+                >= 4
+        );
     }
-    // Another connection takes it over.
-    let theirs = record("job", 2);
-    let taken = match heir
-        .take_over("job", &theirs, TTL, &mine.owner_hash)
-        .await
-        .expect("take over")
-    {
-        AcquireOutcome::Acquired(taken) => taken,
-        AcquireOutcome::Held(h) => panic!("held by {}", h.owner_hash),
-    };
-    assert!(taken.fencing_token > stored.fencing_token);
-    match b
-        .extend("job", &mine, TTL, &mine.owner_hash)
-        .await
-        .expect("extend")
-    {
-        ExtendOutcome::Held(h) => assert_eq!(h.owner_hash, theirs.owner_hash),
-        other => panic!("extended a lock taken over: {other:?}"),
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lock_taken_over_meanwhile_is_left_to_its_new_holder() {
+        let _serial = SERIAL.lock().await;
+        let prefix = "leases-taken/";
+        let (b, _) = backend(prefix).await;
+        let (heir, _) = backend(prefix).await;
+        let mine = record("job", 1);
+        let stored = acquired(&b, "job", &mine, TTL).await;
+        // Extended through this connection's record of its lock.
+        match b
+            .extend("job", &mine, TTL, &mine.owner_hash)
+            .await
+            .expect("extend")
+        {
+            ExtendOutcome::Extended(new) => assert_eq!(new.fencing_token, stored.fencing_token),
+            other => panic!("{other:?}"),
+        }
+        // Another connection takes it over.
+        let theirs = record("job", 2);
+        let taken = match heir
+            .take_over("job", &theirs, TTL, &mine.owner_hash)
+            .await
+            .expect("take over")
+        {
+            AcquireOutcome::Acquired(taken) => taken,
+            AcquireOutcome::Held(h) => panic!("held by {}", h.owner_hash),
+        };
+        assert!(taken.fencing_token > stored.fencing_token);
+        match b
+            .extend("job", &mine, TTL, &mine.owner_hash)
+            .await
+            .expect("extend")
+        {
+            ExtendOutcome::Held(h) => assert_eq!(h.owner_hash, theirs.owner_hash),
+            other => panic!("extended a lock taken over: {other:?}"),
+        }
+        match b.release("job", &mine.owner_hash).await.expect("release") {
+            ReleaseOutcome::Held(h) => assert_eq!(h.owner_hash, theirs.owner_hash),
+            other => panic!("released a lock taken over: {other:?}"),
+        }
+        assert_eq!(b.read("job").await.expect("read"), Some(taken));
     }
-    match b.release("job", &mine.owner_hash).await.expect("release") {
-        ReleaseOutcome::Held(h) => assert_eq!(h.owner_hash, theirs.owner_hash),
-        other => panic!("released a lock taken over: {other:?}"),
-    }
-    assert_eq!(b.read("job").await.expect("read"), Some(taken));
 }

@@ -41,7 +41,6 @@ fn a_locker_on_the_applications_pool() {
         .block_on(jobs_use_the_pool_and_the_reporter_its_own_connection());
     for case in [
         "locker_acquire_release_and_owner_status",
-        "locker_takeover_after_the_owner_process_dies",
         "locker_seppuku_after_a_takeover",
         // The reporter keeps writing while the jobs' runtime is blocked.
         "locker_blocked_runtime_keeps_its_lock",

@@ -112,6 +112,9 @@ pub struct RedisConfig {
     /// The application's own `redis` client (see [`RedisConfigBuilder::redis_client`]).
     #[cfg(feature = "redis")]
     pub(crate) redis_client: Option<redis::Client>,
+    /// The application's own `fred` configuration (see [`RedisConfigBuilder::fred_config`]).
+    #[cfg(feature = "fred")]
+    pub(crate) fred_config: Option<fred::types::config::Config>,
 }
 
 impl RedisConfig {
@@ -176,6 +179,8 @@ impl RedisConfig {
             release_events: self.release_events,
             #[cfg(feature = "redis")]
             redis_client: self.redis_client,
+            #[cfg(feature = "fred")]
+            fred_config: self.fred_config,
         }
     }
 
@@ -510,6 +515,8 @@ pub struct RedisConfigBuilder {
     release_events: bool,
     #[cfg(feature = "redis")]
     redis_client: Option<redis::Client>,
+    #[cfg(feature = "fred")]
+    fred_config: Option<fred::types::config::Config>,
 }
 
 impl Default for RedisConfigBuilder {
@@ -532,6 +539,8 @@ impl Default for RedisConfigBuilder {
             release_events: true,
             #[cfg(feature = "redis")]
             redis_client: None,
+            #[cfg(feature = "fred")]
+            fred_config: None,
         }
     }
 }
@@ -589,6 +598,63 @@ impl RedisConfigBuilder {
         self.database = info.redis_settings().db();
         self.client = ClientLibrary::Redis;
         self.redis_client = Some(client);
+        self
+    }
+
+    /// The application's own `fred` configuration: its servers (one, a cluster's seeds, or
+    /// sentinels and a service name), TLS, credentials and database. The locker makes its own
+    /// `fred` clients from it (for the jobs, for the liveness reporter on its thread and
+    /// runtime, and for pub/sub), with this builder's timeouts, so nothing of the application's
+    /// traffic is shared. This also sets the nodes, cluster or sentinel mode, TLS, user,
+    /// password and database of this builder from it, and the client library to
+    /// [`ClientLibrary::Fred`].
+    ///
+    /// ```
+    /// use fred::types::config::Config;
+    ///
+    /// let fred = Config::from_url("redis-cluster://:s3cret@10.0.0.1:7000?node=10.0.0.2:7000")?;
+    /// let config = locker_redis::RedisConfig::builder()
+    ///     .fred_config(fred)
+    ///     .key_prefix("app{locks}:")
+    ///     .build()?;
+    /// assert!(config.is_cluster());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(feature = "fred")]
+    pub fn fred_config(mut self, config: fred::types::config::Config) -> Self {
+        use fred::types::config::ServerConfig;
+        let hosts = |servers: &[fred::types::config::Server]| {
+            servers
+                .iter()
+                .map(|s| (s.host.to_string(), s.port))
+                .collect::<Vec<_>>()
+        };
+        self.cluster = false;
+        self.sentinel_service = None;
+        match &config.server {
+            ServerConfig::Centralized { server } => {
+                self.nodes = vec![(server.host.to_string(), server.port)];
+            }
+            ServerConfig::Clustered { hosts: seeds, .. } => {
+                self.nodes = hosts(seeds);
+                self.cluster = true;
+            }
+            ServerConfig::Sentinel {
+                hosts: sentinels,
+                service_name,
+            } => {
+                self.nodes = hosts(sentinels);
+                self.sentinel_service = Some(service_name.clone());
+            }
+            #[allow(unreachable_patterns)]
+            _ => self.nodes = vec![("unix-socket".to_owned(), 0)],
+        }
+        self.tls = config.tls.is_some();
+        self.username = config.username.clone();
+        self.password = config.password.clone();
+        self.database = config.database.map_or(0, i64::from);
+        self.client = ClientLibrary::Fred;
+        self.fred_config = Some(config);
         self
     }
 
@@ -755,7 +821,17 @@ impl RedisConfigBuilder {
             self.nodes.push(("127.0.0.1".to_owned(), 6379));
         }
         let cluster = self.sentinel_service.is_none() && (self.cluster || self.nodes.len() > 1);
-        if self.sentinel_service.is_some() && (self.cluster || self.tls) {
+        #[cfg(feature = "fred")]
+        if self.fred_config.is_some() && self.client != ClientLibrary::Fred {
+            return Err(Error::invalid_input(
+                "an application's fred configuration needs the fred client library",
+            ));
+        }
+        #[cfg(feature = "fred")]
+        let fred_sentinel_tls = self.fred_config.is_some();
+        #[cfg(not(feature = "fred"))]
+        let fred_sentinel_tls = false;
+        if self.sentinel_service.is_some() && (self.cluster || (self.tls && !fred_sentinel_tls)) {
             return Err(Error::invalid_input(
                 "Redis Sentinel is for a master and its replicas, without TLS here: not a \
                  cluster, and no TLS (not supported yet)",
@@ -831,6 +907,8 @@ impl RedisConfigBuilder {
             release_events: self.release_events,
             #[cfg(feature = "redis")]
             redis_client: self.redis_client,
+            #[cfg(feature = "fred")]
+            fred_config: self.fred_config,
         })
     }
 }

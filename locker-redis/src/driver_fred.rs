@@ -90,14 +90,17 @@ impl FredDriver {
         } else {
             None
         };
-        let fred_config = Config {
-            server,
-            username: config.username.clone(),
-            password: config.password.clone(),
-            database: (database != 0).then_some(database),
-            tls,
-            fail_fast: true,
-            ..Config::default()
+        let fred_config = match &config.fred_config {
+            Some(theirs) => theirs.clone(),
+            None => Config {
+                server,
+                username: config.username.clone(),
+                password: config.password.clone(),
+                database: (database != 0).then_some(database),
+                tls,
+                fail_fast: true,
+                ..Config::default()
+            },
         };
         let (connect_timeout, command_timeout) = (config.connect_timeout, config.command_timeout);
         let client = Builder::from_config(fred_config)

@@ -1,11 +1,12 @@
-//! A locker on the application's own `redis::Client` (issue 19): the conformance cases pass,
-//! the liveness reporter included, on its own connection while the jobs' runtime is blocked.
-#![cfg(feature = "redis")]
+//! A locker on the application's own `redis::Client`, or its own `fred` configuration (issue
+//! 19): the conformance cases pass, the liveness reporter included, on its own connection
+//! while the jobs' runtime is blocked.
 
 use locker_conformance::servers::{self, ServerKind};
 use locker_conformance::{run_case, Setup, Verdict};
 use locker_redis::RedisConfig;
 
+#[cfg(feature = "redis")]
 #[test]
 fn a_locker_on_the_applications_client() {
     let server = servers::shared(ServerKind::Redis).unwrap_or_else(|e| panic!("{e}"));
@@ -29,6 +30,7 @@ fn a_locker_on_the_applications_client() {
     }
 }
 
+#[cfg(feature = "redis")]
 #[test]
 fn a_client_is_one_standalone_server() {
     let client = redis::Client::open("redis://127.0.0.1:6379").expect("client");
@@ -42,5 +44,28 @@ fn a_client_is_one_standalone_server() {
     ] {
         let e = builder.build().expect_err("refused");
         assert_eq!(e.kind(), locker_core::ErrorKind::InvalidInput, "{e}");
+    }
+}
+
+#[cfg(feature = "fred")]
+#[test]
+fn a_locker_on_the_applications_fred_config() {
+    let server = servers::shared(ServerKind::Redis).unwrap_or_else(|e| panic!("{e}"));
+    for case in [
+        "locker_acquire_release_and_owner_status",
+        "locker_takeover_after_the_owner_process_dies",
+        "locker_blocked_runtime_keeps_its_lock",
+        "wait_acquires_after_release",
+    ] {
+        let verdict = run_case("fred_app_config", case, async {
+            let fred = fred::types::config::Config::from_url(server.url()).expect("fred's config");
+            let config = RedisConfig::builder()
+                .fred_config(fred)
+                .key_prefix("app-fred:")
+                .build()
+                .expect("config");
+            Setup::new("fred-app-config", config)
+        });
+        assert_eq!(verdict, Verdict::Passed, "{case}");
     }
 }

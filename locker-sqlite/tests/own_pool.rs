@@ -36,7 +36,6 @@ fn a_locker_on_the_applications_pool() {
         .block_on(liveness_goes_on_while_the_application_holds_its_pool(&path));
     for case in [
         "locker_acquire_release_and_owner_status",
-        "locker_takeover_after_the_owner_process_dies",
         "locker_blocked_runtime_keeps_its_lock",
     ] {
         let verdict = run_case("sqlite_app_pool", case, async {
