@@ -85,6 +85,7 @@ pub struct Error {
     /// `None`: follows `retryable` (see [`Error::is_definite`]).
     definite: Option<bool>,
     store_answered: bool,
+    wrong_node: bool,
     key: Option<String>,
     holder: Option<Box<LockData>>,
     source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
@@ -99,6 +100,7 @@ impl Error {
             retryable: kind.is_retryable_by_default(),
             definite: None,
             store_answered: false,
+            wrong_node: false,
             key: None,
             holder: None,
             source: None,
@@ -165,6 +167,22 @@ impl Error {
     /// [`set_store_answered`](Self::set_store_answered)).
     pub fn store_answered(&self) -> bool {
         self.store_answered
+    }
+
+    /// Marks the error as an answer from a node that cannot serve this connection's calls any
+    /// more (Redis `READONLY`: a replica, such as an old master after a Sentinel failover,
+    /// whose other answers, to reads, still succeed): the locker's connection healing replaces
+    /// the connection at once, instead of counting failures in a row that the successful reads
+    /// would keep resetting.
+    pub fn set_wrong_node(mut self, wrong_node: bool) -> Self {
+        self.wrong_node = wrong_node;
+        self
+    }
+
+    /// Whether the connection reached a node that cannot serve it (see
+    /// [`set_wrong_node`](Self::set_wrong_node)).
+    pub fn is_wrong_node(&self) -> bool {
+        self.wrong_node
     }
 
     /// Whether the failure is an answer rather than the lack of one: the store, the operating

@@ -166,6 +166,12 @@ impl Shared {
                 biased;
                 result = &mut call => {
                     match &result {
+                        // The connection reaches a node that cannot serve it: replace it now.
+                        Err(e) if e.is_wrong_node() => {
+                            let after = self.after.saturating_sub(1);
+                            generation.failures.fetch_max(after, Ordering::Relaxed);
+                            self.failed(generation);
+                        }
                         Err(e) if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout)
                             && !e.store_answered() =>
                         {

@@ -147,6 +147,8 @@ pub(crate) struct Inner {
     backend: OnceCell<Arc<dyn LockBackend>>,
     reporter: OnceCell<Reporter>,
     draining: AtomicBool,
+    /// The locks held at the first drain were counted as lost (`drained`) once.
+    drain_counted: AtomicBool,
     /// Turns `true` on drain, to wake sleeping heartbeats at once.
     drain_signal: watch::Sender<bool>,
     drain_reason: RwLock<Option<String>>,
@@ -391,6 +393,7 @@ impl Locker {
                 backend: OnceCell::new(),
                 reporter: OnceCell::new(),
                 draining: AtomicBool::new(false),
+                drain_counted: AtomicBool::new(false),
                 drain_signal: watch::channel(false).0,
                 drain_reason: RwLock::new(None),
                 phase: RwLock::new(Phase::Running),
@@ -956,7 +959,7 @@ impl Locker {
     pub fn drain(&self, reason: impl Into<String>) {
         let reason = reason.into();
         tracing::info!(%reason, "locker draining");
-        if !self.inner.draining.load(Ordering::Acquire) {
+        if !self.inner.drain_counted.swap(true, Ordering::AcqRel) {
             let mut held = 0;
             self.inner.for_each_held(|state| {
                 if !state.released.load(Ordering::Acquire) {
@@ -1083,6 +1086,8 @@ impl Locker {
             return;
         }
         if let Ok(mut held) = inner.held.lock() {
+            // Their guards' later `unregister` finds nothing to remove.
+            crate::metrics::held_changed(-(held.len() as f64));
             for state in held.drain().filter_map(|(_, w)| w.upgrade()) {
                 state.released.store(true, Ordering::Release);
                 state.mark_lost(Loss::Abandoned);

@@ -16,7 +16,8 @@ use locker_core::{
 struct Conn {
     store: MemoryBackend,
     wedged: Arc<AtomicBool>,
-    /// Acquires fail: 0 never, 1 with an error the store answered, 2 with a lost connection.
+    /// Acquires fail: 0 never, 1 with an error the store answered, 2 with a lost connection, 3
+    /// with a replica's refusal (`READONLY`: the store answered, from the wrong node).
     refuse: Arc<AtomicU8>,
 }
 
@@ -38,6 +39,11 @@ impl LockBackend for Conn {
         match self.refuse.load(Ordering::SeqCst) {
             1 => return Err(Error::unavailable("TRYAGAIN").set_store_answered(true)),
             2 => return Err(Error::unavailable("connection reset")),
+            3 => {
+                return Err(Error::unavailable("READONLY")
+                    .set_store_answered(true)
+                    .set_wrong_node(true))
+            }
             _ => {}
         }
         self.store.acquire(key, data, ttl).await
@@ -242,4 +248,34 @@ async fn errors_the_store_answered_do_not_replace_a_connection() {
         );
         a.shutdown().await;
     }
+}
+
+/// A connection that reaches a replica (an old master after a failover) refuses writes while
+/// its reads succeed: it is replaced at the first refusal, though the reads in between would
+/// reset a count of failures in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_to_the_wrong_node_is_replaced_at_once() {
+    let store = MemoryBackend::new();
+    let factory = Factory::new(&store);
+    let a = builder(&factory).build().expect("options");
+    let LockAttempt::Acquired(guard) = a.acquire("k").await.expect("acquire") else {
+        panic!("k is free");
+    };
+    let opened = factory.opened();
+    factory.refuse.store(3, Ordering::SeqCst);
+    let start = Instant::now();
+    while factory.opened() == opened {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the connection to the wrong node was kept"
+        );
+        let e = a.acquire("other").await.expect_err("refused");
+        assert!(e.is_wrong_node(), "{e}");
+        // A read in between succeeds.
+        a.inspect("k").await.expect("read");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    factory.refuse.store(0, Ordering::SeqCst);
+    let _released = guard.release().await;
+    a.shutdown().await;
 }

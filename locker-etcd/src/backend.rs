@@ -351,8 +351,17 @@ impl EtcdBackend {
             .cloned()
     }
 
-    fn forget_held(&self, full: &str) -> Option<HeldLease> {
-        self.leases().held.remove(full)
+    /// Forgets the lock under `full` if it is still the incarnation `held` (another task of
+    /// this connection may have acquired the key again meanwhile).
+    fn forget_held(&self, full: &str, held: &HeldLease) {
+        let mut leases = self.leases();
+        if leases
+            .held
+            .get(full)
+            .is_some_and(|h| h.create_revision == held.create_revision)
+        {
+            leases.held.remove(full);
+        }
     }
 
     /// Revokes a lease in the background (the caller does not wait for it).
@@ -486,13 +495,13 @@ impl EtcdBackend {
             Ok(resp) => resp,
             // The lease expired: the lock went with it; whether someone holds it now is read.
             Err(e) if lease_gone(&e) => {
-                self.forget_held(full);
+                self.forget_held(full, &held);
                 return Ok(None);
             }
             Err(e) => return Err(e),
         };
         if !resp.succeeded() {
-            self.forget_held(full);
+            self.forget_held(full, &held);
             return Ok(match held_kv(resp.op_responses()) {
                 None => Some(ExtendOutcome::NoKey),
                 Some(kv) => {
@@ -507,7 +516,12 @@ impl EtcdBackend {
                     alive_until: sent + Duration::from_secs(held.lease.secs.unsigned_abs()),
                     ..held.lease
                 };
-                if let Some(entry) = self.leases().held.get_mut(full) {
+                if let Some(entry) = self
+                    .leases()
+                    .held
+                    .get_mut(full)
+                    .filter(|h| h.create_revision == held.create_revision)
+                {
                     entry.lease = lease;
                 }
                 let mut stored = data.clone();
@@ -516,7 +530,7 @@ impl EtcdBackend {
             }
             // Rewritten on a lease that then expired: the key is gone with it.
             false => {
-                self.forget_held(full);
+                self.forget_held(full, &held);
                 Ok(Some(ExtendOutcome::NoKey))
             }
         }
@@ -540,7 +554,7 @@ impl EtcdBackend {
             .and_then([TxnOp::delete(full, None)])
             .or_else([TxnOp::get(full, None)]);
         let resp = self.txn(txn).await?;
-        self.forget_held(full);
+        self.forget_held(full, &held);
         if resp.succeeded() {
             self.keep_spare(held.lease);
             return Ok(Some(ReleaseOutcome::Released));

@@ -366,6 +366,13 @@ impl PostgresConfigBuilder {
     /// [`connect_options`](Self::connect_options) and
     /// [`max_connections`](Self::max_connections) from the pool.
     ///
+    /// The reporter's connections are made from a copy of the pool's connect options taken
+    /// here: an `after_connect` hook of the pool (a `SET ROLE`, a `search_path`) does not run
+    /// on them, and credentials the application rotates later with
+    /// `PgPool::set_connect_options` (short-lived tokens) do not reach them. With rotating
+    /// credentials, build the configuration again when they change, or give the locker a
+    /// role whose password does not expire.
+    ///
     /// ```no_run
     /// # async fn app() -> Result<(), Box<dyn std::error::Error>> {
     /// let pool = sqlx::PgPool::connect("postgres://app@db/app").await?;

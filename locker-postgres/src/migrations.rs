@@ -51,15 +51,15 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
 /// - no live row: `acquired`;
 /// - a live row of `p_dead` (a take-over): `took_over`;
 /// - with `p_check`, a live row whose holder has no live liveness row: `took_over`; whose
-///   holder has one: `live`; whose record names no process
-///   (not JSON, or no string `processHash`): `held`, for the caller, whose decoding finds it
-///   corrupt;
+///   holder has one: `live`; whose record is not a whole record (not JSON, or without the
+///   string `ownerHash`, `processHash`, `acquiredAt` and `extendedAt` every record has):
+///   `held`, for the caller, whose decoding finds it corrupt;
 /// - otherwise `held`.
 ///
 /// The holder's process is read from the record's text when it starts as this library writes
-/// it (`{"ownerHash":"…","processHash":"…",`, no escapes, ending in `}`); any other record is
-/// decoded, in a block that turns a decoding error into "cannot tell", so a corrupt record never
-/// makes the function fail and is never replaced.
+/// it (`{"ownerHash":"…","processHash":"…",`, no escapes, ending in `}`, with `acquiredAt` and
+/// `extendedAt`); any other record is decoded, in a block that turns any error into "cannot
+/// tell", so a corrupt record never makes the function fail and is not replaced.
 const FUNCTIONS: &str = r#"
 CREATE OR REPLACE FUNCTION {schema}."{prefix}acquire"(
     p_key text, p_owner text, p_record text, p_ttl_ms float8, p_dead text, p_check boolean,
@@ -89,13 +89,20 @@ BEGIN
             -- caller, whose decoding finds it corrupt.
             v_process := substring(v_record
                 from '^\{"ownerHash":"[^"\\]*","processHash":"([^"\\]*)",.*\}$');
-            IF v_process IS NULL THEN
+            IF v_process IS NULL
+               OR position('"acquiredAt":"' IN v_record) = 0
+               OR position('"extendedAt":"' IN v_record) = 0 THEN
+                v_process := NULL;
                 BEGIN
                     v_json := v_record::json;
-                    IF json_typeof(v_json -> 'processHash') = 'string' THEN
+                    IF json_typeof(v_json -> 'ownerHash') = 'string'
+                       AND json_typeof(v_json -> 'processHash') = 'string'
+                       AND json_typeof(v_json -> 'acquiredAt') = 'string'
+                       AND json_typeof(v_json -> 'extendedAt') = 'string' THEN
                         v_process := v_json ->> 'processHash';
                     END IF;
-                EXCEPTION WHEN invalid_text_representation THEN
+                EXCEPTION WHEN others THEN
+                    -- Not JSON, a NUL in a string, nesting too deep: the caller decides.
                     v_process := NULL;
                 END;
             END IF;

@@ -664,6 +664,26 @@ impl RedisConfigBuilder {
         self
     }
 
+    /// An error unless this builder still connects where `derived` (made from the application's
+    /// client or configuration alone) does.
+    #[cfg(any(feature = "redis", feature = "fred"))]
+    fn check_same_target(&self, derived: RedisConfigBuilder) -> Result<()> {
+        let same = self.nodes == derived.nodes
+            && self.cluster == derived.cluster
+            && self.sentinel_service == derived.sentinel_service
+            && self.tls == derived.tls
+            && self.database == derived.database;
+        if same {
+            Ok(())
+        } else {
+            Err(Error::invalid_input(
+                "a node, cluster or sentinel mode, TLS or database was set after the \
+                 application's client or configuration, which says where to connect: set them \
+                 on the client or configuration instead",
+            ))
+        }
+    }
+
     /// Finds the master through Redis Sentinel: the nodes of this builder are the sentinels,
     /// and `service` the name they watch the master by (`sentinel monitor <service> ...`).
     /// URL form: `redis+sentinel://[user:password@]host:26379,host:26379/service[/db]` (the
@@ -817,6 +837,17 @@ impl RedisConfigBuilder {
     /// durable mode (see [`wait_for_replicas`](Self::wait_for_replicas)) with no replica, a zero
     /// wait timeout or one not shorter than the command timeout.
     pub fn build(mut self) -> Result<RedisConfig> {
+        // An application's client or configuration says where and how to connect: a node,
+        // mode, TLS or database set on this builder after it would not be used, so it is an
+        // error.
+        #[cfg(feature = "fred")]
+        if let Some(fred) = &self.fred_config {
+            self.check_same_target(RedisConfigBuilder::default().fred_config(fred.clone()))?;
+        }
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.redis_client {
+            self.check_same_target(RedisConfigBuilder::default().redis_client(redis.clone()))?;
+        }
         if self.nodes.is_empty() {
             self.nodes.push(("127.0.0.1".to_owned(), 6379));
         }

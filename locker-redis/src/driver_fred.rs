@@ -488,8 +488,11 @@ pub(crate) fn map_error(e: FredError) -> Error {
         "NOSCRIPT",
         "WRONGTYPE",
     ]);
+    // A replica's answer to a write (an old master after a failover): connect again at once.
+    let wrong_node = starts(&["READONLY", "MASTERDOWN"]);
     let mapped = Error::new(kind, "redis (fred)")
         .set_store_answered(answered)
+        .set_wrong_node(wrong_node)
         .with_source(e);
     if definite {
         mapped.set_definite(true)

@@ -559,16 +559,17 @@ pub(crate) fn map_error(e: RedisError) -> Error {
     // does not resolve.
     let definite = e.is_connection_refusal() || find_io_error(&e).is_some_and(is_definite_io_error);
     // A server's error reply came over a working connection (see `Error::store_answered`).
-    // Except `READONLY` and `MASTERDOWN`: this connection points at a replica (an old master,
-    // after a Sentinel failover) and must be made again, so they count as failures of the
-    // connection (see `locker_core`'s healing), as a refused connection does.
-    let answered = (matches!(e.kind(), K::Server(_)) || e.code().is_some())
-        && !matches!(
-            e.kind(),
-            K::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
-        );
+    // `READONLY` and `MASTERDOWN`: this connection points at a replica (an old master, after a
+    // Sentinel failover, whose reads still succeed) and must be made again at once (see
+    // `locker_core`'s healing): the next connect asks the sentinels for the master.
+    let wrong_node = matches!(
+        e.kind(),
+        K::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+    );
+    let answered = matches!(e.kind(), K::Server(_)) || e.code().is_some();
     let mapped = Error::new(kind, "redis")
         .set_store_answered(answered)
+        .set_wrong_node(wrong_node)
         .with_source(e);
     if definite {
         mapped.set_definite(true)

@@ -41,6 +41,10 @@ fn a_client_is_one_standalone_server() {
         RedisConfig::builder()
             .redis_client(client.clone())
             .node("127.0.0.1", 6380),
+        // Set after the client, which says database 0: it would not be used.
+        RedisConfig::builder()
+            .redis_client(client.clone())
+            .database(3),
     ] {
         let e = builder.build().expect_err("refused");
         assert_eq!(e.kind(), locker_core::ErrorKind::InvalidInput, "{e}");

@@ -4,6 +4,9 @@
 //! Measured, for each client library: how many of the held locks their jobs still hold after
 //! the failover (their heartbeats pass and nobody else can take them), and how long until a
 //! new lock can be acquired. The figures are printed (README, "Guarantees, and their limits").
+//! And a graceful failover (`SENTINEL FAILOVER`), where the old master lives on as a replica:
+//! the locker's connection, made again to the same address, answers reads but refuses writes
+//! (`READONLY`), and must be replaced at once, though the reads succeed in between.
 
 use std::time::{Duration, Instant};
 
@@ -106,4 +109,97 @@ async fn redis_rs_follows_a_sentinel_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fred_follows_a_sentinel_failover() {
     failover(ClientLibrary::Fred).await;
+}
+
+/// The master as a sentinel names it now.
+async fn master_port(sentinel_url: &str) -> u16 {
+    let sentinel = sentinel_url
+        .trim_start_matches("redis+sentinel://")
+        .split(',')
+        .next()
+        .expect("a sentinel")
+        .to_owned();
+    let client = redis::Client::open(format!("redis://{sentinel}")).expect("sentinel client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("sentinel connection");
+    let (_, port): (String, u16) = redis::cmd("SENTINEL")
+        .arg("get-master-addr-by-name")
+        .arg("locker")
+        .query_async(&mut conn)
+        .await
+        .expect("the master's address");
+    port
+}
+
+async fn graceful_failover(client: ClientLibrary) {
+    let server = servers::start_redis_sentinel().unwrap_or_else(|e| panic!("{e}"));
+    let config = RedisConfig::from_url(server.url())
+        .expect("url")
+        .with_client(client);
+    let a = locker(&config);
+    let guard = match a.acquire("graceful").await.expect("acquire") {
+        LockAttempt::Acquired(guard) => guard,
+        LockAttempt::Held(h) => panic!("held by {}", h.owner_hash),
+    };
+    let before = master_port(server.url()).await;
+    let sentinel = server
+        .url()
+        .trim_start_matches("redis+sentinel://")
+        .split(',')
+        .next()
+        .expect("a sentinel")
+        .to_owned();
+    let mut conn = redis::Client::open(format!("redis://{sentinel}"))
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let _: String = redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg("locker")
+        .query_async(&mut conn)
+        .await
+        .expect("SENTINEL FAILOVER");
+    let started = Instant::now();
+    while master_port(server.url()).await == before {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no failover within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Writes and reads in turn: a read that succeeds must not keep the connection to the old
+    // master (a replica now) alive.
+    let extended = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{client:?}: the lock could not be extended within 30 s of a graceful failover: the \
+             connection stayed on the old master"
+        );
+        if guard.extend().await.is_ok() {
+            break started.elapsed();
+        }
+        let _ = a.inspect("graceful").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "graceful sentinel failover ({client:?}): extended again {:.1} s after SENTINEL FAILOVER",
+        extended.as_secs_f64()
+    );
+    let _released = guard.release().await;
+    a.shutdown().await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rs_leaves_an_old_master_that_refuses_writes() {
+    graceful_failover(ClientLibrary::Redis).await;
+}
+
+#[cfg(feature = "fred")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fred_leaves_an_old_master_that_refuses_writes() {
+    graceful_failover(ClientLibrary::Fred).await;
 }

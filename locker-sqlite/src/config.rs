@@ -140,6 +140,8 @@ impl SqliteConfig {
     /// NORMAL`, the busy timeout of this configuration), on its thread and runtime, so that a
     /// blocked application runtime or a pool busy with the application's queries cannot delay
     /// a liveness write. WAL mode, once set by that pool, is the file's for every connection.
+    /// The reporter's pool is made from the file name only, not from the pool's hooks. An
+    /// in-memory pool is refused by `build` (the reporter would open another database).
     ///
     /// ```no_run
     /// # async fn app() -> Result<(), Box<dyn std::error::Error>> {
@@ -260,6 +262,18 @@ impl SqliteConfigBuilder {
         }
         if self.busy_timeout.is_zero() || self.command_timeout.is_zero() {
             return Err(Error::invalid_input("timeouts must be greater than zero"));
+        }
+        // An application's in-memory database: the reporter's own pool would open another
+        // database (a file of that name), and liveness records would not be where the locks
+        // are.
+        let name = self.path.to_string_lossy();
+        if self.pool.is_some()
+            && (name.is_empty() || name == ":memory:" || name.starts_with("file:sqlx-in-memory"))
+        {
+            return Err(Error::invalid_input(
+                "the application's SQLite pool is an in-memory database: the locker needs a \
+                 file, shared by its connections and its liveness reporter's",
+            ));
         }
         Ok(SqliteConfig {
             path: self.path,

@@ -48,6 +48,13 @@ fn a_locker_on_the_applications_pool() {
     }
 }
 
+#[tokio::test]
+async fn an_in_memory_pool_is_refused() {
+    let pool = SqlitePool::connect("sqlite::memory:").await.expect("pool");
+    let e = SqliteConfig::from_pool(pool).build().expect_err("refused");
+    assert_eq!(e.kind(), locker_core::ErrorKind::InvalidInput, "{e}");
+}
+
 async fn liveness_goes_on_while_the_application_holds_its_pool(path: &std::path::Path) {
     let pool = app_pool(path).await;
     let locker = Locker::builder(
