@@ -47,6 +47,9 @@ pub(crate) struct LockState {
     pub(crate) next_recheck: AtomicU64,
     pub(crate) next_extend: AtomicU64,
     pub(crate) released: AtomicBool,
+    /// The guard was handed to the caller: only then is a loss the application's to hear of
+    /// (a late acquire reply, given up before it became a guard, is not).
+    pub(crate) handed_out: AtomicBool,
     loss: OnceLock<Loss>,
     /// Turns `true` when the lock is lost, to wake [`Heartbeat::lost`] and [`Heartbeat::sleep`];
     /// made by the first of them (most locks never wait on it, and a sender with no receivers
@@ -73,6 +76,7 @@ impl LockState {
             next_recheck: AtomicU64::new(sent_at.saturating_add(nanos(o.recheck_every))),
             next_extend: AtomicU64::new(sent_at.saturating_add(nanos(o.extend_every))),
             released: AtomicBool::new(false),
+            handed_out: AtomicBool::new(false),
             data: Mutex::new(data),
             loss: OnceLock::new(),
             lost_signal: Mutex::new(None),
@@ -102,6 +106,9 @@ impl LockState {
             // under the same mutex: one of the two sees the other.
             if let Some(signal) = &*lock_ignoring_poison(&self.lost_signal) {
                 signal.send_replace(true);
+            }
+            if !self.handed_out.load(Ordering::Acquire) {
+                return;
             }
             crate::metrics::lost(&loss);
             match &loss {

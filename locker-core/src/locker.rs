@@ -658,6 +658,7 @@ impl Locker {
             )
             .with_key(guard.key().to_owned()));
         }
+        guard.state.handed_out.store(true, Ordering::Release);
         Ok(LockAttempt::Acquired(guard))
     }
 

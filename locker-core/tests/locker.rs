@@ -1132,3 +1132,88 @@ async fn rechecks_of_many_locks_share_one_read_per_interval() {
     drop(guards);
     locker.shutdown().await;
 }
+
+/// A store whose acquires answer late.
+#[derive(Debug, Clone)]
+struct SlowAcquire {
+    store: MemoryBackend,
+    delay: Duration,
+}
+
+#[locker_core::async_trait]
+impl LockBackend for SlowAcquire {
+    fn capabilities(&self) -> locker_core::Capabilities {
+        self.store.capabilities()
+    }
+    async fn acquire(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+    ) -> locker_core::Result<AcquireOutcome> {
+        tokio::time::sleep(self.delay).await;
+        self.store.acquire(key, data, ttl).await
+    }
+    async fn extend(
+        &self,
+        key: &str,
+        data: &LockData,
+        ttl: Duration,
+        owner_hash: &str,
+    ) -> locker_core::Result<locker_core::ExtendOutcome> {
+        self.store.extend(key, data, ttl, owner_hash).await
+    }
+    async fn release(&self, key: &str, owner_hash: &str) -> locker_core::Result<ReleaseOutcome> {
+        self.store.release(key, owner_hash).await
+    }
+    async fn ping(
+        &self,
+        process_hash: &str,
+        data: &locker_core::ProcessData,
+        ttl: Duration,
+    ) -> locker_core::Result<()> {
+        self.store.ping(process_hash, data, ttl).await
+    }
+    async fn read(&self, key: &str) -> locker_core::Result<Option<LockData>> {
+        self.store.read(key).await
+    }
+    async fn read_process(
+        &self,
+        process_hash: &str,
+    ) -> locker_core::Result<Option<locker_core::ProcessData>> {
+        self.store.read_process(process_hash).await
+    }
+    async fn forget_process(&self, process_hash: &str) -> locker_core::Result<()> {
+        self.store.forget_process(process_hash).await
+    }
+}
+
+/// An acquire whose reply came after the lock TTL is refused (a timeout), and it is not a lost
+/// lock for the application, which never had it: no `LockLost` event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_acquire_reply_is_no_lost_lock_event() {
+    let slow = SlowAcquire {
+        store: MemoryBackend::new(),
+        delay: Duration::from_millis(700),
+    };
+    let factory = locker_core::factory_fn(move || {
+        let slow = slow.clone();
+        async move { Ok(Arc::new(slow) as Arc<dyn LockBackend>) }
+    });
+    let locker = Locker::builder(factory)
+        .report_every(REPORT)
+        .liveness_ttl(LIVENESS)
+        .recheck_every(Duration::from_millis(50))
+        .extend_every(Duration::from_millis(100))
+        .lock_ttl(Duration::from_millis(500))
+        .build()
+        .expect("options");
+    let mut errors = locker.subscribe_errors();
+    let e = locker.acquire("late").await.expect_err("too late to trust");
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while let Ok(event) = errors.try_recv() {
+        assert_ne!(event.source, BackgroundSource::LockLost, "{event}");
+    }
+    locker.shutdown().await;
+}
