@@ -860,15 +860,21 @@ async fn shutdown_gives_running_jobs_a_grace_to_end() {
     assert_eq!(store.read("k").await.expect("read"), None);
 }
 
-/// A client library that replays each acquire once, as after a reconnect that lost the first
-/// answer: the second attempt finds the first one's lock.
-#[derive(Debug)]
-struct Replaying(MemoryBackend);
+/// A store connection whose acquires misbehave, as `OddAcquire`'s `replay` and `delay` say.
+#[derive(Debug, Clone)]
+struct OddAcquire {
+    store: MemoryBackend,
+    /// Each acquire is sent twice, as by a client library that replays a call after a
+    /// reconnect that lost the first answer: the second attempt finds the first one's lock.
+    replay: bool,
+    /// Each acquire's answer comes this much later.
+    delay: Duration,
+}
 
 #[async_trait::async_trait]
-impl LockBackend for Replaying {
+impl LockBackend for OddAcquire {
     fn capabilities(&self) -> locker_core::Capabilities {
-        self.0.capabilities()
+        self.store.capabilities()
     }
     async fn acquire(
         &self,
@@ -876,8 +882,11 @@ impl LockBackend for Replaying {
         data: &LockData,
         ttl: Duration,
     ) -> locker_core::Result<AcquireOutcome> {
-        let _lost_answer = self.0.acquire(key, data, ttl).await?;
-        self.0.acquire(key, data, ttl).await
+        if self.replay {
+            let _lost_answer = self.store.acquire(key, data, ttl).await?;
+        }
+        tokio::time::sleep(self.delay).await;
+        self.store.acquire(key, data, ttl).await
     }
     async fn extend(
         &self,
@@ -886,10 +895,10 @@ impl LockBackend for Replaying {
         ttl: Duration,
         owner_hash: &str,
     ) -> locker_core::Result<locker_core::ExtendOutcome> {
-        self.0.extend(key, data, ttl, owner_hash).await
+        self.store.extend(key, data, ttl, owner_hash).await
     }
     async fn release(&self, key: &str, owner_hash: &str) -> locker_core::Result<ReleaseOutcome> {
-        self.0.release(key, owner_hash).await
+        self.store.release(key, owner_hash).await
     }
     async fn ping(
         &self,
@@ -897,19 +906,19 @@ impl LockBackend for Replaying {
         data: &locker_core::ProcessData,
         ttl: Duration,
     ) -> locker_core::Result<()> {
-        self.0.ping(process_hash, data, ttl).await
+        self.store.ping(process_hash, data, ttl).await
     }
     async fn read(&self, key: &str) -> locker_core::Result<Option<LockData>> {
-        self.0.read(key).await
+        self.store.read(key).await
     }
     async fn read_process(
         &self,
         process_hash: &str,
     ) -> locker_core::Result<Option<locker_core::ProcessData>> {
-        self.0.read_process(process_hash).await
+        self.store.read_process(process_hash).await
     }
     async fn forget_process(&self, process_hash: &str) -> locker_core::Result<()> {
-        self.0.forget_process(process_hash).await
+        self.store.forget_process(process_hash).await
     }
 }
 
@@ -919,7 +928,13 @@ async fn a_replayed_acquire_that_finds_its_own_lock_owns_it() {
     let factory_store = store.clone();
     let a = Locker::builder(locker_core::factory_fn(move || {
         let store = factory_store.clone();
-        async move { Ok(Arc::new(Replaying(store)) as Arc<dyn LockBackend>) }
+        async move {
+            Ok(Arc::new(OddAcquire {
+                store,
+                replay: true,
+                delay: Duration::ZERO,
+            }) as Arc<dyn LockBackend>)
+        }
     }))
     .report_every(REPORT)
     .liveness_ttl(LIVENESS)
@@ -1133,67 +1148,13 @@ async fn rechecks_of_many_locks_share_one_read_per_interval() {
     locker.shutdown().await;
 }
 
-/// A store whose acquires answer late.
-#[derive(Debug, Clone)]
-struct SlowAcquire {
-    store: MemoryBackend,
-    delay: Duration,
-}
-
-#[locker_core::async_trait]
-impl LockBackend for SlowAcquire {
-    fn capabilities(&self) -> locker_core::Capabilities {
-        self.store.capabilities()
-    }
-    async fn acquire(
-        &self,
-        key: &str,
-        data: &LockData,
-        ttl: Duration,
-    ) -> locker_core::Result<AcquireOutcome> {
-        tokio::time::sleep(self.delay).await;
-        self.store.acquire(key, data, ttl).await
-    }
-    async fn extend(
-        &self,
-        key: &str,
-        data: &LockData,
-        ttl: Duration,
-        owner_hash: &str,
-    ) -> locker_core::Result<locker_core::ExtendOutcome> {
-        self.store.extend(key, data, ttl, owner_hash).await
-    }
-    async fn release(&self, key: &str, owner_hash: &str) -> locker_core::Result<ReleaseOutcome> {
-        self.store.release(key, owner_hash).await
-    }
-    async fn ping(
-        &self,
-        process_hash: &str,
-        data: &locker_core::ProcessData,
-        ttl: Duration,
-    ) -> locker_core::Result<()> {
-        self.store.ping(process_hash, data, ttl).await
-    }
-    async fn read(&self, key: &str) -> locker_core::Result<Option<LockData>> {
-        self.store.read(key).await
-    }
-    async fn read_process(
-        &self,
-        process_hash: &str,
-    ) -> locker_core::Result<Option<locker_core::ProcessData>> {
-        self.store.read_process(process_hash).await
-    }
-    async fn forget_process(&self, process_hash: &str) -> locker_core::Result<()> {
-        self.store.forget_process(process_hash).await
-    }
-}
-
 /// An acquire whose reply came after the lock TTL is refused (a timeout), and it is not a lost
 /// lock for the application, which never had it: no `LockLost` event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_acquire_reply_is_no_lost_lock_event() {
-    let slow = SlowAcquire {
+    let slow = OddAcquire {
         store: MemoryBackend::new(),
+        replay: false,
         delay: Duration::from_millis(700),
     };
     let factory = locker_core::factory_fn(move || {
