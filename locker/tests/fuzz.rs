@@ -156,9 +156,13 @@ proptest! {
                 prop_assert_eq!(c.key_prefix(), prefix.as_str());
                 prop_assert_eq!(c.command_timeout(), std::time::Duration::from_millis(millis));
                 prop_assert_eq!(c.is_cluster(), cluster);
-                if password.len() > 3 {
+                // (Unless the password is also part of what may show: the user name, a host.)
+                let shown_elsewhere = user.contains(&password)
+                    || prefix.contains(&password)
+                    || c.nodes().iter().any(|(h, _)| h.contains(&password));
+                if password.len() > 3 && !shown_elsewhere {
                     let shown = format!("{:?}", c);
-                prop_assert!(!shown.contains(&password), "the password shows");
+                    prop_assert!(!shown.contains(&password), "the password shows");
                 }
             }
             // Only a key prefix with a broken hash tag is refused.
