@@ -230,9 +230,13 @@ proptest! {
         prop_assert_eq!(c.schema(), schema.as_str());
         prop_assert_eq!(c.table_prefix(), prefix.as_str());
         prop_assert_eq!(c.command_timeout(), std::time::Duration::from_secs(secs));
-        if password.len() > 3 {
+        // (Unless the password is also part of what may show.)
+        let shown_elsewhere = [&user, &host, &database, &schema, &prefix]
+            .iter()
+            .any(|part| part.contains(password.as_str()));
+        if password.len() > 3 && !shown_elsewhere {
             let shown = format!("{:?}", c);
-                prop_assert!(!shown.contains(&password), "the password shows");
+            prop_assert!(!shown.contains(&password), "the password shows");
         }
     }
 
