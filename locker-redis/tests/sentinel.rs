@@ -156,12 +156,27 @@ async fn graceful_failover(client: ClientLibrary) {
         .get_multiplexed_async_connection()
         .await
         .expect("connection");
-    let _: String = redis::cmd("SENTINEL")
-        .arg("FAILOVER")
-        .arg("locker")
-        .query_async(&mut conn)
-        .await
-        .expect("SENTINEL FAILOVER");
+    // A sentinel picks a replica only after it has read the replica's INFO: right after start
+    // it may not have yet and answers NOGOODSLAVE. Ask again until it accepts.
+    let asked = Instant::now();
+    loop {
+        let reply: redis::RedisResult<String> = redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg("locker")
+            .query_async(&mut conn)
+            .await;
+        match reply {
+            Ok(_) => break,
+            Err(e) if e.to_string().contains("NOGOODSLAVE") => {
+                assert!(
+                    asked.elapsed() < Duration::from_secs(30),
+                    "SENTINEL FAILOVER still refused after 30 s: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("SENTINEL FAILOVER: {e}"),
+        }
+    }
     let started = Instant::now();
     while master_port(server.url()).await == before {
         assert!(
