@@ -14,7 +14,7 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use locker::{LockAttempt, Locker};
+use locker::{Leadership, LockAttempt, Locker, PermitAttempt, Wait};
 use locker_conformance::servers::{self, Server, ServerControl, ServerKind};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -23,6 +23,11 @@ use nix::unistd::Pid;
 const LIVENESS: Duration = Duration::from_secs(2);
 const REPORT: Duration = Duration::from_millis(300);
 const RECHECK: Duration = Duration::from_millis(100);
+
+/// The semaphore the workers share, and its permits; and the election they campaign in.
+const SEMAPHORE: &str = "chaos-sem";
+const PERMITS: u32 = 2;
+const ELECTION: &str = "chaos-leader";
 
 fn now_ms() -> u128 {
     SystemTime::now()
@@ -106,17 +111,40 @@ pub(crate) async fn worker(url: &str, dir: &Path, keys: usize) {
         n = n
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let key = format!("chaos-{}", (n >> 33) as usize % keys);
-        let attempt = locker.acquire(key.as_str()).await;
-        // Taken before anything else: the line below may be written much later (a freeze).
-        let acquired_us = now_us();
-        let guard = match attempt {
-            Ok(LockAttempt::Acquired(g)) => g,
-            Ok(LockAttempt::Held(_)) | Err(_) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+        // The plain keys, the semaphore and the election, in turn at random.
+        let pick = (n >> 33) as usize % (keys + 2);
+        let attempt = if pick < keys {
+            match locker.acquire(format!("chaos-{pick}")).await {
+                Ok(LockAttempt::Acquired(g)) => Some(g),
+                Ok(LockAttempt::Held(_)) | Err(_) => None,
+            }
+        } else if pick == keys {
+            match locker.semaphore(SEMAPHORE, PERMITS) {
+                Ok(sem) => match sem.try_acquire().await {
+                    Ok(PermitAttempt::Acquired(g)) => Some(g),
+                    Ok(PermitAttempt::Full(_)) | Err(_) => None,
+                },
+                Err(_) => None,
+            }
+        } else {
+            match locker.election(ELECTION) {
+                Ok(election) => election
+                    .campaign(Wait::up_to(Duration::ZERO))
+                    .await
+                    .ok()
+                    .map(Leadership::into_guard),
+                Err(_) => None,
             }
         };
+        // Taken before anything else: the line below may be written much later (a freeze).
+        let acquired_us = now_us();
+        let Some(guard) = attempt else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        // A permit's key is its slot's: each slot is checked as a lock, and the semaphore as a
+        // whole for its count.
+        let key = guard.key().to_owned();
         let token = guard.fencing_token().unwrap_or(0);
         let hb = guard.heartbeat();
         log(
@@ -393,6 +421,12 @@ struct Figures {
     ended_on_waking: usize,
     takeover_ms: Vec<u128>,
     lost_jobs: usize,
+    /// The semaphore's sections, and the most of them active at once among processes not
+    /// frozen (outside a restart that lost the data): at most `PERMITS`.
+    semaphore_sections: usize,
+    semaphore_most: usize,
+    /// The election's terms (sections).
+    election_sections: usize,
     /// One line per violation found, for the report.
     notes: Vec<String>,
 }
@@ -405,6 +439,7 @@ impl Figures {
             && self.beats_ok_while_held == 0
             && self.seppukus == self.taken_over_while_frozen
             && self.lost_jobs == 0
+            && self.semaphore_most <= PERMITS as usize
             && self.sections > 0
     }
 
@@ -439,6 +474,14 @@ impl Figures {
                 self.takeover_ms.last().copied().unwrap_or_default()
             );
         }
+        println!(
+            "  semaphore {SEMAPHORE:?} ({PERMITS} permits): {} sections; most holders beating at once among processes not frozen: {} (its permits are also checked above, each as a lock)",
+            self.semaphore_sections, self.semaphore_most
+        );
+        println!(
+            "  election {ELECTION:?}: {} terms (checked above as a lock: one leader beating at once)",
+            self.election_sections
+        );
         println!("  verdict: {}", if self.ok() { "PASS" } else { "FAIL" });
     }
 }
@@ -692,6 +735,33 @@ fn analyse(events: &[Event], loses_data: bool) -> Figures {
             }
         }
     }
+    // 6. The semaphore as a whole: never more than `PERMITS` of its sections active at once
+    //    (from the start to the last successful beat) among processes that were not frozen;
+    //    frozen holders are checked per permit by 3. Touching ends do not overlap (as in 2).
+    let permit_prefix = format!("{SEMAPHORE}#permit");
+    let mut edges: Vec<(u128, i32)> = Vec::new();
+    for s in sections
+        .iter()
+        .filter(|s| s.key.starts_with(&permit_prefix))
+    {
+        f.semaphore_sections += 1;
+        if !s.frozen && s.active_to > s.from && !in_data_loss(s.from) {
+            edges.push((s.from, 1));
+            edges.push((s.active_to, -1));
+        }
+    }
+    edges.sort_unstable();
+    let mut active = 0i32;
+    for (at, step) in edges {
+        active += step;
+        if active > PERMITS as i32 && f.semaphore_most <= PERMITS as usize {
+            f.notes.push(format!(
+                "{active} holders of the semaphore {SEMAPHORE:?} ({PERMITS} permits) active at {at} ms"
+            ));
+        }
+        f.semaphore_most = f.semaphore_most.max(usize::try_from(active).unwrap_or(0));
+    }
+    f.election_sections = sections.iter().filter(|s| s.key == ELECTION).count();
     f.takeover_ms.sort_unstable();
     f.sections = sections.len();
     f.kills = kills.len();
@@ -839,6 +909,36 @@ mod tests {
         );
         assert!(f.notes.is_empty(), "{f:?}");
         assert_eq!(f.ended_on_waking, 1, "{f:?}");
+        assert!(f.ok(), "{f:?}");
+    }
+
+    #[test]
+    fn more_semaphore_holders_than_permits_is_a_violation() {
+        // Three processes hold permits of a semaphore of 2 at once (a third slot that should
+        // not exist): each slot alone is fine, the semaphore is not.
+        let log = "1000 100 start chaos-sem#permit0 1 999500 o1
+1001 200 start chaos-sem#permit1 1 1000500 o2
+1002 300 start chaos-sem#permit2 1 1001500 o3
+1100 100 beat chaos-sem#permit0 1 1099900
+1101 200 beat chaos-sem#permit1 1 1100900
+1102 300 beat chaos-sem#permit2 1 1101900
+1103 100 end chaos-sem#permit0 1
+1104 200 end chaos-sem#permit1 1
+1105 300 end chaos-sem#permit2 1
+";
+        let f = analyse_log(log);
+        assert_eq!((f.semaphore_sections, f.semaphore_most), (3, 3), "{f:?}");
+        assert!(!f.ok(), "{f:?}");
+        // Two at once, then the third after one ended: fine.
+        let f = analyse_log(
+            &log.replace("1002 300 start", "1104 300 start")
+                .replace("1102 300 beat chaos-sem#permit2 1 1101900\n", "")
+                .replace(
+                    "1105 300 end",
+                    "1106 300 beat chaos-sem#permit2 1 1105900\n1107 300 end",
+                ),
+        );
+        assert_eq!(f.semaphore_most, 2, "{f:?}");
         assert!(f.ok(), "{f:?}");
     }
 

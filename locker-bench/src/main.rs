@@ -21,6 +21,7 @@ mod chaos;
 mod compare;
 mod counting;
 mod durable;
+mod primitives;
 mod raw;
 mod roundtrips;
 mod waiting;
@@ -128,6 +129,30 @@ enum Sub {
         /// 0s to skip.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         fairness_window: Duration,
+    },
+    /// Semaphores and elections, per backend: a permit's cycle next to a lock's, and the
+    /// leadership hand-off after SIGKILL of the leader.
+    Primitives {
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "redis,fred,postgres,sqlite,etcd"
+        )]
+        backends: Vec<String>,
+        /// Repeats of the alternating slices.
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
+        #[arg(long, default_value = "150ms", value_parser = humantime::parse_duration)]
+        slice: Duration,
+        /// Concurrent tasks of the concurrent row.
+        #[arg(long, default_value_t = 64)]
+        tasks: usize,
+        /// Permits per semaphore (and tasks sharing one).
+        #[arg(long, default_value_t = 4)]
+        permits: u32,
+        /// Hand-off trials (0 to skip).
+        #[arg(long, default_value_t = 5)]
+        trials: usize,
     },
     /// (internal) One chaos worker.
     ChaosWorker {
@@ -584,6 +609,35 @@ fn main() {
             for backend in backends {
                 let (url, server) = start_server(backend, dir.path());
                 runtime.block_on(waiting::run(backend, &url, &plan));
+                drop(server);
+            }
+            return;
+        }
+        Some(Sub::Primitives {
+            backends,
+            repeats,
+            slice,
+            tasks,
+            permits,
+            trials,
+        }) => {
+            println!(
+                "## Semaphores and elections, run of {}\n\nMachine: {}\n\nCommand: `cargo run --release -p locker-bench -- primitives --backends {} --repeats {repeats} --slice {slice:?} --tasks {tasks} --permits {permits} --trials {trials}`",
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+                machine(),
+                backends.join(","),
+            );
+            let plan = primitives::Plan {
+                repeats: *repeats,
+                slice: *slice,
+                tasks: *tasks,
+                permits: *permits,
+                trials: *trials,
+            };
+            let dir = tempfile::tempdir().expect("temporary directory");
+            for backend in backends {
+                let (url, server) = start_server(backend, dir.path());
+                runtime.block_on(primitives::run(backend, &url, &plan));
                 drop(server);
             }
             return;

@@ -178,3 +178,87 @@ pub(crate) async fn owner(global: &Global, args: OwnerArgs) -> ExitCode {
     locker.shutdown().await;
     ExitCode::SUCCESS
 }
+
+#[derive(Args, Debug)]
+pub(crate) struct LeaderArgs {
+    /// The election key (a key that `locker run` or `Locker::election` campaigns for).
+    key: String,
+    /// Print a line at every change of leader, until interrupted.
+    #[arg(long)]
+    watch: bool,
+    /// Print JSON lines: `{"key", "leader", "term"}` (`leader`: the leader's record or null).
+    #[arg(long)]
+    json: bool,
+}
+
+/// `locker leader KEY`: who leads the election on KEY (exits 1 when nobody does), and with
+/// `--watch` every change after.
+pub(crate) async fn leader(global: &Global, args: LeaderArgs) -> ExitCode {
+    let locker = match global.locker() {
+        Ok(l) => l,
+        Err(e) => return fail(&e),
+    };
+    let election = match locker.election(args.key.as_str()) {
+        Ok(e) => e,
+        Err(e) => return fail(&e),
+    };
+    let mut watch = election.observe();
+    let Ok(mut signals) = crate::run::signal_streams() else {
+        say!("locker: cannot listen for signals");
+        return ExitCode::from(crate::EX_SOFTWARE);
+    };
+    let mut led = false;
+    loop {
+        let leader = tokio::select! {
+            leader = watch.changed() => leader,
+            _ = crate::run::next_signal(&mut signals) => break,
+        };
+        let leader = match leader {
+            Ok(leader) => leader,
+            Err(e) if args.watch && e.is_retryable() => {
+                say!("locker: {e}");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => {
+                locker.shutdown().await;
+                return fail(&e);
+            }
+        };
+        led = leader.is_some();
+        if args.json {
+            let term = leader.as_ref().and_then(|l| l.fencing_token);
+            println!(
+                "{}",
+                json!({ "key": args.key, "leader": leader, "term": term })
+            );
+        } else {
+            match &leader {
+                Some(l) => println!(
+                    "{:?} is led by {} (process {}{}), since {}{}",
+                    args.key,
+                    l.owner_hash,
+                    l.process_hash,
+                    l.trace
+                        .as_deref()
+                        .map(|t| format!(", trace {t:?}"))
+                        .unwrap_or_default(),
+                    l.acquired_at.to_rfc3339(),
+                    l.fencing_token
+                        .map(|t| format!(", term {t}"))
+                        .unwrap_or_default()
+                ),
+                None => println!("{:?} has no leader", args.key),
+            }
+        }
+        if !args.watch {
+            break;
+        }
+    }
+    locker.shutdown().await;
+    if led || args.watch {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EX_NO)
+    }
+}

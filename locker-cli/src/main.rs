@@ -128,6 +128,8 @@ enum Command {
     Run(run::RunArgs),
     /// Show who holds KEY, if a live process does; exits 1 when KEY is free.
     Status(inspect::StatusArgs),
+    /// Show who leads the election on KEY (exits 1 when nobody does); --watch follows it.
+    Leader(inspect::LeaderArgs),
     /// Show whether the job with OWNER_HASH is running.
     Owner(inspect::OwnerArgs),
     /// Release KEY if OWNER_HASH still holds it (for operators); exits 1 when it did not.
@@ -321,6 +323,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run::run(&cli.global, args).await,
             Command::Status(args) => inspect::status(&cli.global, args).await,
+            Command::Leader(args) => inspect::leader(&cli.global, args).await,
             Command::Owner(args) => inspect::owner(&cli.global, args).await,
             Command::Release(args) => inspect::release(&cli.global, args).await,
             Command::Demo(args) => demo::demo(&cli.global, args).await,

@@ -27,6 +27,8 @@ The command gets these variables:
   LOCKER_OWNER_HASH     this acquisition's owner hash (`locker owner`, `locker release --owner`)
   LOCKER_FENCING_TOKEN  the lock's fencing token, when the backend issues them: pass it to the
                         systems the command writes to, so that they refuse a stale holder
+  LOCKER_PERMIT_KEY     with --permits, the key of the permit held (fencing tokens are per
+                        permit: pass it along with the token); empty without --permits
 
 The command runs in a process group of its own, under a small supervisor process that owns its
 whole tree (Linux: it is the tree's subreaper). SIGHUP, SIGINT, SIGTERM and SIGQUIT sent to
@@ -76,6 +78,11 @@ pub(crate) struct RunArgs {
     /// holder would be found dead; a signal ends it.
     #[arg(long, value_name = "DURATION|forever", default_value = "0s", value_parser = parse_wait)]
     wait: Wait,
+    /// Let up to N copies run at once across the cluster (a semaphore of N permits on KEY;
+    /// every caller of KEY must pass the same N). The command gets LOCKER_PERMIT_KEY, the
+    /// key of the permit it holds.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(locker::MAX_PERMITS)))]
+    permits: Option<u32>,
     /// The exit code when someone else still holds the lock after --wait.
     #[arg(long, value_name = "N", default_value_t = EX_HELD)]
     conflict_exit_code: u8,
@@ -180,14 +187,26 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
         Wait::For(d) => locker::Wait::up_to(d),
         Wait::Forever => locker::Wait::forever(),
     };
+    let acquire = async {
+        match args.permits {
+            None => locker.acquire_wait(request, wait).await,
+            Some(permits) => locker.semaphore(request, permits)?.acquire_wait(wait).await,
+        }
+    };
     let attempt = tokio::select! {
-        attempt = locker.acquire_wait(request, wait) => attempt,
+        attempt = acquire => attempt,
         sig = next_signal(&mut signals) => return interrupted(&locker, sig).await,
     };
     let guard = match attempt {
         Ok(guard) => guard,
         Err(e) if e.kind() == ErrorKind::MutexTimeout => {
             match e.holder() {
+                Some(holder) if args.permits.is_some() => say!(
+                    "locker: every permit of {:?} is held ({} since {}, ...)",
+                    args.key,
+                    holder.owner_hash,
+                    holder.acquired_at.to_rfc3339()
+                ),
                 Some(holder) => say!(
                     "locker: {:?} is held by {} (since {})",
                     args.key,
@@ -243,6 +262,14 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> ExitCode {
         .args(&args.command)
         .env("LOCKER_KEY", &args.key)
         .env("LOCKER_OWNER_HASH", guard.owner_hash())
+        .env(
+            "LOCKER_PERMIT_KEY",
+            if args.permits.is_some() {
+                guard.key()
+            } else {
+                ""
+            },
+        )
         // Its own process group: a terminal's Ctrl-C reaches `locker`, which passes it on once.
         .process_group(0);
     if let Some(token) = guard.fencing_token() {

@@ -284,3 +284,104 @@ fn verbose_and_rust_log_show_the_library_events() {
         );
     }
 }
+
+#[test]
+fn permits_let_n_copies_run_at_once_and_no_more() {
+    let dir = tempfile::tempdir().expect("dir");
+    let copy = || {
+        locker(dir.path())
+            .args([
+                "run",
+                "--permits",
+                "2",
+                "k",
+                "--",
+                "sh",
+                "-c",
+                r#"case "$LOCKER_PERMIT_KEY" in k#permit[01]) sleep 3;; *) exit 9;; esac"#,
+            ])
+            .spawn()
+            .expect("copy")
+    };
+    let (first, second) = (copy(), copy());
+    wait_until_held(dir.path(), "k#permit0");
+    wait_until_held(dir.path(), "k#permit1");
+    let out = output(locker(dir.path()).args(["run", "--permits", "2", "k", "--", "true"]));
+    assert_eq!(out.status.code(), Some(75));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("every permit"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A caller that disagrees on the count is told so (permit 0 is held with a count of 2).
+    let out = output(locker(dir.path()).args(["run", "--permits", "1", "k", "--", "true"]));
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("2 permits"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        code(locker(dir.path()).args(["run", "--permits", "0", "k", "--", "true"])),
+        64
+    );
+    // A waiter gets the first permit freed.
+    assert_eq!(
+        code(locker(dir.path()).args([
+            "run",
+            "--permits",
+            "2",
+            "--wait",
+            "20s",
+            "k",
+            "--",
+            "sh",
+            "-c",
+            r#"test -n "$LOCKER_PERMIT_KEY""#
+        ])),
+        0
+    );
+    assert_eq!(wait_code(first, Duration::from_secs(20)), 0);
+    assert_eq!(wait_code(second, Duration::from_secs(20)), 0);
+}
+
+#[test]
+fn leader_shows_who_holds_the_key_and_follows_changes() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("dir");
+    let out = output(locker(dir.path()).args(["leader", "L"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("has no leader"));
+
+    let mut watcher = locker(dir.path())
+        .args(["leader", "L", "--watch", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("watcher");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = watcher.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let json: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+            if tx.send(json).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || rx.recv_timeout(Duration::from_secs(20)).expect("a line");
+    assert_eq!(next()["leader"], serde_json::Value::Null);
+    let leader = locker(dir.path())
+        .args(["run", "--trace", "node-7", "L", "--", "sleep", "2"])
+        .spawn()
+        .expect("leader");
+    let led = next();
+    assert_eq!(led["key"], "L");
+    assert_eq!(led["leader"]["trace"], "node-7");
+    assert_eq!(led["term"], led["leader"]["fencingToken"]);
+    assert!(led["term"].as_u64().is_some(), "{led}");
+    assert_eq!(wait_code(leader, Duration::from_secs(20)), 0);
+    assert_eq!(next()["leader"], serde_json::Value::Null);
+    signal(&watcher, Signal::SIGINT);
+    assert_eq!(wait_code(watcher, Duration::from_secs(20)), 0);
+}

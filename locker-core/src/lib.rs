@@ -4,6 +4,7 @@
 
 mod backend;
 mod clock;
+mod election;
 mod error;
 mod events;
 mod hash;
@@ -15,6 +16,7 @@ pub mod metrics;
 mod options;
 mod record;
 mod reporter;
+mod semaphore;
 pub mod url_params;
 mod wait;
 
@@ -22,6 +24,7 @@ pub use backend::{
     factory_fn, read_each, AcquireDecision, AcquireOutcome, BackendFactory, Capabilities,
     ExtendOutcome, FnFactory, LockBackend, ReleaseOutcome,
 };
+pub use election::{Election, LeaderWatch, Leadership};
 pub use error::{find_io_error, is_definite_io_error, BoxError, Error, ErrorKind, Result};
 pub use events::{BackgroundError, BackgroundSource};
 pub use hash::{
@@ -37,6 +40,7 @@ pub use options::{
     DEFAULT_REPORT_EVERY, DEFAULT_SLOW_CALL_AFTER,
 };
 pub use record::{LockData, ProcessData};
+pub use semaphore::{permit_key, PermitAttempt, Semaphore, MAX_PERMITS};
 pub use wait::{ReleaseWatch, Wait, WatchHub};
 
 /// Re-exported so that backend crates implement [`LockBackend`] with the same macro version.

@@ -33,7 +33,10 @@ use crate::wait::{ReleaseWatch, Wait, WatchHub};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockRequest {
     key: String,
-    trace: Option<String>,
+    pub(crate) trace: Option<String>,
+    /// Set for a permit of a [`Semaphore`](crate::Semaphore): written into the record as
+    /// `"permits"`, so that callers that disagree on the count find out.
+    permits: Option<u32>,
 }
 
 impl LockRequest {
@@ -42,6 +45,7 @@ impl LockRequest {
         LockRequest {
             key: key.into(),
             trace: None,
+            permits: None,
         }
     }
 
@@ -55,6 +59,15 @@ impl LockRequest {
     /// The key.
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// The request for one permit slot of a semaphore.
+    pub(crate) fn permit(key: String, trace: Option<String>, permits: u32) -> Self {
+        LockRequest {
+            key,
+            trace,
+            permits: Some(permits),
+        }
     }
 }
 
@@ -156,10 +169,10 @@ pub(crate) struct Inner {
     held: Mutex<HashMap<u64, Weak<LockState>>>,
     /// Notified whenever a lock leaves `held`, for `shutdown` to wait on.
     held_changed: Notify,
-    next_id: AtomicU64,
+    pub(crate) next_id: AtomicU64,
     reporter_stopped: OnceCell<()>,
     /// Wakes this locker's waiters of a key when one of its own locks on it is released.
-    local_releases: WatchHub,
+    pub(crate) local_releases: WatchHub,
     /// The waiters of this locker, in line per key: only the first of each line tries the
     /// store, so that many waiters on one key cost the store what one does.
     lines: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -372,7 +385,7 @@ impl Drop for Inner {
 /// ```
 #[derive(Clone)]
 pub struct Locker {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl Locker {
@@ -575,7 +588,11 @@ impl Locker {
         }
         let key = request.key;
         let ttl = inner.options.lock_ttl;
-        let data = LockData::new(owner_hash, inner.process_hash.to_string(), request.trace);
+        let mut data = LockData::new(owner_hash, inner.process_hash.to_string(), request.trace);
+        if let Some(permits) = request.permits {
+            data.extra
+                .insert(crate::semaphore::PERMITS_FIELD.into(), permits.into());
+        }
 
         // No acquire is sent while this process's own liveness record may be missing.
         inner.ensure_alive().await?;
@@ -754,7 +771,7 @@ impl Locker {
         wait: Wait,
     ) -> Result<LockGuard> {
         let started = std::time::Instant::now();
-        let result = self.wait_for(request.into(), wait).await;
+        let result = self.wait_for(Target::Lock(request.into()), wait).await;
         let outcome = match &result {
             Ok(_) => "acquired",
             Err(e) if e.kind() == ErrorKind::MutexTimeout => "timeout",
@@ -764,83 +781,99 @@ impl Locker {
         result
     }
 
-    async fn wait_for(&self, request: LockRequest, wait: Wait) -> Result<LockGuard> {
-        validate_key(&request.key)?;
+    /// Waits for a lock or for any permit of a semaphore: one loop for both, so that every
+    /// way to wait wakes, times out and stops on a drain the same way.
+    pub(crate) async fn wait_for(&self, target: Target, wait: Wait) -> Result<LockGuard> {
+        for key in target.keys() {
+            validate_key(key)?;
+        }
         let inner = &self.inner;
         let started = tokio::time::Instant::now();
         let deadline = wait.limit().and_then(|limit| started.checked_add(limit));
-        let timed_out = |holder: LockData| {
+        let timed_out = |holders: Vec<LockData>| {
             let waited = wait.limit().unwrap_or_default();
-            Error::new(
-                ErrorKind::MutexTimeout,
-                format!(
+            let message = match &target {
+                Target::Lock(_) => format!(
                     "{} still holds the lock after waiting {waited:?}",
-                    holder.owner_hash
+                    holders.first().map_or("someone", |h| h.owner_hash.as_str())
                 ),
-            )
-            .with_key(request.key.clone())
-            .with_holder(holder)
+                Target::Permits(sem) => format!(
+                    "all {} permits are still held after waiting {waited:?}",
+                    sem.permits
+                ),
+            };
+            let e = Error::new(ErrorKind::MutexTimeout, message).with_key(target.key().to_owned());
+            match holders.into_iter().next() {
+                Some(holder) => e.with_holder(holder),
+                None => e,
+            }
         };
-        let line = Line::join(inner, &request.key);
+        let line = Line::join(inner, target.key());
         let turn = match deadline {
             None => Some(line.turn().await),
             Some(deadline) => tokio::time::timeout_at(deadline, line.turn()).await.ok(),
         };
         let Some(_turn) = turn else {
             // The limit passed in line behind this locker's other waiters: one last try.
-            return match self.acquire(request.clone()).await? {
-                LockAttempt::Acquired(guard) => Ok(guard),
-                LockAttempt::Held(holder) => Err(timed_out(holder)),
+            return match self.try_target(&target).await? {
+                Ok(guard) => Ok(guard),
+                Err(holders) => Err(timed_out(holders)),
             };
         };
         let backend = inner.backend().await?;
-        let (mut local, _) = inner.local_releases.watch(&request.key);
+        let mut local: Vec<ReleaseWatch> = target
+            .keys()
+            .map(|key| inner.local_releases.watch(key).0)
+            .collect();
         let mut drain = inner.drain_signal();
         let events = backend.capabilities().release_events;
-        let mut store: Option<ReleaseWatch> = None;
+        let mut store: Vec<ReleaseWatch> = Vec::new();
         // Backends without release events may still wake waiters of their own process.
         let mut can_watch = true;
         let mut attempt = 0u32;
         loop {
-            let holder = match self.acquire(request.clone()).await? {
-                LockAttempt::Acquired(guard) => return Ok(guard),
-                LockAttempt::Held(holder) => holder,
+            let holders = match self.try_target(&target).await? {
+                Ok(guard) => return Ok(guard),
+                Err(holders) => holders,
             };
             let now = tokio::time::Instant::now();
             if deadline.is_some_and(|d| d <= now) {
-                return Err(timed_out(holder));
+                return Err(timed_out(holders));
             }
-            if store.is_none() && can_watch {
-                // Never past the wait's limit (a store that does not answer a subscription).
-                match bounded(deadline, backend.watch_release(&request.key)).await {
-                    Ok(Some(watch)) => store = Some(watch),
+            if store.is_empty() && can_watch {
+                match subscribe_all(&*backend, &target, deadline).await {
+                    Ok(Some(watches)) => store = watches,
                     Ok(None) => can_watch = false,
                     Err(e) => inner
                         .events
-                        .emit(BackgroundSource::Wait, e.with_key(request.key.clone())),
+                        .emit(BackgroundSource::Wait, e.with_key(target.key().to_owned())),
                 }
                 // A release between the try and the subscription would go unseen: try again
                 // at once after each new subscription (one per pause at most: a watch that
                 // ends is made again only after the pause).
-                if store.is_some() {
+                if !store.is_empty() {
                     continue;
                 }
             }
             let mut pause = wait.pause(
                 attempt,
                 inner.options.recheck_every,
-                events && store.is_some(),
+                events && !store.is_empty(),
             );
             attempt = attempt.saturating_add(1);
-            if !wait.has_custom_backoff()
-                && pause >= LIVENESS_LOOKUP_ABOVE
-                && *holder.process_hash != *inner.process_hash
-            {
-                // Try again when the holder would be found dead, if it stops reporting.
-                if let Ok(Some(left)) =
-                    bounded(deadline, backend.liveness_left(&holder.process_hash)).await
-                {
-                    pause = pause.min(left + LIVENESS_MARGIN);
+            if !wait.has_custom_backoff() && pause >= LIVENESS_LOOKUP_ABOVE {
+                // Try again when a holder would be found dead, if it stops reporting.
+                let mut asked: Vec<&str> = Vec::new();
+                for holder in &holders {
+                    let process = holder.process_hash.as_str();
+                    if *process == *inner.process_hash || asked.contains(&process) {
+                        continue;
+                    }
+                    asked.push(process);
+                    if let Ok(Some(left)) = bounded(deadline, backend.liveness_left(process)).await
+                    {
+                        pause = pause.min(left + LIVENESS_MARGIN);
+                    }
                 }
             }
             // A backoff may answer `Duration::MAX` ("only wake-ups"): a far instant, not an
@@ -853,25 +886,34 @@ impl Locker {
                 let phase_changed = inner.held_changed.notified();
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => break,
-                    alive = async {
-                        match &mut store {
-                            Some(watch) => watch.released().await,
-                            None => std::future::pending().await,
-                        }
-                    } => {
+                    alive = any_released(&mut store) => {
                         if alive {
                             break;
                         }
-                        // The backend's subscription ended: sleep on, and subscribe again
-                        // after the pause.
-                        store = None;
+                        // A backend subscription ended: sleep on, and subscribe again after
+                        // the pause.
+                        store.clear();
                     }
-                    _ = local.released() => break,
+                    _ = any_released(&mut local) => break,
                     _ = drain.changed() => break,
                     // `abandon` (and the end of a shutdown) wake waiters too.
                     () = phase_changed => break,
                 }
             }
+        }
+    }
+
+    /// One try of what a waiter waits for: the guard, or who holds the lock (every permit).
+    async fn try_target(
+        &self,
+        target: &Target,
+    ) -> Result<std::result::Result<LockGuard, Vec<LockData>>> {
+        match target {
+            Target::Lock(request) => Ok(match self.acquire(request.clone()).await? {
+                LockAttempt::Acquired(guard) => Ok(guard),
+                LockAttempt::Held(holder) => Err(vec![holder]),
+            }),
+            Target::Permits(sem) => sem.try_once(self).await,
         }
     }
 
@@ -1227,7 +1269,7 @@ impl LockGuard {
 
     /// Runs a job with this guard's heartbeat and releases afterwards; a panic is resumed once
     /// the release was attempted.
-    async fn run<F, Fut, T>(self, job: F) -> T
+    pub(crate) async fn run<F, Fut, T>(self, job: F) -> T
     where
         F: FnOnce(Heartbeat) -> Fut,
         Fut: Future<Output = T>,
@@ -1479,6 +1521,60 @@ async fn bounded<T>(
                 ))
             }),
     }
+}
+
+/// What a waiter waits for.
+pub(crate) enum Target {
+    /// One lock.
+    Lock(LockRequest),
+    /// Any permit of a semaphore.
+    Permits(crate::semaphore::Permits),
+}
+
+impl Target {
+    /// The key a waiter waits in line for, and names in its errors.
+    fn key(&self) -> &str {
+        match self {
+            Target::Lock(request) => &request.key,
+            Target::Permits(sem) => &sem.key,
+        }
+    }
+
+    /// The keys whose release wakes the waiter.
+    fn keys(&self) -> Box<dyn Iterator<Item = &str> + Send + '_> {
+        match self {
+            Target::Lock(request) => Box::new(std::iter::once(request.key.as_str())),
+            Target::Permits(sem) => Box::new(sem.slot_keys.iter().map(String::as_str)),
+        }
+    }
+}
+
+/// Subscribes to the release of every key of `target`: `None` when the backend cannot notify.
+async fn subscribe_all(
+    backend: &dyn LockBackend,
+    target: &Target,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Option<Vec<ReleaseWatch>>> {
+    let mut watches = Vec::new();
+    for key in target.keys() {
+        // Never past the wait's limit (a store that does not answer a subscription).
+        match bounded(deadline, backend.watch_release(key)).await? {
+            Some(watch) => watches.push(watch),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(watches))
+}
+
+/// Waits until any of `watches` fires: `true` for a release, `false` when one ended. Never
+/// ends when there are none.
+async fn any_released(watches: &mut [ReleaseWatch]) -> bool {
+    if watches.is_empty() {
+        return std::future::pending().await;
+    }
+    let (alive, _, _) =
+        futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.released()))).await;
+    alive
 }
 
 /// Below this pause, a waiter does not ask for the holder's liveness record's TTL (the pause

@@ -7,11 +7,13 @@
 mod backend;
 mod faults;
 mod locker;
+mod primitives;
 mod safety;
 mod wait;
 
 pub use backend::*;
 pub use faults::*;
 pub use locker::*;
+pub use primitives::*;
 pub use safety::*;
 pub use wait::*;
