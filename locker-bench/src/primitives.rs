@@ -2,11 +2,15 @@
 //! lock's (alternating slices, as the cycle comparison), and the leadership hand-off after the
 //! leader's process is SIGKILLed (a campaigner waiting, an observer watching).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use locker::{LockAttempt, Locker, PermitAttempt, Wait};
 
-use crate::{percentile, run_tasks, spawn_holder, takeover_locker, Stats, TAKEOVER_LIVENESS};
+use crate::{
+    percentile, run_tasks, spawn_holder, takeover_locker, Stats, TAKEOVER_LIVENESS, TAKEOVER_REPORT,
+};
 
 /// What to measure.
 pub(crate) struct Plan {
@@ -35,27 +39,42 @@ async fn lock_slice(locker: &Locker, tag: &str, tasks: usize, slice: Duration) -
 }
 
 /// Permit cycles: each task takes and returns a permit of a semaphore of `permits` shared by
-/// `permits` tasks, so a permit is always free but which one varies (the first slot tried
-/// may be taken by a neighbour: then it costs a second try).
+/// `permits` tasks, so a permit is never short, but which one is free varies (a slot tried
+/// may be taken by a neighbour: then it costs another try). Under such churn a scan can find
+/// every slot held, each at the moment it was tried, though never all at once: such a `Full`
+/// answer is counted in `full` (with retryable errors: SQLite's "the lock row kept changing"),
+/// and its time is in the slice, not in the cycles.
 async fn permit_slice(
     locker: &Locker,
     tag: &str,
     tasks: usize,
     permits: u32,
     slice: Duration,
+    full: &Arc<AtomicU64>,
 ) -> Stats {
-    let (locker, tag) = (locker.clone(), tag.to_owned());
+    let (locker, tag, full) = (locker.clone(), tag.to_owned(), full.clone());
     run_tasks(tasks, slice, move |t, _| {
         let group = t / permits as usize;
         let semaphore = locker
             .semaphore(format!("bench/prim/sem/{tag}/{group}"), permits)
             .expect("semaphore");
+        let full = full.clone();
         async move {
-            match semaphore.try_acquire().await.expect("try_acquire") {
-                PermitAttempt::Acquired(g) => {
-                    let _ = g.release().await.expect("release");
+            loop {
+                match semaphore.try_acquire().await {
+                    Ok(PermitAttempt::Acquired(g)) => {
+                        let _ = g.release().await.expect("release");
+                        return;
+                    }
+                    Ok(PermitAttempt::Full(_)) => {
+                        full.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // SQLite under this churn: "the lock row kept changing".
+                    Err(e) if e.is_retryable() => {
+                        full.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => panic!("try_acquire: {e}"),
                 }
-                PermitAttempt::Full(h) => panic!("{} permits held by {} tasks", h.len(), permits),
             }
         }
     })
@@ -70,7 +89,16 @@ pub(crate) async fn run(backend: &str, url: &str, plan: &Plan) {
     locker.ready().await.expect("ready");
     // Warm up both sides.
     let _ = lock_slice(&locker, "warm", 4, Duration::from_millis(300)).await;
-    let _ = permit_slice(&locker, "warm", 4, plan.permits, Duration::from_millis(300)).await;
+    let full = Arc::new(AtomicU64::new(0));
+    let _ = permit_slice(
+        &locker,
+        "warm",
+        4,
+        plan.permits,
+        Duration::from_millis(300),
+        &full,
+    )
+    .await;
     println!(
         "| cycle (acquire + release), {} repeats of alternating {:?} slices | lock cycles/s | permit cycles/s (semaphore of {}, {} tasks per semaphore) | permit/lock per repeat: median (min–max) |\n|---|---|---|---|",
         plan.repeats, plan.slice, plan.permits, plan.permits
@@ -79,6 +107,7 @@ pub(crate) async fn run(backend: &str, url: &str, plan: &Plan) {
     for tasks in [1, plan.tasks] {
         let (mut lock_n, mut lock_t, mut permit_n, mut permit_t) = (0u64, 0.0, 0u64, 0.0);
         let mut ratios = Vec::new();
+        full.store(0, Ordering::Relaxed);
         for repeat in 0..plan.repeats {
             let tag = format!("{tasks}/{repeat}/{}", std::process::id());
             let mut rates = [0.0; 2];
@@ -89,7 +118,7 @@ pub(crate) async fn run(backend: &str, url: &str, plan: &Plan) {
                 let stats = if side == 0 {
                     lock_slice(&locker, &tag, tasks, plan.slice).await
                 } else {
-                    permit_slice(&locker, &tag, tasks, plan.permits, plan.slice).await
+                    permit_slice(&locker, &tag, tasks, plan.permits, plan.slice, &full).await
                 };
                 let elapsed = t0.elapsed().as_secs_f64();
                 let n = stats.hist.len();
@@ -119,11 +148,13 @@ pub(crate) async fn run(backend: &str, url: &str, plan: &Plan) {
             ratios.first().copied().unwrap_or_default(),
             ratios.last().copied().unwrap_or_default()
         );
-        lists.push((tasks, list));
+        lists.push((tasks, list, full.load(Ordering::Relaxed), permit_n));
     }
     println!();
-    for (tasks, list) in lists {
-        println!("- permit/lock per repeat, {tasks} task(s): {list}");
+    for (tasks, list, full, cycles) in lists {
+        println!(
+            "- permit/lock per repeat, {tasks} task(s): {list}; `Full` answers (and retryable errors) while a permit was never short: {full} in {cycles} permit cycles"
+        );
     }
     locker.shutdown().await;
     if plan.trials > 0 {
@@ -147,8 +178,10 @@ async fn handoff(url: &str, trials: usize) {
         let mut watch = watcher.election(key.as_str()).expect("election").observe();
         let first = watch.changed().await.expect("observe").expect("a leader");
         let campaign = tokio::spawn(async move { election.campaign(Wait::forever()).await });
-        // Let the campaigner find the leader and subscribe.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Let the campaigner find the leader and subscribe; then kill at a different moment
+        // of the leader's report cycle in each trial (its last report sets the takeover time).
+        let phase = (trial as u64 * 157) % TAKEOVER_REPORT.as_millis() as u64;
+        tokio::time::sleep(Duration::from_millis(200 + phase)).await;
         leader.kill().expect("SIGKILL");
         let killed = Instant::now();
         let _ = leader.wait();

@@ -36,7 +36,10 @@ pub enum PermitAttempt {
     /// A permit is ours until the guard is released or dropped; its key is the permit's slot
     /// key.
     Acquired(LockGuard),
-    /// Every permit is held by a live process: their records, one per permit.
+    /// Every permit was held by a live process when it was tried: their records, one per
+    /// permit. The slots are tried one after the other, so under churn a permit may have been
+    /// freed meanwhile (even while others were taken): a waiter
+    /// ([`Semaphore::acquire_wait`]) tries again when one is released.
     Full(Vec<LockData>),
 }
 
