@@ -134,8 +134,12 @@ impl Permits {
     ) -> Result<std::result::Result<LockGuard, Vec<LockData>>> {
         let inner = &locker.inner;
         let spread = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let start = (fnv(locker.process_hash()) ^ spread) % u64::from(self.permits);
+        let start = mix(fnv(locker.process_hash()).wrapping_add(spread)) % u64::from(self.permits);
         let mut holders = Vec::with_capacity(self.slot_keys.len());
+        // A slot that fails with a retryable error (a busy row, a dropped connection) does not
+        // stop the scan: another slot may be free. A permit the failed call may have stored is
+        // released in the background, as for any acquire that returns no guard.
+        let mut failed = None;
         for i in 0..u64::from(self.permits) {
             let slot = ((start + i) % u64::from(self.permits)) as usize;
             let request = LockRequest::permit(
@@ -143,15 +147,21 @@ impl Permits {
                 self.trace.clone(),
                 self.permits,
             );
-            match locker.acquire(request).await? {
-                LockAttempt::Acquired(guard) => return Ok(Ok(guard)),
-                LockAttempt::Held(holder) => {
+            match locker.acquire(request).await {
+                Ok(LockAttempt::Acquired(guard)) => return Ok(Ok(guard)),
+                Ok(LockAttempt::Held(holder)) => {
                     self.check_count(&holder)?;
                     holders.push(holder);
                 }
+                Err(e) if e.is_retryable() => failed = failed.or(Some(e)),
+                Err(e) => return Err(e),
             }
         }
-        Ok(Err(holders))
+        // Not every slot answered: the semaphore is not known to be full.
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(Err(holders)),
+        }
     }
 
     /// Fails when `holder` took its permit with another count than ours.
@@ -192,7 +202,8 @@ impl Semaphore {
     /// (each one round trip on backends that decide an acquire in one).
     ///
     /// # Errors
-    /// Every error of [`Locker::acquire`], and
+    /// Every error of [`Locker::acquire`] (a retryable one only when no slot was free and
+    /// not every slot answered), and
     /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) when a holder used another
     /// permit count.
     ///
@@ -288,6 +299,14 @@ impl fmt::Debug for Semaphore {
             .field("permits", &self.permits.permits)
             .finish()
     }
+}
+
+/// splitmix64's finalizer: every bit of the result depends on every bit of `x`, so that
+/// consecutive counters (which the locker also draws for its locks) give unrelated slots.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// FNV-1a of a string: spreads processes over the first slot they try.

@@ -869,6 +869,8 @@ struct OddAcquire {
     replay: bool,
     /// Each acquire's answer comes this much later.
     delay: Duration,
+    /// Acquires of keys that end so fail with a retryable error (none when empty).
+    refuse_suffix: &'static str,
 }
 
 #[async_trait::async_trait]
@@ -882,6 +884,11 @@ impl LockBackend for OddAcquire {
         data: &LockData,
         ttl: Duration,
     ) -> locker_core::Result<AcquireOutcome> {
+        if !self.refuse_suffix.is_empty() && key.ends_with(self.refuse_suffix) {
+            return Err(locker_core::Error::unavailable(format!(
+                "the row of {key} is busy"
+            )));
+        }
         if self.replay {
             let _lost_answer = self.store.acquire(key, data, ttl).await?;
         }
@@ -933,6 +940,7 @@ async fn a_replayed_acquire_that_finds_its_own_lock_owns_it() {
                 store,
                 replay: true,
                 delay: Duration::ZERO,
+                refuse_suffix: "",
             }) as Arc<dyn LockBackend>)
         }
     }))
@@ -1156,6 +1164,7 @@ async fn a_late_acquire_reply_is_no_lost_lock_event() {
         store: MemoryBackend::new(),
         replay: false,
         delay: Duration::from_millis(700),
+        refuse_suffix: "",
     };
     let factory = locker_core::factory_fn(move || {
         let slow = slow.clone();
@@ -1176,5 +1185,49 @@ async fn a_late_acquire_reply_is_no_lost_lock_event() {
     while let Ok(event) = errors.try_recv() {
         assert_ne!(event.source, BackgroundSource::LockLost, "{event}");
     }
+    locker.shutdown().await;
+}
+
+/// A semaphore's scan goes past a slot whose acquire fails with a retryable error: another
+/// slot may be free. When none is, the error comes back, not `Full`: not every slot answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_semaphore_scan_goes_past_a_slot_that_fails() {
+    let busy = OddAcquire {
+        store: MemoryBackend::new(),
+        replay: false,
+        delay: Duration::ZERO,
+        refuse_suffix: "#permit0",
+    };
+    let factory = locker_core::factory_fn(move || {
+        let busy = busy.clone();
+        async move { Ok(Arc::new(busy) as Arc<dyn LockBackend>) }
+    });
+    let locker = Locker::builder(factory)
+        .report_every(REPORT)
+        .liveness_ttl(LIVENESS)
+        .build()
+        .expect("options");
+    let semaphore = locker.semaphore("s", 2).expect("semaphore");
+    // The first slot tried changes from call to call: slot 0 comes first in some of them.
+    for _ in 0..8 {
+        match semaphore.try_acquire().await.expect("slot 1 is free") {
+            locker_core::PermitAttempt::Acquired(guard) => {
+                assert_eq!(guard.key(), "s#permit1");
+                let _ = guard.release().await.expect("release");
+            }
+            locker_core::PermitAttempt::Full(holders) => panic!("full: {holders:?}"),
+        }
+    }
+    let held = match semaphore.try_acquire().await.expect("slot 1 is free") {
+        locker_core::PermitAttempt::Acquired(guard) => guard,
+        locker_core::PermitAttempt::Full(holders) => panic!("full: {holders:?}"),
+    };
+    let e = semaphore
+        .try_acquire()
+        .await
+        .expect_err("slot 0 did not answer");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable());
+    let _ = held.release().await.expect("release");
     locker.shutdown().await;
 }
