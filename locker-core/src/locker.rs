@@ -808,7 +808,7 @@ impl Locker {
                 None => e,
             }
         };
-        let line = Line::join(inner, target.key());
+        let line = Line::join(inner, target.line_key());
         let turn = match deadline {
             None => Some(line.turn().await),
             Some(deadline) => tokio::time::timeout_at(deadline, line.turn()).await.ok(),
@@ -1537,6 +1537,15 @@ impl Target {
         match self {
             Target::Lock(request) => &request.key,
             Target::Permits(sem) => &sem.key,
+        }
+    }
+
+    /// The key of this locker's line of waiters: a semaphore's is apart from a lock's on the
+    /// same key, so that a semaphore's waiter never waits behind a lock's.
+    fn line_key(&self) -> &str {
+        match self {
+            Target::Lock(request) => &request.key,
+            Target::Permits(sem) => &sem.line_key,
         }
     }
 

@@ -86,6 +86,9 @@ pub(crate) struct Permits {
     pub(crate) permits: u32,
     pub(crate) trace: Option<String>,
     pub(crate) slot_keys: Vec<String>,
+    /// Its waiters' line in a locker, apart from the line of a lock on the same key (a lock
+    /// key would have to start with `\0semaphore\0` to share it).
+    pub(crate) line_key: String,
 }
 
 impl Locker {
@@ -116,6 +119,7 @@ impl Locker {
         Ok(Semaphore {
             locker: self.clone(),
             permits: Permits {
+                line_key: format!("\0semaphore\0{key}"),
                 key,
                 permits,
                 trace: request.trace,

@@ -1231,3 +1231,43 @@ async fn a_semaphore_scan_goes_past_a_slot_that_fails() {
     let _ = held.release().await.expect("release");
     locker.shutdown().await;
 }
+
+/// A semaphore's waiters and a lock's waiters of the same key are in different lines: a
+/// permit free on `k` is not kept waiting behind a waiter for the lock `k`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_semaphore_waiter_is_not_in_line_behind_a_lock_waiter_of_the_same_key() {
+    let store = MemoryBackend::new();
+    // A lock that outlives the case without beats: only the line can let the permit wait.
+    let a = fast(&store)
+        .lock_ttl(Duration::from_secs(60))
+        .extend_every(Duration::from_secs(20))
+        .build()
+        .expect("options");
+    let b = locker(&store);
+    let held = acquired(&a, "k").await;
+    let lock_waiter = tokio::spawn({
+        let b = b.clone();
+        async move { b.acquire_wait("k", Wait::forever()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!lock_waiter.is_finished(), "acquired a held lock");
+    let permit = tokio::time::timeout(
+        Duration::from_secs(5),
+        b.semaphore("k", 1)
+            .expect("semaphore")
+            .acquire_wait(Wait::forever()),
+    )
+    .await
+    .expect("the permit waited behind the lock's waiter")
+    .expect("a permit");
+    assert_eq!(permit.key(), "k#permit0");
+    let _ = permit.release().await.expect("release");
+    let _ = held.release().await.expect("release");
+    let got = lock_waiter
+        .await
+        .expect("task")
+        .expect("the lock, once released");
+    let _ = got.release().await.expect("release");
+    a.shutdown().await;
+    b.shutdown().await;
+}
