@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use locker::{LockAttempt, Locker, PermitAttempt, Wait};
+use locker::{Locker, PermitAttempt, Wait};
 
 use crate::{
-    percentile, run_tasks, spawn_holder, takeover_locker, Stats, TAKEOVER_LIVENESS, TAKEOVER_REPORT,
+    lock_cycles, percentile, run_tasks, spawn_holder, takeover_locker, Stats, TAKEOVER_LIVENESS,
+    TAKEOVER_REPORT,
 };
 
 /// What to measure.
@@ -19,23 +20,6 @@ pub(crate) struct Plan {
     pub(crate) tasks: usize,
     pub(crate) permits: u32,
     pub(crate) trials: usize,
-}
-
-/// Lock cycles on fresh keys.
-async fn lock_slice(locker: &Locker, tag: &str, tasks: usize, slice: Duration) -> Stats {
-    let (locker, tag) = (locker.clone(), tag.to_owned());
-    run_tasks(tasks, slice, move |t, i| {
-        let (locker, key) = (locker.clone(), format!("bench/prim/lock/{tag}/{t}/{i}"));
-        async move {
-            match locker.acquire(key.as_str()).await.expect("acquire") {
-                LockAttempt::Acquired(g) => {
-                    let _ = g.release().await.expect("release");
-                }
-                LockAttempt::Held(h) => panic!("a fresh key was held by {}", h.owner_hash),
-            }
-        }
-    })
-    .await
 }
 
 /// Permit cycles: each task takes and returns a permit of a semaphore of `permits` shared by
@@ -88,7 +72,7 @@ pub(crate) async fn run(backend: &str, url: &str, plan: &Plan) {
         .expect("locker");
     locker.ready().await.expect("ready");
     // Warm up both sides.
-    let _ = lock_slice(&locker, "warm", 4, Duration::from_millis(300)).await;
+    let _ = lock_cycles(&locker, "prim/warm", 4, Duration::from_millis(300)).await;
     let full = Arc::new(AtomicU64::new(0));
     let _ = permit_slice(
         &locker,
@@ -116,7 +100,7 @@ pub(crate) async fn run(backend: &str, url: &str, plan: &Plan) {
                 let side = (repeat + k) % 2;
                 let t0 = Instant::now();
                 let stats = if side == 0 {
-                    lock_slice(&locker, &tag, tasks, plan.slice).await
+                    lock_cycles(&locker, &format!("prim/{tag}"), tasks, plan.slice).await
                 } else {
                     permit_slice(&locker, &tag, tasks, plan.permits, plan.slice, &full).await
                 };
