@@ -429,6 +429,7 @@ define_suite!($;
     semaphore_callers_that_disagree_on_permits_are_refused,
     semaphore_dead_holders_permit_is_taken_over,
     election_hands_off_on_resign_and_death,
+    semaphore_and_election_across_server_pauses,
     safety_stale_recheck_after_a_freeze_fails_the_beat,
     safety_late_acquire_reply_is_not_a_guard,
     safety_shutdown_waits_for_running_jobs,

@@ -252,3 +252,124 @@ async fn permit(sem: &locker_core::Semaphore) -> locker_core::LockGuard {
         PermitAttempt::Full(holders) => panic!("full: {holders:?}"),
     }
 }
+
+/// A private server paused (shorter than the liveness TTL) twice while tasks of two processes
+/// contend for a semaphore of 2 and a campaigner waits for a leader: never more than 2 jobs at
+/// once, calls made meanwhile end with a retryable error at worst, the leader keeps its
+/// leadership through the pauses, and the work goes on afterwards.
+pub async fn semaphore_and_election_across_server_pauses(fx: &Fixture) -> Verdict {
+    let Some(server) = fx.private_server().await else {
+        return Verdict::skip("the setup cannot start a private server");
+    };
+    let t = fx.timing;
+    let build = || {
+        crate::builder_with(server.factory.clone(), &t)
+            .build()
+            .expect("timings")
+    };
+    let (a, b) = (build(), build());
+    let key = fx.key("sem");
+    let leader = a
+        .election(fx.key("election").as_str())
+        .expect("election")
+        .campaign(Wait::forever())
+        .await
+        .expect("a leads");
+    // A campaign ends with the store's error, as any wait: campaign again after a
+    // retryable one, as an application would.
+    let campaigner = tokio::spawn({
+        let election = b.election(fx.key("election").as_str()).expect("election");
+        async move {
+            loop {
+                match election.campaign(Wait::forever()).await {
+                    Err(e) if e.is_retryable() => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    other => return other,
+                }
+            }
+        }
+    });
+
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for locker in [&a, &b] {
+        for _ in 0..2 {
+            let s = locker.semaphore(key.as_str(), 2).expect("semaphore");
+            let (running, most, done, stop) =
+                (running.clone(), most.clone(), done.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let job = s
+                        .run(Wait::up_to(PATIENCE), |heartbeat| {
+                            let (running, most) = (running.clone(), most.clone());
+                            async move {
+                                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                                most.fetch_max(now, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                                let beat = heartbeat.beat().await;
+                                running.fetch_sub(1, Ordering::SeqCst);
+                                beat
+                            }
+                        })
+                        .await;
+                    match job {
+                        Ok(Ok(())) => {
+                            done.fetch_add(1, Ordering::SeqCst);
+                        }
+                        // A beat or a try during a pause.
+                        Ok(Err(e)) | Err(e) => assert!(
+                            e.is_retryable() || e.kind() == ErrorKind::MutexTimeout,
+                            "{e}"
+                        ),
+                    }
+                }
+            }));
+        }
+    }
+    for _ in 0..2 {
+        tokio::time::sleep(t.liveness_ttl / 2).await;
+        server.control.pause().expect("pause");
+        tokio::time::sleep(t.liveness_ttl / 3).await;
+        server.control.resume().expect("resume");
+    }
+    // Work goes on after the pauses.
+    let after = done.load(Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while done.load(Ordering::SeqCst) < after + 8 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the semaphore's jobs did not go on after the pauses"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        task.await.expect("contending task");
+    }
+    let most = most.load(Ordering::SeqCst);
+    assert!(most <= 2, "{most} jobs ran at once under a semaphore of 2");
+
+    // The leader kept its leadership; the campaigner still waits, and leads once it resigns.
+    tokio::time::sleep(t.report_every * 2).await;
+    leader
+        .heartbeat()
+        .beat()
+        .await
+        .expect("the leader kept its leadership through the pauses");
+    assert!(!campaigner.is_finished(), "two leaders");
+    let _ = leader.resign().await.expect("resign");
+    let next = tokio::time::timeout(PATIENCE, campaigner)
+        .await
+        .expect("the campaigner did not lead after the resignation")
+        .expect("task")
+        .expect("campaign");
+    let _ = next.resign().await.expect("resign");
+    a.shutdown().await;
+    b.shutdown().await;
+    drop(server);
+    Verdict::Passed
+}
