@@ -84,7 +84,9 @@ impl Election {
     ///
     /// # Errors
     /// [`ErrorKind::MutexTimeout`](crate::ErrorKind::MutexTimeout), with [`Error::holder`]
-    /// naming the leader, when the limit passes; every error of [`Locker::acquire_wait`].
+    /// naming the leader, when the limit passes; every error of [`Locker::acquire_wait`]. A
+    /// store error ends the campaign, as it ends any wait: to stay a candidate through store
+    /// outages, campaign again after a [retryable](Error::is_retryable) one.
     ///
     /// # Cancel safety
     /// As [`Locker::acquire_wait`].
