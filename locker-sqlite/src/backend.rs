@@ -352,26 +352,46 @@ impl SqliteBackend {
         validate_key(key)?;
         let ttl = ttl_ms(ttl)?;
         let record = stored_record(data);
-        // Between the failed insert and the read of the holder, the holder may go away: retry.
+        let insert = || {
+            sqlx::query(&self.sql.acquire)
+                .bind(key)
+                .bind(&data.owner_hash)
+                .bind(&record)
+                .bind(ttl)
+                .bind(dead_owner)
+        };
+        // The common cases without a transaction: a free key (one statement), a holder that
+        // stays (two).
+        if let Some(row) = self.timed(insert().fetch_optional(&self.pool)).await? {
+            return Ok(AcquireOutcome::Acquired(
+                LockRow::from_row(&row)?.lock(key)?,
+            ));
+        }
+        if let Some(holder) = self.read_row(key).await? {
+            return Ok(AcquireOutcome::Held(holder.lock(key)?));
+        }
+        // The holder went away between the two (released by another process, or expired):
+        // again, in one write transaction, which other writers wait for, so that only an
+        // expiry between its statements can make a round miss (the next round's insert then
+        // wins). Without it, busy keys answered "the lock row kept changing" under churn.
+        let mut tx = self.timed(self.pool.begin()).await?;
         for _ in 0..5 {
-            let won = self
+            if let Some(row) = self.timed(insert().fetch_optional(&mut *tx)).await? {
+                let stored = LockRow::from_row(&row)?.lock(key)?;
+                self.timed(tx.commit()).await?;
+                return Ok(AcquireOutcome::Acquired(stored));
+            }
+            let holder = self
                 .timed(
-                    sqlx::query(&self.sql.acquire)
+                    sqlx::query(&self.sql.read)
                         .bind(key)
-                        .bind(&data.owner_hash)
-                        .bind(&record)
-                        .bind(ttl)
-                        .bind(dead_owner)
-                        .fetch_optional(&self.pool),
+                        .fetch_optional(&mut *tx),
                 )
                 .await?;
-            if let Some(row) = won {
-                return Ok(AcquireOutcome::Acquired(
-                    LockRow::from_row(&row)?.lock(key)?,
-                ));
-            }
-            if let Some(holder) = self.read_row(key).await? {
-                return Ok(AcquireOutcome::Held(holder.lock(key)?));
+            if let Some(row) = holder {
+                let holder = LockRow::from_row(&row)?.lock(key)?;
+                self.timed(tx.commit()).await?;
+                return Ok(AcquireOutcome::Held(holder));
             }
         }
         Err(Error::unavailable(
