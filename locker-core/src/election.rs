@@ -14,7 +14,7 @@ use crate::backend::ReleaseOutcome;
 use crate::error::{Error, Result};
 use crate::hash::validate_key;
 use crate::heartbeat::Heartbeat;
-use crate::locker::{LockGuard, LockRequest, Locker};
+use crate::locker::{LockGuard, LockRequest, Locker, LIVENESS_MARGIN};
 use crate::record::LockData;
 use crate::wait::{ReleaseWatch, Wait};
 
@@ -211,9 +211,6 @@ pub struct LeaderWatch {
 /// The first re-read after nobody was found leading: campaigners usually take over within
 /// a few milliseconds of a resignation.
 const FIRST_RECHECK: Duration = Duration::from_millis(10);
-
-/// How long after a leader's liveness record would expire the watch reads again.
-const LIVENESS_MARGIN: Duration = Duration::from_millis(5);
 
 impl LeaderWatch {
     /// The current leader on the first call; then waits until the leader differs from the

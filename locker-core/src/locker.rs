@@ -770,8 +770,15 @@ impl Locker {
         request: impl Into<LockRequest>,
         wait: Wait,
     ) -> Result<LockGuard> {
+        self.wait_for(Target::Lock(request.into()), wait).await
+    }
+
+    /// Waits for a lock or for any permit of a semaphore: one loop for both, so that every
+    /// way to wait wakes, times out, stops on a drain and is counted in the metrics the same
+    /// way.
+    pub(crate) async fn wait_for(&self, target: Target, wait: Wait) -> Result<LockGuard> {
         let started = std::time::Instant::now();
-        let result = self.wait_for(Target::Lock(request.into()), wait).await;
+        let result = self.wait_loop(target, wait).await;
         let outcome = match &result {
             Ok(_) => "acquired",
             Err(e) if e.kind() == ErrorKind::MutexTimeout => "timeout",
@@ -781,9 +788,7 @@ impl Locker {
         result
     }
 
-    /// Waits for a lock or for any permit of a semaphore: one loop for both, so that every
-    /// way to wait wakes, times out and stops on a drain the same way.
-    pub(crate) async fn wait_for(&self, target: Target, wait: Wait) -> Result<LockGuard> {
+    async fn wait_loop(&self, target: Target, wait: Wait) -> Result<LockGuard> {
         for key in target.keys() {
             validate_key(key)?;
         }
@@ -1590,8 +1595,9 @@ async fn any_released(watches: &mut [ReleaseWatch]) -> bool {
 /// ends sooner than any liveness TTL anyway).
 const LIVENESS_LOOKUP_ABOVE: Duration = Duration::from_millis(100);
 
-/// How long after a holder's liveness record would expire a waiter tries again.
-const LIVENESS_MARGIN: Duration = Duration::from_millis(5);
+/// How long after a holder's liveness record would expire a waiter (or a leader watch) tries
+/// again.
+pub(crate) const LIVENESS_MARGIN: Duration = Duration::from_millis(5);
 
 /// A place in this locker's line of waiters for a key; leaving it removes the line when it
 /// was the last place.

@@ -234,18 +234,9 @@ impl Semaphore {
     /// As [`Locker::acquire_wait`]: cancel-safe while it waits; a permit stored by a call in
     /// flight is released in the background.
     pub async fn acquire_wait(&self, wait: Wait) -> Result<LockGuard> {
-        let started = std::time::Instant::now();
-        let result = self
-            .locker
+        self.locker
             .wait_for(Target::Permits(self.permits.clone()), wait)
-            .await;
-        let outcome = match &result {
-            Ok(_) => "acquired",
-            Err(e) if e.kind() == crate::ErrorKind::MutexTimeout => "timeout",
-            Err(_) => "error",
-        };
-        crate::metrics::waited(outcome, started.elapsed());
-        result
+            .await
     }
 
     /// Runs `job` with a permit, waiting for one as `wait` says, and releases the permit when

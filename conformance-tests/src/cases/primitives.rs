@@ -64,17 +64,11 @@ pub async fn semaphore_never_more_than_permits(fx: &Fixture) -> Verdict {
             tasks.push(tokio::spawn(async move {
                 for _ in 0..4 {
                     s.run(Wait::up_to(PATIENCE * 2), |heartbeat| {
-                        let (running, most) = (running.clone(), most.clone());
-                        async move {
-                            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                            most.fetch_max(now, Ordering::SeqCst);
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                            heartbeat.beat().await.expect("beat");
-                            running.fetch_sub(1, Ordering::SeqCst);
-                        }
+                        counted_job(&running, &most, heartbeat, Duration::from_millis(5))
                     })
                     .await
-                    .expect("a permit");
+                    .expect("a permit")
+                    .expect("beat");
                 }
             }));
         }
@@ -246,6 +240,25 @@ pub async fn election_hands_off_on_resign_and_death(fx: &Fixture) -> Verdict {
     Verdict::Passed
 }
 
+/// A job that counts itself in `running` while it works for `work`, records the most at
+/// once in `most`, and ends with a beat, whose result it returns.
+fn counted_job(
+    running: &Arc<AtomicUsize>,
+    most: &Arc<AtomicUsize>,
+    heartbeat: locker_core::Heartbeat,
+    work: Duration,
+) -> impl std::future::Future<Output = locker_core::Result<()>> {
+    let (running, most) = (running.clone(), most.clone());
+    async move {
+        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+        most.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(work).await;
+        let beat = heartbeat.beat().await;
+        running.fetch_sub(1, Ordering::SeqCst);
+        beat
+    }
+}
+
 async fn permit(sem: &locker_core::Semaphore) -> locker_core::LockGuard {
     match sem.try_acquire().await.expect("try_acquire") {
         PermitAttempt::Acquired(guard) => guard,
@@ -305,15 +318,7 @@ pub async fn semaphore_and_election_across_server_pauses(fx: &Fixture) -> Verdic
                 while !stop.load(Ordering::SeqCst) {
                     let job = s
                         .run(Wait::up_to(PATIENCE), |heartbeat| {
-                            let (running, most) = (running.clone(), most.clone());
-                            async move {
-                                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                                most.fetch_max(now, Ordering::SeqCst);
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                                let beat = heartbeat.beat().await;
-                                running.fetch_sub(1, Ordering::SeqCst);
-                                beat
-                            }
+                            counted_job(&running, &most, heartbeat, Duration::from_millis(10))
                         })
                         .await;
                     match job {
