@@ -259,24 +259,22 @@ impl EtcdBackend {
         }
     }
 
-    /// Renews a lease once; `false` when it no longer exists.
-    /// Renews a lease; `false` when it has expired (etcd answers with a TTL of 0, or with a
-    /// "lease not found" error, depending on the version and on how long ago it expired).
+    /// Renews a lease once, in one round trip; `false` when it has expired (etcd answers with
+    /// a TTL of 0, or with a "lease not found" error, depending on the version and on how long
+    /// ago it expired).
+    ///
+    /// Opening the keep-alive stream sends the first renewal and waits for its answer (an
+    /// answer with a TTL of 0 is the client's "lease not found" error), so the stream is
+    /// dropped as soon as it is open: a second request on it would renew twice.
     async fn renew(&self, lease: i64) -> Result<bool> {
-        let resp = self
-            .call(|mut c| async move {
-                let renewed = async {
-                    let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
-                    keeper.keep_alive().await?;
-                    stream.message().await
-                };
-                match renewed.await {
-                    Err(e) if lease_not_found(&e) => Ok(None),
-                    other => other,
-                }
-            })
-            .await?;
-        Ok(resp.is_some_and(|r| r.ttl() > 0))
+        self.call(|mut c| async move {
+            match c.lease_keep_alive(lease).await {
+                Ok(_) => Ok(true),
+                Err(e) if lease_not_found(&e) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+        .await
     }
 
     async fn grant(&self, secs: i64) -> Result<i64> {
