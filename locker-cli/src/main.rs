@@ -23,6 +23,7 @@ macro_rules! say {
 }
 
 mod demo;
+mod exporter;
 mod inspect;
 mod run;
 mod supervise;
@@ -116,6 +117,15 @@ pub(crate) struct Global {
           help = with_default("How long to wait for the first liveness write of a backend that \
                  does not answer (a refused connection fails at once)", DEFAULT_START_TIMEOUT))]
     start_timeout: Option<Duration>,
+    /// Serve the library's metrics in Prometheus's text format over HTTP at this address
+    /// (`127.0.0.1:9464`) while `locker` runs; names and labels: the README's "Metrics" table.
+    #[arg(
+        long,
+        env = "LOCKER_METRICS_LISTEN",
+        global = true,
+        value_name = "ADDR"
+    )]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Show the library's log lines on stderr: -v info, -vv debug, -vvv trace (RUST_LOG, when
     /// set, chooses instead).
     #[arg(short, long, action = ArgAction::Count, global = true)]
@@ -320,6 +330,13 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Not in the demo's workers, which inherit the flag's variable from `locker demo`.
+        let worker = matches!(cli.command, Command::DemoWorker(_));
+        if let Some(addr) = cli.global.metrics_listen.filter(|_| !worker) {
+            if let Err(e) = exporter::serve(addr).await {
+                return fail(&e);
+            }
+        }
         match cli.command {
             Command::Run(args) => run::run(&cli.global, args).await,
             Command::Status(args) => inspect::status(&cli.global, args).await,

@@ -385,3 +385,64 @@ fn leader_shows_who_holds_the_key_and_follows_changes() {
     signal(&watcher, Signal::SIGINT);
     assert_eq!(wait_code(watcher, Duration::from_secs(20)), 0);
 }
+
+/// A port nobody listens on now (bound, then freed).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+#[test]
+fn metrics_listen_serves_the_library_metrics_while_the_command_runs() {
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    // The command scrapes `locker` while it holds the lock (bash's /dev/tcp: no curl needed).
+    let scrape = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{port}; printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
+    );
+    let out = output(
+        locker(dir.path())
+            .args(["--metrics-listen", &addr, "run", "k", "--", "bash", "-c"])
+            .arg(&scrape),
+    );
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{page}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
+    assert!(page.contains("locker_locks_held 1\n"), "{page}");
+    assert!(
+        page.contains("locker_acquire_total{outcome=\"acquired\"} 1\n"),
+        "{page}"
+    );
+    assert!(page.contains("locker_liveness_write_seconds"), "{page}");
+
+    // An address already taken: exit 69, and the command never ran.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let marker = dir.path().join("ran");
+    let out = output(
+        locker(dir.path())
+            .args(["--metrics-listen", &addr, "run", "k", "--", "touch"])
+            .arg(&marker),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--metrics-listen"));
+    assert!(!marker.exists(), "the command ran");
+    // Not an address: a usage error.
+    assert_eq!(
+        code(locker(dir.path()).args(["--metrics-listen", "nowhere", "run", "k", "--", "true"])),
+        64
+    );
+}

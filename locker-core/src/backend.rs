@@ -249,6 +249,9 @@ pub trait LockBackend: Send + Sync + fmt::Debug + 'static {
 /// [`LockBackend::read_many`] as one [`read`](LockBackend::read) per key, in order: the
 /// trait's default, for wrappers that want it too. A corrupt record is that key's own error;
 /// any other error ends the call.
+///
+/// # Cancel safety
+/// Cancel safe if the backend's `read` is: it only reads, so a dropped call changes nothing.
 pub async fn read_each<B: LockBackend + ?Sized>(
     backend: &B,
     keys: &[&str],
@@ -292,8 +295,9 @@ pub struct FnFactory<F>(F);
 /// Makes a [`BackendFactory`] from a closure that returns a future of a backend.
 ///
 /// ```
+/// # extern crate locker_core as locker;
 /// use std::sync::Arc;
-/// use locker_core::{factory_fn, LockBackend, MemoryBackend};
+/// use locker::{factory_fn, LockBackend, MemoryBackend};
 ///
 /// let store = MemoryBackend::new();
 /// let factory = factory_fn(move || {

@@ -22,11 +22,12 @@ use crate::wait::{ReleaseWatch, Wait};
 ///
 /// # Examples
 /// ```
+/// # extern crate locker_core as locker;
 /// use std::time::Duration;
-/// use locker_core::{Locker, LockRequest, MemoryBackend, Wait};
+/// use locker::{Locker, LockRequest, MemoryBackend, Wait};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), locker_core::Error> {
+/// # async fn main() -> Result<(), locker::Error> {
 /// let store = MemoryBackend::new();
 /// let (a, b) = (Locker::builder(store.clone()).build()?, Locker::builder(store).build()?);
 ///
@@ -101,6 +102,11 @@ impl Election {
     ///
     /// # Errors
     /// Every error of [`campaign`](Self::campaign).
+    ///
+    /// # Cancel safety
+    /// As [`Locker::mutex`]: dropping the future while it campaigns is handled as for
+    /// [`campaign`](Self::campaign); once the job runs, it drops the job and resigns in the
+    /// background.
     pub async fn lead<F, Fut, T>(&self, wait: Wait, job: F) -> Result<T>
     where
         F: FnOnce(Heartbeat) -> Fut,
@@ -115,6 +121,9 @@ impl Election {
     ///
     /// # Errors
     /// Backend errors.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads, so a dropped call changes nothing.
     pub async fn leader(&self) -> Result<Option<LockData>> {
         self.locker.inspect(self.key()).await
     }
@@ -163,6 +172,10 @@ impl Leadership {
     }
 
     /// Resolves with the error that ended the leadership (see [`Heartbeat::lost`]).
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`Heartbeat::lost`]: the future only watches; drop it, or call `lost`
+    /// again, at any time.
     pub fn lost(&self) -> impl Future<Output = Error> + Send + 'static {
         self.guard.heartbeat().lost()
     }
@@ -186,6 +199,12 @@ impl Leadership {
     ///
     /// # Errors
     /// As [`LockGuard::release`].
+    ///
+    /// # Cancel safety
+    /// As [`LockGuard::release`]: the leadership ends once the future is polled or dropped
+    /// (its heartbeat fails from then on). A future dropped before the release is done may or
+    /// may not have deleted the lock; the release then goes on in the background, as for a
+    /// dropped `Leadership`, and deletes the lock only if it is still ours.
     pub async fn resign(self) -> Result<ReleaseOutcome> {
         self.guard.release().await
     }

@@ -283,11 +283,11 @@ impl Shared {
                     }
                     Err(_) => FIRST_BACKOFF,
                 };
+                // The cause is the source, which the error's text ends with.
                 let message = format!(
                     "the {} connection failed {failures} times in a row, and a new one could \
-                     not be made ({}); trying again in {wait:?} or later",
+                     not be made (trying again in {wait:?} or later)",
                     self.side,
-                    e.message()
                 );
                 self.events.emit(
                     BackgroundSource::Connection,

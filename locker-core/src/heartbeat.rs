@@ -541,9 +541,10 @@ impl Drop for Rearm<'_> {
 ///
 /// # Examples
 /// ```
-/// # use locker_core::{Locker, MemoryBackend, RunOutcome};
+/// # extern crate locker_core as locker;
+/// # use locker::{Locker, MemoryBackend, RunOutcome};
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), locker_core::Error> {
+/// # async fn main() -> Result<(), locker::Error> {
 /// let locker = Locker::builder(MemoryBackend::new()).build()?;
 /// let outcome = locker
 ///     .acquire_and_run("nightly-report", |heartbeat| async move {
@@ -551,7 +552,7 @@ impl Drop for Rearm<'_> {
 ///             heartbeat.beat().await?; // stops the job if the lock was taken over
 ///             // ... work on one chunk ...
 ///         }
-///         Ok::<_, locker_core::Error>(3)
+///         Ok::<_, locker::Error>(3)
 ///     })
 ///     .await?;
 /// assert!(matches!(outcome, RunOutcome::Ran(Ok(3))));
@@ -611,9 +612,10 @@ impl Heartbeat {
     /// `tokio::select!` against this future.
     ///
     /// ```
-    /// # use locker_core::{Locker, MemoryBackend, RunOutcome};
+    /// # extern crate locker_core as locker;
+    /// # use locker::{Locker, MemoryBackend, RunOutcome};
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), locker_core::Error> {
+    /// # async fn main() -> Result<(), locker::Error> {
     /// # let locker = Locker::builder(MemoryBackend::new()).build()?;
     /// locker
     ///     .acquire_and_run("sync-accounts", |heartbeat| async move {

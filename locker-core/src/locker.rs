@@ -359,18 +359,24 @@ impl Drop for Inner {
     }
 }
 
-/// Runs jobs under cluster-wide locks; see the [crate docs](crate) for the design.
+/// Runs jobs under cluster-wide locks.
+///
+/// Each held key has a lock record with a long TTL, and each `Locker` keeps a short-lived
+/// liveness record for its process, written by a reporter thread with its own connection. A
+/// lock whose process has no liveness record is free: the next acquire takes it over.
+/// ARCHITECTURE.md in the repository describes the design.
 ///
 /// Cheap to clone: clones share one reporter thread, one process hash and one connection.
 /// Build it with [`Locker::builder`].
 ///
 /// # Examples
 /// ```
+/// # extern crate locker_core as locker;
 /// use std::time::Duration;
-/// use locker_core::{LockAttempt, Locker, MemoryBackend};
+/// use locker::{LockAttempt, Locker, MemoryBackend};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), locker_core::Error> {
+/// # async fn main() -> Result<(), locker::Error> {
 /// let store = MemoryBackend::new();
 /// let a = Locker::builder(store.clone()).build()?;
 /// let b = Locker::builder(store).lock_ttl(Duration::from_secs(120)).build()?;
@@ -430,11 +436,17 @@ impl Locker {
         &self.inner.options
     }
 
-    /// Subscribes to recoverable background errors: failed liveness writes, retried releases,
-    /// retried rechecks and extensions, failed subscriptions of waiters.
+    /// Subscribes to background errors, each tagged with its [`BackgroundSource`]: the
+    /// reporter's failed connects and liveness writes (`Reporter`), failed rechecks and
+    /// extensions that are tried again (`Heartbeat`), failed releases (`Release`), failed
+    /// reconnects of a connection that kept failing (`Connection`), failed subscriptions of
+    /// waiters (`Wait`), and held locks that were lost (`LockLost`).
     ///
     /// Each is logged with `tracing` too: at WARN while nobody subscribes, at DEBUG while a
-    /// receiver exists (the application reports them itself, not twice).
+    /// receiver exists (the application reports them itself, not twice). A receiver that is
+    /// held but never read still counts as a subscriber, so the errors are then logged at
+    /// DEBUG, not WARN. A lost lock is the exception: it is logged once, at WARN, when it is
+    /// found, whether or not anyone subscribes.
     ///
     /// The receiver is a [`tokio::sync::broadcast`] one, with room for 256 errors: a receiver
     /// that falls further behind gets [`RecvError::Lagged`](broadcast::error::RecvError::Lagged)
@@ -442,10 +454,11 @@ impl Locker {
     /// `Lagged`, and end only on `Closed` (the locker is gone):
     ///
     /// ```
+    /// # extern crate locker_core as locker;
     /// use tokio::sync::broadcast::error::RecvError;
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), locker_core::Error> {
-    /// # let locker = locker_core::Locker::builder(locker_core::MemoryBackend::new()).build()?;
+    /// # async fn main() -> Result<(), locker::Error> {
+    /// # let locker = locker::Locker::builder(locker::MemoryBackend::new()).build()?;
     /// let mut errors = locker.subscribe_errors();
     /// tokio::spawn(async move {
     ///     loop {
@@ -491,8 +504,9 @@ impl Locker {
     ///
     /// # Examples
     /// ```
+    /// # extern crate locker_core as locker;
     /// use std::sync::Arc;
-    /// use locker_core::{factory_fn, Error, ErrorKind, LockBackend, Locker, MemoryBackend};
+    /// use locker::{factory_fn, Error, ErrorKind, LockBackend, Locker, MemoryBackend};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Error> {
@@ -742,11 +756,12 @@ impl Locker {
     ///
     /// # Examples
     /// ```
+    /// # extern crate locker_core as locker;
     /// use std::time::Duration;
-    /// use locker_core::{ErrorKind, Locker, MemoryBackend, Wait};
+    /// use locker::{ErrorKind, Locker, MemoryBackend, Wait};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), locker_core::Error> {
+    /// # async fn main() -> Result<(), locker::Error> {
     /// let store = MemoryBackend::new();
     /// let (a, b) = (Locker::builder(store.clone()).build()?, Locker::builder(store).build()?);
     ///
@@ -936,16 +951,17 @@ impl Locker {
     ///
     /// # Examples
     /// ```
+    /// # extern crate locker_core as locker;
     /// use std::time::Duration;
-    /// use locker_core::{Locker, MemoryBackend, Wait};
+    /// use locker::{Locker, MemoryBackend, Wait};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), locker_core::Error> {
+    /// # async fn main() -> Result<(), locker::Error> {
     /// let locker = Locker::builder(MemoryBackend::new()).build()?;
     /// let total = locker
     ///     .mutex("ledger", Wait::up_to(Duration::from_secs(30)), |heartbeat| async move {
     ///         heartbeat.beat().await?;
-    ///         Ok::<_, locker_core::Error>(42)
+    ///         Ok::<_, locker::Error>(42)
     ///     })
     ///     .await??;
     /// assert_eq!(total, 42);
@@ -969,6 +985,9 @@ impl Locker {
 
     /// The record of the lock under `key` if a live process holds it; `None` when it may be
     /// free. Probabilistic, as any read of a lock: the answer may be stale when it arrives.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads, so a dropped call changes nothing.
     pub async fn inspect(&self, key: &str) -> Result<Option<LockData>> {
         validate_key(key)?;
         let backend = self.inner.backend().await?;
@@ -980,6 +999,9 @@ impl Locker {
     }
 
     /// Whether the job with this owner hash is running somewhere; see [`OwnerStatus`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads, so a dropped call changes nothing.
     pub async fn owner_status(&self, owner_hash: &str) -> Result<OwnerStatus> {
         let Some(parsed) = parse_owner_hash(owner_hash) else {
             return Ok(OwnerStatus::Malformed);
@@ -1061,12 +1083,18 @@ impl Locker {
     /// this process's liveness record alive until their guards are released or dropped, then
     /// releases, deletes the liveness record and stops by itself.
     ///
+    /// # Cancel safety
+    /// As [`shutdown`](Self::shutdown): once polled, dropping the future stops the waiting, not
+    /// the shutdown. The locker stays draining and refuses new work; the reporter is stopped
+    /// when the last lock is released.
+    ///
     /// # Examples
     /// ```
+    /// # extern crate locker_core as locker;
     /// # use std::time::Duration;
-    /// # use locker_core::{LockAttempt, Locker, MemoryBackend};
+    /// # use locker::{LockAttempt, Locker, MemoryBackend};
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), locker_core::Error> {
+    /// # async fn main() -> Result<(), locker::Error> {
     /// let locker = Locker::builder(MemoryBackend::new()).build()?;
     /// let LockAttempt::Acquired(guard) = locker.acquire("export").await? else { unreachable!() };
     /// // A job that ignores the drain still holds "export" when the time is up.
@@ -1125,8 +1153,14 @@ impl Locker {
     /// Stops the reporter thread as if the process had crashed: no lock is released and the
     /// liveness record is left to expire, so other processes take the locks over after
     /// `liveness_ttl`. Also ends a [`shutdown`](Self::shutdown) that waits for jobs (it then
-    /// returns), or the wait that [`shutdown_timeout`](Self::shutdown_timeout) left behind. For tests of takeover, and for a process that must stop touching the
-    /// store at once. Afterwards every call fails with [`ErrorKind::Shutdown`].
+    /// returns), or the wait that [`shutdown_timeout`](Self::shutdown_timeout) left behind.
+    /// For tests of takeover, and for a process that must stop touching the store at once.
+    /// Afterwards every call fails with [`ErrorKind::Shutdown`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the first poll marks the locker abandoned, marks its locks lost and tells
+    /// the reporter thread (if one started) to stop. Dropping the future after that only ends
+    /// the wait for the thread, which exits by itself.
     pub async fn abandon(&self) {
         let inner = &self.inner;
         // Also out of a shutdown that waits (or gave up waiting) for running jobs.

@@ -53,11 +53,12 @@ pub enum PermitAttempt {
 ///
 /// # Examples
 /// ```
+/// # extern crate locker_core as locker;
 /// use std::time::Duration;
-/// use locker_core::{Locker, MemoryBackend, PermitAttempt, Wait};
+/// use locker::{Locker, MemoryBackend, PermitAttempt, Wait};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), locker_core::Error> {
+/// # async fn main() -> Result<(), locker::Error> {
 /// let locker = Locker::builder(MemoryBackend::new()).build()?;
 /// let downloads = locker.semaphore("downloads", 2)?;
 ///
@@ -263,6 +264,9 @@ impl Semaphore {
     ///
     /// # Errors
     /// Backend errors, and a permit's record that is corrupt.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads, so a dropped call changes nothing.
     pub async fn holders(&self) -> Result<Vec<LockData>> {
         let backend = self.locker.inner.backend().await?;
         let keys: Vec<&str> = self.permits.slot_keys.iter().map(String::as_str).collect();

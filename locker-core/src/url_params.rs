@@ -9,8 +9,9 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 /// `humantime` reads them) or a bare number of seconds (`5`, `0.5`); more than zero.
 ///
 /// ```
+/// # extern crate locker_core as locker;
 /// use std::time::Duration;
-/// use locker_core::url_params::duration;
+/// use locker::url_params::duration;
 ///
 /// assert_eq!(duration("busy_timeout", "1m"), Ok(Duration::from_secs(60)));
 /// assert_eq!(duration("busy_timeout", "0.5"), Ok(Duration::from_millis(500)));
@@ -62,7 +63,8 @@ const USERINFO_RAW: &AsciiSet = &CONTROLS
 /// percent-escapes already there are kept.
 ///
 /// ```
-/// use locker_core::url_params::encode_raw_userinfo;
+/// # extern crate locker_core as locker;
+/// use locker::url_params::encode_raw_userinfo;
 ///
 /// assert_eq!(encode_raw_userinfo("u:p/?#@x%41"), "u:p%2F%3F%23%40x%41");
 /// ```

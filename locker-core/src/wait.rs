@@ -26,8 +26,9 @@ use tokio::sync::watch;
 /// pacing (the Node library's `mutex` took such a delay function).
 ///
 /// ```
+/// # extern crate locker_core as locker;
 /// use std::time::Duration;
-/// use locker_core::Wait;
+/// use locker::Wait;
 ///
 /// let short = Wait::up_to(Duration::from_secs(10));
 /// let patient = Wait::forever().backoff(|attempt| Duration::from_millis(100 * u64::from(attempt + 1)));
@@ -196,9 +197,10 @@ impl Drop for Registration {
 /// `on_idle` function given to [`WatchHub::with_on_idle`] (to unsubscribe).
 ///
 /// ```
+/// # extern crate locker_core as locker;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
-/// use locker_core::WatchHub;
+/// use locker::WatchHub;
 ///
 /// let hub = WatchHub::new();
 /// let (mut watch, first) = hub.watch("job");

@@ -9,9 +9,13 @@ use percent_encoding::percent_decode_str;
 use url::Url;
 
 /// How long connecting (and authenticating) may take.
+///
+/// Value: **5 s**.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long one request may take before a retryable error.
+///
+/// Value: **5 s**.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the etcd cluster is; a [`BackendFactory`](locker_core::BackendFactory).

@@ -12,13 +12,19 @@ use sqlx::ConnectOptions;
 use url::Url;
 
 /// Connections in the main pool by default. Lock calls are short; a handful is plenty.
+///
+/// Value: **8**.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
 
 /// How long getting a connection may take before a retryable error.
+///
+/// Value: **5 s**.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long one statement may take before a retryable error (enforced by the client, so that
 /// nothing is set on the session, which a transaction-mode pooler would not keep).
+///
+/// Value: **5 s**.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the PostgreSQL store is; a [`BackendFactory`](locker_core::BackendFactory).

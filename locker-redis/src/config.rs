@@ -10,17 +10,28 @@ use url::{Host, Url};
 
 use crate::keys::KeyLayout;
 
+/// The node label of a configuration made from an application's `ClusterClient`, whose nodes
+/// are not known.
+#[cfg(feature = "redis")]
+const APPLICATION_CLUSTER_CLIENT: &str = "application-cluster-client";
+
 /// How long connecting may take before it fails with a retryable error.
+///
+/// Value: **5 s**.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long one command may take. A lock call that hangs longer than this is failed (and
 /// retried by the locker) rather than left to hold up a heartbeat.
+///
+/// Value: **5 s**.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a durable write waits for its replicas when the URL gives `wait_replicas` but no
 /// `wait_timeout`. A replica on the same network acknowledges within a millisecond or two; a
 /// `WAIT` blocks its whole connection (every lock call multiplexed on it) while it waits, so a
 /// replica that is gone should cost each write little, and the lock call is retried anyway.
+///
+/// Value: **100 ms**.
 pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// The opt-in durable mode: after each write that grants or keeps a lock (acquire, take-over,
@@ -115,6 +126,17 @@ pub struct RedisConfig {
     /// The application's own `fred` configuration (see [`RedisConfigBuilder::fred_config`]).
     #[cfg(feature = "fred")]
     pub(crate) fred_config: Option<fred::types::config::Config>,
+    /// The application's own Redis Cluster client (see
+    /// [`RedisConfigBuilder::redis_cluster_client`]).
+    #[cfg(feature = "redis")]
+    pub(crate) redis_cluster_client: Option<redis::cluster::ClusterClient>,
+    /// The application's connection manager settings (see
+    /// [`RedisConfigBuilder::connection_manager_config`]).
+    #[cfg(feature = "redis")]
+    pub(crate) manager_config: Option<redis::aio::ConnectionManagerConfig>,
+    /// The application's `fred` builder (see [`RedisConfigBuilder::fred_builder`]).
+    #[cfg(feature = "fred")]
+    pub(crate) fred_builder: Option<fred::types::Builder>,
 }
 
 impl RedisConfig {
@@ -181,6 +203,12 @@ impl RedisConfig {
             redis_client: self.redis_client,
             #[cfg(feature = "fred")]
             fred_config: self.fred_config,
+            #[cfg(feature = "redis")]
+            redis_cluster_client: self.redis_cluster_client,
+            #[cfg(feature = "redis")]
+            manager_config: self.manager_config,
+            #[cfg(feature = "fred")]
+            fred_builder: self.fred_builder,
         }
     }
 
@@ -517,6 +545,12 @@ pub struct RedisConfigBuilder {
     redis_client: Option<redis::Client>,
     #[cfg(feature = "fred")]
     fred_config: Option<fred::types::config::Config>,
+    #[cfg(feature = "redis")]
+    redis_cluster_client: Option<redis::cluster::ClusterClient>,
+    #[cfg(feature = "redis")]
+    manager_config: Option<redis::aio::ConnectionManagerConfig>,
+    #[cfg(feature = "fred")]
+    fred_builder: Option<fred::types::Builder>,
 }
 
 impl Default for RedisConfigBuilder {
@@ -541,6 +575,12 @@ impl Default for RedisConfigBuilder {
             redis_client: None,
             #[cfg(feature = "fred")]
             fred_config: None,
+            #[cfg(feature = "redis")]
+            redis_cluster_client: None,
+            #[cfg(feature = "redis")]
+            manager_config: None,
+            #[cfg(feature = "fred")]
+            fred_builder: None,
         }
     }
 }
@@ -655,6 +695,107 @@ impl RedisConfigBuilder {
         self.database = config.database.map_or(0, i64::from);
         self.client = ClientLibrary::Fred;
         self.fred_config = Some(config);
+        self
+    }
+
+    /// The application's own `fred` builder: its configuration (as
+    /// [`fred_config`](Self::fred_config)), and its performance, connection and reconnection
+    /// settings, which the locker's own `fred` clients (jobs, liveness reporter, pub/sub) are
+    /// then built with. The locker still sets, over them, what bounds its calls: the
+    /// connection timeout and the command timeouts of this builder (see
+    /// [`command_timeout`](Self::command_timeout)), and at least 3 attempts per command (to
+    /// follow a cluster's redirections). Without a reconnection policy in the application's
+    /// builder, the locker's is used (exponential, 100 ms to 2 s, without end).
+    ///
+    /// ```
+    /// use fred::prelude::*;
+    ///
+    /// let mut fred = Builder::from_config(Config::from_url("redis://10.0.0.5:6379")?);
+    /// fred.with_performance_config(|p| p.max_feed_count = 100)
+    ///     .set_policy(ReconnectPolicy::new_constant(0, 500));
+    /// let config = locker_redis::RedisConfig::builder()
+    ///     .fred_builder(fred)
+    ///     .key_prefix("app:")
+    ///     .build()?;
+    /// assert_eq!(config.nodes(), [("10.0.0.5".to_owned(), 6379)]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// A builder without a configuration makes [`build`](Self::build) fail with
+    /// [`ErrorKind::InvalidInput`](locker_core::ErrorKind::InvalidInput).
+    #[cfg(feature = "fred")]
+    pub fn fred_builder(mut self, builder: fred::types::Builder) -> Self {
+        if let Some(config) = builder.get_config() {
+            self = self.fred_config(config.clone());
+        } else {
+            self.client = ClientLibrary::Fred;
+        }
+        self.fred_builder = Some(builder);
+        self
+    }
+
+    /// The application's own Redis Cluster client (`redis::cluster::ClusterClient`): its seed
+    /// nodes, TLS, credentials, retries and routing. The locker opens its cluster connections
+    /// from it: one for the jobs and one for the liveness reporter on its thread and runtime (a
+    /// `ClusterClient` holds no connection, so nothing of the application's traffic is
+    /// shared). This also sets the cluster mode and the client library
+    /// ([`ClientLibrary::Redis`]) of this builder.
+    ///
+    /// A `ClusterClient` does not tell its nodes, so the locker cannot open pub/sub connections
+    /// of its own: release events are off (see [`release_events`](Self::release_events)), and
+    /// waiters poll. For release events, give the nodes and credentials to this builder (or a
+    /// URL) instead. Lock keys must still share a slot where a caller needs them to (see the
+    /// crate's notes on hash tags).
+    ///
+    /// ```
+    /// let cluster = redis::cluster::ClusterClient::builder(["redis://10.0.0.1:7000"])
+    ///     .retries(5)
+    ///     .build()?;
+    /// let config = locker_redis::RedisConfig::builder()
+    ///     .redis_cluster_client(cluster)
+    ///     .key_prefix("app{locks}:")
+    ///     .build()?;
+    /// assert!(config.is_cluster());
+    /// assert!(!config.release_events());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(feature = "redis")]
+    pub fn redis_cluster_client(mut self, client: redis::cluster::ClusterClient) -> Self {
+        self.nodes = vec![(APPLICATION_CLUSTER_CLIENT.to_owned(), 0)];
+        self.cluster = true;
+        self.sentinel_service = None;
+        self.tls = false;
+        self.client = ClientLibrary::Redis;
+        self.redis_cluster_client = Some(client);
+        self
+    }
+
+    /// The application's connection manager settings (`redis::aio::ConnectionManagerConfig`:
+    /// reconnection retries and backoff, pipeline buffer, concurrency limit, ...), for the
+    /// locker's `ConnectionManager`s of a standalone server or a Sentinel-found master (the
+    /// jobs' and the liveness reporter's). The locker still sets, over them, its connection
+    /// and response timeouts ([`connect_timeout`](Self::connect_timeout),
+    /// [`command_timeout`](Self::command_timeout)), which bound every lock call. Without it,
+    /// the locker uses 2 retries and the defaults of `redis`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let settings = redis::aio::ConnectionManagerConfig::new()
+    ///     .set_number_of_retries(5)
+    ///     .set_max_delay(Duration::from_secs(1));
+    /// let config = locker_redis::RedisConfig::builder()
+    ///     .node("10.0.0.5", 6379)
+    ///     .connection_manager_config(settings)
+    ///     .build()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(feature = "redis")]
+    pub fn connection_manager_config(
+        mut self,
+        settings: redis::aio::ConnectionManagerConfig,
+    ) -> Self {
+        self.manager_config = Some(settings);
         self
     }
 
@@ -848,6 +989,28 @@ impl RedisConfigBuilder {
         if let Some(redis) = &self.redis_client {
             self.check_same_target(RedisConfigBuilder::default().redis_client(redis.clone()))?;
         }
+        #[cfg(feature = "redis")]
+        if let Some(cluster) = &self.redis_cluster_client {
+            self.check_same_target(
+                RedisConfigBuilder::default().redis_cluster_client(cluster.clone()),
+            )?;
+            if self.client != ClientLibrary::Redis || self.redis_client.is_some() {
+                return Err(Error::invalid_input(
+                    "an application's redis ClusterClient is driven by the redis crate, alone: \
+                     no other client or client library",
+                ));
+            }
+            // Its nodes are unknown: nobody to subscribe to (see `redis_cluster_client`).
+            self.release_events = false;
+        }
+        #[cfg(feature = "fred")]
+        if let Some(builder) = &self.fred_builder {
+            if builder.get_config().is_none() {
+                return Err(Error::invalid_input(
+                    "the application's fred builder has no configuration (where to connect)",
+                ));
+            }
+        }
         if self.nodes.is_empty() {
             self.nodes.push(("127.0.0.1".to_owned(), 6379));
         }
@@ -940,6 +1103,12 @@ impl RedisConfigBuilder {
             redis_client: self.redis_client,
             #[cfg(feature = "fred")]
             fred_config: self.fred_config,
+            #[cfg(feature = "redis")]
+            redis_cluster_client: self.redis_cluster_client,
+            #[cfg(feature = "redis")]
+            manager_config: self.manager_config,
+            #[cfg(feature = "fred")]
+            fred_builder: self.fred_builder,
         })
     }
 }

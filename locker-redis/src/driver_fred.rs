@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fred::prelude::{
-    Builder, Client, ClientLike, ClusterInterface, Config, Error as FredError,
-    ErrorKind as FredKind, EventInterface, Expiration, KeysInterface, LuaInterface,
-    PubsubInterface, ReconnectPolicy, Server, ServerConfig,
+    Client, ClientLike, ClusterInterface, Config, Error as FredError, ErrorKind as FredKind,
+    EventInterface, Expiration, KeysInterface, LuaInterface, PubsubInterface, ReconnectPolicy,
+    Server, ServerConfig,
 };
 use fred::rustls::pki_types::pem::PemObject;
 use fred::rustls::pki_types::CertificateDer;
@@ -103,18 +103,23 @@ impl FredDriver {
             },
         };
         let (connect_timeout, command_timeout) = (config.connect_timeout, config.command_timeout);
-        let client = Builder::from_config(fred_config)
+        // The application's builder (its performance, connection and reconnection settings),
+        // or fred's defaults; the timeouts that bound lock calls are this configuration's.
+        let mut builder = config.fred_builder.clone().unwrap_or_default();
+        builder
+            .set_config(fred_config)
             .with_connection_config(|c| {
                 c.connection_timeout = connect_timeout;
                 c.internal_command_timeout = command_timeout;
                 // Room to follow MOVED/ASK redirections (each counts as an attempt). A script
                 // replayed after a reconnect is harmless: the locker recognises its own lock.
-                c.max_command_attempts = 3;
+                c.max_command_attempts = c.max_command_attempts.max(3);
             })
-            .with_performance_config(|p| p.default_command_timeout = command_timeout)
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
-            .build()
-            .map_err(map_error)?;
+            .with_performance_config(|p| p.default_command_timeout = command_timeout);
+        if builder.get_policy().is_none() {
+            builder.set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+        }
+        let client = builder.build().map_err(map_error)?;
         // `init` fails fast (with the first connection error) when no server answers.
         let started = match tokio::time::timeout(connect_timeout * 3, client.init()).await {
             Ok(Ok(_task)) => Ok(()),

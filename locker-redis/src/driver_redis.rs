@@ -76,6 +76,12 @@ impl RedisDriver {
                     check_standalone_version(&mut manager, &config.redacted_url()).await?;
                     Ok((Conn::Standalone(manager), Some(client)))
                 }
+                Topology::Cluster { .. } if config.redis_cluster_client.is_some() => {
+                    let client = config.redis_cluster_client.as_ref().expect("checked");
+                    let mut conn = client.get_async_connection().await.map_err(map_error)?;
+                    check_cluster_versions(&mut conn).await?;
+                    Ok((Conn::Cluster(conn), None))
+                }
                 Topology::Cluster { nodes } => {
                     let nodes: Vec<_> = nodes
                         .iter()
@@ -192,7 +198,7 @@ async fn master_from_sentinels(
         Error::new(
             ErrorKind::Unavailable,
             format!(
-                "no master for service {service:?} from the sentinels {}: {mapped}",
+                "no master for service {service:?} from the sentinels {}",
                 sentinels
                     .iter()
                     .map(|(h, p)| format!("{h}:{p}"))
@@ -204,12 +210,15 @@ async fn master_from_sentinels(
     })
 }
 
-/// The connection manager's timeouts and retries.
+/// The connection manager's settings: the application's (or 2 retries), with this
+/// configuration's timeouts over them.
 fn manager_config(config: &RedisConfig) -> redis::aio::ConnectionManagerConfig {
-    redis::aio::ConnectionManagerConfig::new()
+    config
+        .manager_config
+        .clone()
+        .unwrap_or_else(|| redis::aio::ConnectionManagerConfig::new().set_number_of_retries(2))
         .set_connection_timeout(Some(config.connect_timeout))
         .set_response_timeout(Some(config.command_timeout))
-        .set_number_of_retries(2)
 }
 
 /// `INFO server`, the reply the version check reads.

@@ -12,12 +12,18 @@ use percent_encoding::percent_decode_str;
 use url::form_urlencoded;
 
 /// How long a statement waits for another process's write to finish (SQLite's busy timeout).
+///
+/// Value: **5 s**.
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long one statement may take in all, busy waiting included.
+///
+/// Value: **10 s**.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connections per pool. SQLite writes one at a time anyway; a few readers are enough.
+///
+/// Value: **4**.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
 
 /// A SQLite database file shared by the processes of one machine; a
