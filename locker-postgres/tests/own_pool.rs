@@ -77,9 +77,25 @@ async fn jobs_use_the_pool_and_the_reporter_its_own_connection() {
         names.iter().any(|n| n == "distributed-locker"),
         "the reporter has no connection of its own: {names:?}"
     );
+    // The acquire ran on a connection of the application's pool: the last statement of one of
+    // them (seen from a connection apart, so that this query is not that last statement).
+    let server = servers::shared(ServerKind::Postgres).unwrap_or_else(|e| panic!("{e}"));
+    let options: PgConnectOptions = server.url().parse().expect("url");
+    let checker = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.application_name("the-checker"))
+        .await
+        .expect("the checker's pool");
+    let app_queries: Vec<String> = sqlx::query_scalar(
+        "SELECT query FROM pg_stat_activity WHERE application_name = 'the-application' \
+         AND datname = current_database()",
+    )
+    .fetch_all(&checker)
+    .await
+    .expect("pg_stat_activity");
     assert!(
-        pool.size() >= 1,
-        "the jobs did not use the application's pool"
+        app_queries.iter().any(|q| q.contains("app_pool_acquire")),
+        "the jobs did not use the application's pool: its connections last ran {app_queries:?}"
     );
     let in_app_pool: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'distributed-locker' \
