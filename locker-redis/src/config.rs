@@ -1086,6 +1086,7 @@ impl RedisConfigBuilder {
             let (host, port) = self.nodes.swap_remove(0);
             Topology::Standalone { host, port }
         };
+        let one_server = !matches!(topology, Topology::Cluster { .. });
         Ok(RedisConfig {
             topology,
             tls: self.tls,
@@ -1093,7 +1094,7 @@ impl RedisConfigBuilder {
             username: self.username,
             password: self.password,
             database: self.database,
-            keys: KeyLayout::new(&self.key_prefix)?,
+            keys: KeyLayout::new(&self.key_prefix)?.on_one_server(one_server),
             connect_timeout: self.connect_timeout,
             command_timeout: self.command_timeout,
             client: self.client,

@@ -3,9 +3,11 @@
 //!
 //! - lock: `{prefix}lock:{key}`
 //! - liveness: `{prefix}proc:{processHash}`
-//! - fencing counter: `{prefix}fence:{T}`, one per Redis Cluster slot, where `T` is a short hash
-//!   tag chosen so that the counter hashes to the lock's slot (or, when the prefix carries a hash
-//!   tag, one `{prefix}fence`, which shares the prefix's slot like every other key).
+//! - fencing counter: on a Redis Cluster, `{prefix}fence:{T}`, one per slot, where `T` is a short
+//!   hash tag chosen so that the counter hashes to the lock's slot (or, when the prefix carries a
+//!   hash tag, one `{prefix}fence`, which shares the prefix's slot like every other key); on one
+//!   server (standalone, or a master found through Sentinel), one `{prefix}fence` for every
+//!   lock, so that a batch of acquires reads and writes one counter once.
 
 use std::sync::OnceLock;
 
@@ -20,6 +22,8 @@ pub(crate) struct KeyLayout {
     prefix: String,
     /// The prefix holds a complete hash tag, so every key already shares one slot.
     prefix_tagged: bool,
+    /// One fencing counter for every lock: a tagged prefix, or a store of one server.
+    one_counter: bool,
 }
 
 impl KeyLayout {
@@ -41,7 +45,14 @@ impl KeyLayout {
         Ok(KeyLayout {
             prefix: prefix.to_owned(),
             prefix_tagged,
+            one_counter: prefix_tagged,
         })
+    }
+
+    /// The layout for a store of one server (not a cluster): one fencing counter for every lock.
+    pub(crate) fn on_one_server(mut self, one_server: bool) -> Self {
+        self.one_counter |= one_server;
+        self
     }
 
     pub(crate) fn prefix(&self) -> &str {
@@ -62,9 +73,10 @@ impl KeyLayout {
     }
 
     /// The fencing counter of `key`'s slot, shared by every lock on the slot: one counter per
-    /// slot (per server for a tagged prefix) whatever the number of keys, updated in place.
+    /// slot (one in all for a tagged prefix or a single server) whatever the number of keys,
+    /// updated in place.
     pub(crate) fn fence(&self, lock_key: &str) -> String {
-        if self.prefix_tagged {
+        if self.one_counter {
             return format!("{}fence", self.prefix);
         }
         let tag = &tags()[usize::from(key_slot(lock_key.as_bytes()))];
@@ -195,6 +207,15 @@ mod tests {
         assert_eq!(fence("x{t}"), fence("y{t}"), "one slot, one counter");
         let tagged = KeyLayout::new("app{1}:").expect("layout");
         assert_eq!(tagged.fence(&tagged.lock("a")), "app{1}:fence");
+        // One server: one counter for every lock, whatever their slots.
+        let single = KeyLayout::new("app:").expect("layout").on_one_server(true);
+        assert_eq!(single.fence(&single.lock("a")), "app:fence");
+        assert_eq!(single.fence(&single.lock("b")), "app:fence");
+        let cluster = KeyLayout::new("app:").expect("layout").on_one_server(false);
+        assert_ne!(
+            cluster.fence(&cluster.lock("a")),
+            cluster.fence(&cluster.lock("b"))
+        );
     }
 
     #[test]

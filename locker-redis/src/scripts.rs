@@ -35,7 +35,12 @@ use locker_core::{Error, ErrorKind, LockData, Result};
 ///   tokens increasing across a lost counter (a restart without persistence) and next to the
 ///   tokens of earlier versions of this library, which were the same floor over a counter per
 ///   key: a fleet can be upgraded process by process. A counter that is not a number counts as
-///   missing, as before.
+///   missing, as before. The server time is read once per script call and each counter once,
+///   and `store_counters()` writes the counters back at the end: a batch of N acquires costs
+///   one `TIME`, one `GET` and one `SET` of its slot's counter, not N of each. (Tokens within
+///   a call still grow by one from the last: the same as N calls in the same microsecond.)
+///   The counter write comes after the locks' writes; it cannot fail then (a script that has
+///   written is not refused for memory, and `SET` replaces a value of any type).
 /// - `acquire(lk, fk, rec, ttl, lp)`: a free key is stored (`ACQUIRED`, token). A held one,
 ///   when `lp` (the liveness keys' prefix) is not empty, has its holder's liveness record
 ///   looked at (`lp` then the holder's `processHash`): there, `LIVE` and the record; missing,
@@ -65,15 +70,23 @@ end
 "#;
 
 const CREATE: &str = r#"
+local now, drawn = nil, {}
 local function create(lk, fk, rec, ttl)
-  local t = redis.call('TIME')
-  local token = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local last = tonumber(redis.call('GET', fk) or '0') or 0
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+  local last = drawn[fk]
+  if not last then last = tonumber(redis.call('GET', fk) or '0') or 0 end
+  local token = now
   if last >= token then token = last + 1 end
+  drawn[fk] = token
   local tok = string.format('%d', token)
-  redis.call('SET', fk, tok)
   redis.call('SET', lk, rec .. tok .. '}', 'PX', ttl)
   return tok
+end
+local function store_counters()
+  for fk, token in pairs(drawn) do redis.call('SET', fk, string.format('%d', token)) end
 end
 "#;
 
@@ -148,9 +161,14 @@ end
 /// last with the script's keys (lock, counter; the lock twice for extend and release) and
 /// arguments (up to four).
 fn single(functions: &[&str], function: &str, notify: bool) -> String {
+    let store = if functions.contains(&CREATE) {
+        "store_counters()\n"
+    } else {
+        ""
+    };
     format!(
         "local NOTIFY = {notify}\n{}\nlocal s, a, b = {function}(KEYS[1], KEYS[2] or KEYS[1], ARGV[1], ARGV[2], \
-         ARGV[3] or '', ARGV[4] or '')\nreturn {{s, a or '', b or ''}}\n",
+         ARGV[3] or '', ARGV[4] or '')\n{store}return {{s, a or '', b or ''}}\n",
         functions.concat()
     )
 }
@@ -177,6 +195,7 @@ for k = 0, #KEYS / 2 - 1 do
   out[3 * k + 2] = a or ''
   out[3 * k + 3] = b or ''
 end
+store_counters()
 return out
 "#
     )

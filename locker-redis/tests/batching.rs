@@ -43,7 +43,8 @@ async fn concurrent_operations_share_calls_and_keep_their_outcomes(client: Clien
         .expect("url")
         .into_builder()
         .client(client)
-        .key_prefix("batch:")
+        // A hash tag: every key on one slot, so every lock shares one fencing counter.
+        .key_prefix("batch{one}:")
         .build()
         .expect("config");
     let b = Arc::new(RedisBackend::connect(&config).await.expect("connect"));
@@ -97,6 +98,13 @@ async fn concurrent_operations_share_calls_and_keep_their_outcomes(client: Clien
         }
     }
     assert_eq!(winners.len(), keys, "every key has its one winner");
+    // One counter (one slot), read and stored once per call of a batch: every token is new,
+    // and a later acquire draws above them all.
+    let tokens: std::collections::BTreeSet<u64> = winners
+        .values()
+        .map(|stored| stored.fencing_token.expect("a token"))
+        .collect();
+    assert_eq!(tokens.len(), keys, "a token was drawn twice: {tokens:?}");
     let e = wrong
         .await
         .expect("task")
@@ -119,6 +127,19 @@ async fn concurrent_operations_share_calls_and_keep_their_outcomes(client: Clien
     }
     for key in winners.keys() {
         assert_eq!(b.read(key).await.expect("read"), None);
+    }
+    let later = record("later", 0);
+    match b
+        .acquire_checked("later", &later, TTL)
+        .await
+        .expect("acquire")
+    {
+        AcquireDecision::Acquired(stored) => assert!(
+            stored.fencing_token > tokens.last().copied(),
+            "{:?} after {tokens:?}",
+            stored.fencing_token
+        ),
+        other => panic!("{other:?}"),
     }
     let calls = evalsha_calls(&mut redis).await - before;
     let operations = (keys * contenders + 1 + keys) as u64;
