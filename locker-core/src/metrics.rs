@@ -35,9 +35,36 @@ pub const BACKGROUND_ERRORS_TOTAL: &str = "locker_background_errors_total";
 /// `timeout`, `error`.
 pub const WAIT_SECONDS: &str = "locker_wait_seconds";
 
+/// `metrics::$kind!($name, $label => value)` with the value one of the literals listed, so
+/// that the macro's key is a static one (a label given by a variable makes the macro allocate
+/// the key's label list at every call, recorder or not: three allocations per lock cycle); a
+/// value not listed falls back to that.
+macro_rules! labelled {
+    ($kind:ident, $name:expr, $label:literal, $value:expr, [$($known:literal),+]) => {
+        match $value {
+            $($known => metrics::$kind!($name, $label => $known),)+
+            other => metrics::$kind!($name, $label => other),
+        }
+    };
+}
+
 pub(crate) fn acquire(outcome: &'static str, took: Duration) {
-    metrics::counter!(ACQUIRE_TOTAL, "outcome" => outcome).increment(1);
-    metrics::histogram!(ACQUIRE_SECONDS, "outcome" => outcome).record(took.as_secs_f64());
+    labelled!(
+        counter,
+        ACQUIRE_TOTAL,
+        "outcome",
+        outcome,
+        ["acquired", "held", "error"]
+    )
+    .increment(1);
+    labelled!(
+        histogram,
+        ACQUIRE_SECONDS,
+        "outcome",
+        outcome,
+        ["acquired", "held", "error"]
+    )
+    .record(took.as_secs_f64());
 }
 
 pub(crate) fn took_over() {
@@ -62,7 +89,21 @@ pub(crate) fn lost(loss: &Loss) {
 
 pub(crate) fn lost_for(reason: &'static str, locks: u64) {
     if locks > 0 {
-        metrics::counter!(LOCKS_LOST_TOTAL, "reason" => reason).increment(locks);
+        labelled!(
+            counter,
+            LOCKS_LOST_TOTAL,
+            "reason",
+            reason,
+            [
+                "taken_over",
+                "key_gone",
+                "expired",
+                "liveness_lapsed",
+                "drained",
+                "abandoned"
+            ]
+        )
+        .increment(locks);
     }
 }
 
@@ -72,7 +113,14 @@ pub(crate) fn release(outcome: &ReleaseOutcome) {
         ReleaseOutcome::NoKey => "no_key",
         ReleaseOutcome::Held(_) => "held",
     };
-    metrics::counter!(RELEASES_TOTAL, "outcome" => outcome).increment(1);
+    labelled!(
+        counter,
+        RELEASES_TOTAL,
+        "outcome",
+        outcome,
+        ["released", "no_key", "held"]
+    )
+    .increment(1);
 }
 
 pub(crate) fn liveness_written(took: Duration, lapsed: bool) {
@@ -87,5 +135,12 @@ pub(crate) fn background_error(source: BackgroundSource) {
 }
 
 pub(crate) fn waited(outcome: &'static str, took: Duration) {
-    metrics::histogram!(WAIT_SECONDS, "outcome" => outcome).record(took.as_secs_f64());
+    labelled!(
+        histogram,
+        WAIT_SECONDS,
+        "outcome",
+        outcome,
+        ["acquired", "timeout", "error"]
+    )
+    .record(took.as_secs_f64());
 }

@@ -146,7 +146,34 @@ mod js_date {
     use serde::{Deserializer, Serializer};
 
     pub(super) fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+        s.collect_str(&JsDate(t))
+    }
+
+    /// `to_rfc3339_opts(SecondsFormat::Millis, true)`, written without a `String` for the
+    /// years JavaScript writes with four digits (every record's, in practice): two
+    /// allocations fewer per record.
+    pub(super) struct JsDate<'a>(pub(super) &'a DateTime<Utc>);
+
+    impl std::fmt::Display for JsDate<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            use chrono::{Datelike, Timelike};
+            let t = self.0;
+            // A leap second (nanoseconds past 10^9) or a year of another width: chrono's way.
+            if !(0..=9999).contains(&t.year()) || t.nanosecond() >= 1_000_000_000 {
+                return f.write_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true));
+            }
+            write!(
+                f,
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+                t.year(),
+                t.month(),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.nanosecond() / 1_000_000
+            )
+        }
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
@@ -166,6 +193,34 @@ mod tests {
         DateTime::parse_from_rfc3339(s)
             .expect("valid time")
             .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn times_are_written_as_chrono_writes_them() {
+        let mut times: Vec<DateTime<Utc>> = [
+            "2026-01-13T10:00:00Z",
+            "2026-01-13T10:00:01.5Z",
+            "1970-01-01T00:00:00Z",
+            "0000-01-01T00:00:00.999999Z",
+            "9999-12-31T23:59:59.999Z",
+            "2016-12-31T23:59:60.250Z",
+        ]
+        .iter()
+        .map(|s| t(s))
+        .collect();
+        times.extend(DateTime::from_timestamp_millis(-62_198_755_200_001));
+        times.extend(DateTime::from_timestamp_millis(253_402_300_800_000));
+        let mut ms: i64 = 1;
+        while ms < 4_000_000_000_000 {
+            times.extend(DateTime::from_timestamp_millis(ms));
+            ms = ms * 7 + 13;
+        }
+        for time in times {
+            assert_eq!(
+                js_date::JsDate(&time).to_string(),
+                time.to_rfc3339_opts(SecondsFormat::Millis, true)
+            );
+        }
     }
 
     #[test]

@@ -164,7 +164,8 @@ impl RedisBackend {
         } else {
             0
         };
-        let mut keys = vec![lock_key];
+        let mut keys = Vec::with_capacity(2);
+        keys.push(lock_key);
         keys.extend(counter);
         let op = Op { script, keys, args };
         match &self.batcher {
@@ -182,11 +183,11 @@ impl RedisBackend {
         how: Create<'_>,
     ) -> Result<AcquireDecision> {
         let ttl = ttl_ms(ttl)?.to_string();
-        let mut record = open_record(data);
-        record.push_str(",\"fencingToken\":");
+        let record = open_record(data, ",\"fencingToken\":");
         let lock = self.config.keys.lock(key);
         let fence = self.config.keys.fence(&lock);
-        let mut args = vec![record, ttl];
+        let mut args = Vec::with_capacity(4);
+        args.extend([record, ttl]);
         let script = match how {
             Create::Acquire => {
                 args.push(String::new());
@@ -365,7 +366,7 @@ impl LockBackend for RedisBackend {
     ) -> Result<ExtendOutcome> {
         let ttl = ttl_ms(ttl)?.to_string();
         let args = vec![
-            open_record(data),
+            open_record(data, ""),
             ttl,
             owner_hash.to_owned(),
             owner_prefix(owner_hash),

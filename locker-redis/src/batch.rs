@@ -215,9 +215,22 @@ enum Turnout {
 
 /// One operation on its own script.
 pub(crate) async fn call(driver: &dyn Driver, op: &Op) -> Result<Vec<String>> {
-    let keys: Vec<&str> = op.keys.iter().map(String::as_str).collect();
-    let args: Vec<&str> = op.args.iter().map(String::as_str).collect();
-    driver.eval(op.script, &keys, &args).await
+    // On the stack: an operation has at most 2 keys and 4 arguments.
+    let (mut keys, mut args) = ([""; 2], [""; 4]);
+    if op.keys.len() > keys.len() || op.args.len() > args.len() {
+        let keys: Vec<&str> = op.keys.iter().map(String::as_str).collect();
+        let args: Vec<&str> = op.args.iter().map(String::as_str).collect();
+        return driver.eval(op.script, &keys, &args).await;
+    }
+    for (slot, key) in keys.iter_mut().zip(&op.keys) {
+        *slot = key;
+    }
+    for (slot, arg) in args.iter_mut().zip(&op.args) {
+        *slot = arg;
+    }
+    driver
+        .eval(op.script, &keys[..op.keys.len()], &args[..op.args.len()])
+        .await
 }
 
 /// The group's turn, held by the caller whose operation went at once.

@@ -275,9 +275,15 @@ async fn check_cluster_versions(conn: &mut ClusterConnection) -> Result<()> {
 impl Driver for RedisDriver {
     async fn eval(&self, script: ScriptName, keys: &[&str], args: &[&str]) -> Result<Vec<String>> {
         let (source, sha) = &self.scripts[script.index()];
+        // Sized once: growing the command's buffers argument by argument was several
+        // reallocations per call.
+        let bytes = keys.iter().chain(args).map(|a| a.len()).sum::<usize>();
         let command = |name: &str, body: &str| {
-            let mut cmd = redis::cmd(name);
-            cmd.arg(body).arg(keys.len()).arg(keys).arg(args);
+            let mut cmd = redis::Cmd::with_capacity(
+                3 + keys.len() + args.len(),
+                name.len() + body.len() + 20 + bytes,
+            );
+            cmd.arg(name).arg(body).arg(keys.len()).arg(keys).arg(args);
             cmd
         };
         match self.query(&command("EVALSHA", sha)).await {

@@ -65,7 +65,11 @@ impl KeyLayout {
     }
 
     pub(crate) fn lock(&self, key: &str) -> String {
-        format!("{}lock:{key}", self.prefix)
+        let mut lock = String::with_capacity(self.prefix.len() + 5 + key.len());
+        lock.push_str(&self.prefix);
+        lock.push_str("lock:");
+        lock.push_str(key);
+        lock
     }
 
     pub(crate) fn process(&self, process_hash: &str) -> String {
@@ -77,7 +81,10 @@ impl KeyLayout {
     /// updated in place.
     pub(crate) fn fence(&self, lock_key: &str) -> String {
         if self.one_counter {
-            return format!("{}fence", self.prefix);
+            let mut fence = String::with_capacity(self.prefix.len() + 5);
+            fence.push_str(&self.prefix);
+            fence.push_str("fence");
+            return fence;
         }
         let tag = &tags()[usize::from(key_slot(lock_key.as_bytes()))];
         format!("{}fence:{{{tag}}}", self.prefix)

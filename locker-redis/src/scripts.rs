@@ -307,27 +307,36 @@ fn unexpected(key: &str, status: &str) -> Error {
     .with_key(key)
 }
 
-/// A record's JSON without its fencing token and its closing `}`, as the scripts expect it
-/// (they append the token, or only the `}`).
-pub(crate) fn open_record(data: &LockData) -> String {
-    let mut json = if data.fencing_token.is_none() {
-        data.to_json()
+/// A record's JSON without its fencing token and its closing `}`, then `suffix`, as the scripts
+/// expect it (they append the token, or only the `}`). One allocation, sized for a record.
+pub(crate) fn open_record(data: &LockData, suffix: &str) -> String {
+    let mut json = Vec::with_capacity(256 + data.trace.as_ref().map_or(0, String::len));
+    // Serializing strings, numbers and a JSON map into a vector cannot fail.
+    let _ = if data.fencing_token.is_none() {
+        serde_json::to_writer(&mut json, data)
     } else {
-        LockData {
-            fencing_token: None,
-            ..data.clone()
-        }
-        .to_json()
+        serde_json::to_writer(
+            &mut json,
+            &LockData {
+                fencing_token: None,
+                ..data.clone()
+            },
+        )
     };
     json.pop();
-    json
+    json.extend_from_slice(suffix.as_bytes());
+    String::from_utf8(json).unwrap_or_default()
 }
 
 /// The start of every record `owner_hash` writes: `{"ownerHash":"…",`, for the scripts' fast
 /// ownership check.
 pub(crate) fn owner_prefix(owner_hash: &str) -> String {
-    let quoted = serde_json::to_string(owner_hash).unwrap_or_default();
-    format!("{{\"ownerHash\":{quoted},")
+    let mut out = Vec::with_capacity(owner_hash.len() + 24);
+    out.extend_from_slice(b"{\"ownerHash\":");
+    // Serializing a string into a vector cannot fail.
+    let _ = serde_json::to_writer(&mut out, owner_hash);
+    out.push(b',');
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// Parses a record a script returned or `GET` read.
@@ -379,6 +388,19 @@ mod tests {
                 ErrorKind::Other
             );
         }
+    }
+
+    #[test]
+    fn open_records_and_owner_prefixes_are_the_records_json() {
+        let owner = "job \"q\"@host/1.2.3";
+        let mut data = LockData::new(owner.to_owned(), "host/1.2".to_owned(), Some("t\n".into()));
+        let whole = data.to_json();
+        assert_eq!(open_record(&data, "") + "}", whole);
+        assert!(whole.starts_with(&owner_prefix(owner)), "{whole}");
+        data.fencing_token = Some(42);
+        let open = open_record(&data, ",\"fencingToken\":");
+        assert_eq!(open.clone() + "42}", data.to_json());
+        assert!(!open[..open.len() - 16].contains("fencingToken"), "{open}");
     }
 
     #[test]
