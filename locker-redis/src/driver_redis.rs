@@ -76,47 +76,12 @@ impl RedisDriver {
                     check_standalone_version(&mut manager, &config.redacted_url()).await?;
                     Ok((Conn::Standalone(manager), Some(client)))
                 }
-                Topology::Cluster { .. } if config.redis_cluster_client.is_some() => {
-                    let client = config.redis_cluster_client.as_ref().expect("checked");
-                    let mut conn = client.get_async_connection().await.map_err(map_error)?;
-                    check_cluster_versions(&mut conn).await?;
-                    Ok((Conn::Cluster(conn), None))
-                }
                 Topology::Cluster { nodes } => {
-                    let nodes: Vec<_> = nodes
-                        .iter()
-                        .map(|(host, port)| {
-                            let addr = if config.tls {
-                                ConnectionAddr::TcpTls {
-                                    host: host.clone(),
-                                    port: *port,
-                                    insecure: false,
-                                    tls_params: None,
-                                }
-                            } else {
-                                ConnectionAddr::Tcp(host.clone(), *port)
-                            };
-                            addr.into_connection_info()
-                        })
-                        .collect::<std::result::Result<_, _>>()
-                        .map_err(map_error)?;
-                    let mut builder = ClusterClientBuilder::new(nodes)
-                        .connection_timeout(config.connect_timeout)
-                        .response_timeout(config.command_timeout)
-                        .retries(3);
-                    if let Some(user) = &config.username {
-                        builder = builder.username(user);
-                    }
-                    if let Some(password) = &config.password {
-                        builder = builder.password(password);
-                    }
-                    if config.tls {
-                        builder = builder.tls(redis::TlsMode::Secure);
-                    }
-                    if let Some(certs) = certs {
-                        builder = builder.certs(certs);
-                    }
-                    let client = builder.build().map_err(map_error)?;
+                    // The application's client, or one from this configuration.
+                    let client = match &config.redis_cluster_client {
+                        Some(client) => client.clone(),
+                        None => cluster_client(config, nodes, certs)?,
+                    };
                     let mut conn = client.get_async_connection().await.map_err(map_error)?;
                     check_cluster_versions(&mut conn).await?;
                     Ok((Conn::Cluster(conn), None))
@@ -167,6 +132,48 @@ impl RedisDriver {
             label: config.redacted_url(),
         })
     }
+}
+
+/// A cluster client from this configuration's seed nodes, credentials and TLS.
+fn cluster_client(
+    config: &RedisConfig,
+    nodes: &[(String, u16)],
+    certs: Option<TlsCertificates>,
+) -> Result<redis::cluster::ClusterClient> {
+    let nodes: Vec<_> = nodes
+        .iter()
+        .map(|(host, port)| {
+            let addr = if config.tls {
+                ConnectionAddr::TcpTls {
+                    host: host.clone(),
+                    port: *port,
+                    insecure: false,
+                    tls_params: None,
+                }
+            } else {
+                ConnectionAddr::Tcp(host.clone(), *port)
+            };
+            addr.into_connection_info()
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map_err(map_error)?;
+    let mut builder = ClusterClientBuilder::new(nodes)
+        .connection_timeout(config.connect_timeout)
+        .response_timeout(config.command_timeout)
+        .retries(3);
+    if let Some(user) = &config.username {
+        builder = builder.username(user);
+    }
+    if let Some(password) = &config.password {
+        builder = builder.password(password);
+    }
+    if config.tls {
+        builder = builder.tls(redis::TlsMode::Secure);
+    }
+    if let Some(certs) = certs {
+        builder = builder.certs(certs);
+    }
+    builder.build().map_err(map_error)
 }
 
 /// The master the sentinels name now, as a client (with the master's credentials and
