@@ -63,22 +63,8 @@ async fn jobs_use_the_pool_and_the_reporter_its_own_connection() {
         LockAttempt::Acquired(guard) => guard,
         LockAttempt::Held(h) => panic!("held by {}", h.owner_hash),
     };
-    // Who wrote what: the lock row's transaction came from one of the application's
-    // connections, and the liveness row's from the locker's own.
-    let names: Vec<String> = sqlx::query_scalar(
-        "SELECT application_name FROM pg_stat_activity WHERE datname = current_database() \
-         AND application_name IN ('the-application', 'distributed-locker') \
-         ORDER BY application_name",
-    )
-    .fetch_all(&pool)
-    .await
-    .expect("pg_stat_activity");
-    assert!(
-        names.iter().any(|n| n == "distributed-locker"),
-        "the reporter has no connection of its own: {names:?}"
-    );
-    // The acquire ran on a connection of the application's pool: the last statement of one of
-    // them (seen from a connection apart, so that this query is not that last statement).
+    // Everything below is read from a connection apart: a query on the application's pool
+    // could run on the connection that ran the acquire, and replace its last statement.
     let server = servers::shared(ServerKind::Postgres).unwrap_or_else(|e| panic!("{e}"));
     let options: PgConnectOptions = server.url().parse().expect("url");
     let checker = PgPoolOptions::new()
@@ -86,6 +72,22 @@ async fn jobs_use_the_pool_and_the_reporter_its_own_connection() {
         .connect_with(options.application_name("the-checker"))
         .await
         .expect("the checker's pool");
+    // Who wrote what: the lock row's transaction came from one of the application's
+    // connections, and the liveness row's from the locker's own.
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT application_name FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name IN ('the-application', 'distributed-locker') \
+         ORDER BY application_name",
+    )
+    .fetch_all(&checker)
+    .await
+    .expect("pg_stat_activity");
+    assert!(
+        names.iter().any(|n| n == "distributed-locker"),
+        "the reporter has no connection of its own: {names:?}"
+    );
+    // The acquire ran on a connection of the application's pool: the last statement of one of
+    // them.
     let app_queries: Vec<String> = sqlx::query_scalar(
         "SELECT query FROM pg_stat_activity WHERE application_name = 'the-application' \
          AND datname = current_database()",
@@ -101,7 +103,7 @@ async fn jobs_use_the_pool_and_the_reporter_its_own_connection() {
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'distributed-locker' \
          AND datname = current_database()",
     )
-    .fetch_one(&pool)
+    .fetch_one(&checker)
     .await
     .expect("count");
     assert!(
