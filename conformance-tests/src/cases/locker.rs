@@ -407,21 +407,24 @@ pub async fn locker_clean_shutdown_frees_locks_at_once(fx: &Fixture) -> Verdict 
     let (a, b) = (fx.locker(), fx.locker());
     let key = fx.key("k");
     // A job that stops when its heartbeat says so: the drain reaches it at once.
+    // The job says when it runs: the record is in the store a moment before the acquire
+    // returns, and a shutdown in that moment refuses the guard (no job runs then).
+    let (started_tx, started) = tokio::sync::oneshot::channel();
     let job = {
         let (a, key) = (a.clone(), key.clone());
         tokio::spawn(async move {
-            a.acquire_and_run(&key, |heartbeat| async move { heartbeat.lost().await })
-                .await
+            a.acquire_and_run(&key, |heartbeat| async move {
+                let _ = started_tx.send(());
+                heartbeat.lost().await
+            })
+            .await
         })
     };
-    let start = std::time::Instant::now();
-    while b.inspect(&key).await.expect("inspect").is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the job never started"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(30), started)
+        .await
+        .expect("the job never started")
+        .expect("the job never started");
+    assert!(b.inspect(&key).await.expect("inspect").is_some());
     a.shutdown().await;
     match job.await.expect("job task").expect("acquire_and_run") {
         RunOutcome::Ran(stopped) => assert_eq!(stopped.kind(), ErrorKind::Draining, "{stopped}"),
