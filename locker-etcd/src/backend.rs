@@ -16,7 +16,9 @@
 //!   lease);
 //! - take-over: "if the dead owner's record is unchanged, delete it", then acquire, so that the
 //!   new lock has a new creation revision;
-//! - the fencing token is the key's creation revision, which only grows.
+//! - the fencing token is the key's creation revision, which only grows;
+//! - a renewal is one message on the lease's keep-alive stream, kept open between renewals
+//!   (for the spare leases and as many more), instead of a stream opened for each.
 //!
 //! Liveness: the first write of a process grants a lease and puts the record on it; later
 //! writes renew that lease (one keep-alive) and put the new record on it (two requests, the
@@ -31,7 +33,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetResponse, KeyValue,
-    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    WatchFilterType, WatchOptions,
 };
 use locker_core::{
     is_definite_io_error, validate_key, AcquireOutcome, BackendFactory, Capabilities, Error,
@@ -49,7 +52,33 @@ pub struct EtcdBackend {
     process_leases: Mutex<HashMap<String, ProcessLease>>,
     /// The leases of the locks this connection acquired, and spare leases.
     lock_leases: Mutex<LockLeases>,
+    /// An open keep-alive stream per lease renewed lately (up to [`MAX_KEPT_STREAMS`]), so
+    /// that a renewal is one message on it instead of a new stream each time.
+    streams: Mutex<HashMap<i64, KeptStream>>,
 }
+
+/// A lease's keep-alive stream, kept open between renewals. `etcd-client` binds a stream to
+/// one lease, so each kept lease has its own.
+struct KeptStream {
+    keeper: LeaseKeeper,
+    answers: LeaseKeepAliveStream,
+}
+
+impl KeptStream {
+    /// Renews the lease once on the open stream: the TTL etcd gives it (0: it has expired),
+    /// or `None` when the stream is broken. A renewal that is cancelled or fails leaves an
+    /// answer unread or the stream closed, so the caller keeps the stream only after a whole
+    /// request and answer.
+    async fn renew(&mut self) -> Option<i64> {
+        self.keeper.keep_alive().await.ok()?;
+        let answer = self.answers.message().await.ok()??;
+        Some(answer.ttl())
+    }
+}
+
+/// Keep-alive streams kept open per connection (the spare leases and as many more); a lease
+/// past that is renewed on a stream opened for the one renewal.
+const MAX_KEPT_STREAMS: usize = 2 * MAX_SPARE_LEASES;
 
 /// A lock lease, and a lower bound of its expiry: the time its last grant or renewal was
 /// sent, plus its TTL.
@@ -195,6 +224,7 @@ impl EtcdBackend {
             client,
             process_leases: Mutex::new(HashMap::new()),
             lock_leases: Mutex::new(LockLeases::default()),
+            streams: Mutex::new(HashMap::new()),
         })
     }
 
@@ -252,6 +282,7 @@ impl EtcdBackend {
 
     /// Revokes a lease, ignoring failures: an unrevoked lease only lives out its TTL.
     async fn revoke(&self, lease: i64) {
+        self.take_stream(lease);
         if lease != 0 {
             let _ = self
                 .call(|mut c| async move { c.lease_revoke(lease).await })
@@ -263,18 +294,70 @@ impl EtcdBackend {
     /// a TTL of 0, or with a "lease not found" error, depending on the version and on how long
     /// ago it expired).
     ///
-    /// Opening the keep-alive stream sends the first renewal and waits for its answer (an
-    /// answer with a TTL of 0 is the client's "lease not found" error), so the stream is
-    /// dropped as soon as it is open: a second request on it would renew twice.
+    /// The renewal goes on the lease's kept keep-alive stream when there is one. Otherwise a
+    /// stream is opened, which sends the first renewal and waits for its answer (an answer with
+    /// a TTL of 0 is the client's "lease not found" error), and is kept for the next renewal.
+    /// A kept stream that fails or does not answer in time is dropped, and the renewal is made
+    /// on a new one.
     async fn renew(&self, lease: i64) -> Result<bool> {
-        self.call(|mut c| async move {
-            match c.lease_keep_alive(lease).await {
-                Ok(_) => Ok(true),
-                Err(e) if lease_not_found(&e) => Ok(false),
-                Err(e) => Err(e),
+        if let Some(mut kept) = self.take_stream(lease) {
+            let answer = tokio::time::timeout(self.config.command_timeout, kept.renew()).await;
+            match answer {
+                Ok(Some(ttl)) if ttl > 0 => {
+                    self.keep_stream(lease, kept);
+                    return Ok(true);
+                }
+                Ok(Some(_)) => return Ok(false),
+                // Broken or stuck: a new stream below (a renewal more is harmless).
+                Ok(None) | Err(_) => {}
             }
-        })
-        .await
+        }
+        let opened = self
+            .call(|mut c| async move {
+                match c.lease_keep_alive(lease).await {
+                    Ok((keeper, answers)) => Ok(Some(KeptStream { keeper, answers })),
+                    Err(e) if lease_not_found(&e) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        match opened {
+            Some(kept) => {
+                self.keep_stream(lease, kept);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<i64, KeptStream>> {
+        self.streams
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The lease's kept stream, for one renewal: whoever renews holds it alone meanwhile.
+    fn take_stream(&self, lease: i64) -> Option<KeptStream> {
+        self.streams().remove(&lease)
+    }
+
+    /// Keeps a stream after a whole renewal on it. When enough are kept, streams of leases that
+    /// are neither spare nor held any more go first (locks lost without a release); if none,
+    /// this one is closed.
+    fn keep_stream(&self, lease: i64, kept: KeptStream) {
+        if self.streams().len() >= MAX_KEPT_STREAMS {
+            // Never both locks at once: the lease list is read first, then the streams pruned.
+            let in_use: std::collections::HashSet<i64> = {
+                let leases = self.leases();
+                let held = leases.held.values().map(|h| h.lease.id);
+                leases.spares.iter().map(|l| l.id).chain(held).collect()
+            };
+            self.streams().retain(|id, _| in_use.contains(id));
+        }
+        let mut streams = self.streams();
+        if streams.len() < MAX_KEPT_STREAMS {
+            streams.insert(lease, kept);
+        }
     }
 
     async fn grant(&self, secs: i64) -> Result<i64> {
@@ -364,6 +447,7 @@ impl EtcdBackend {
 
     /// Revokes a lease in the background (the caller does not wait for it).
     fn revoke_later(&self, lease: i64) {
+        self.take_stream(lease);
         let mut client = self.client.clone();
         let limit = self.config.command_timeout;
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

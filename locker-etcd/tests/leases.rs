@@ -2,7 +2,8 @@
 //! released lock's lease is kept and given, renewed, to the next acquire, which then has its
 //! whole TTL; an expired spare is never used; a lock acquired on this connection is extended
 //! and released by its creation revision, and one taken over meanwhile is left to its new
-//! holder.
+//! holder; a kept lease is renewed on one keep-alive stream, and one revoked meanwhile is not
+//! used.
 
 /// In a module named `etcd`, so that `scripts/test` runs them beside the other tests, with
 /// the etcd suites.
@@ -201,5 +202,107 @@ mod etcd {
             other => panic!("released a lock taken over: {other:?}"),
         }
         assert_eq!(b.read("job").await.expect("read"), Some(taken));
+    }
+
+    /// How many lease keep-alive streams the server has opened so far (its Prometheus metrics).
+    async fn keep_alive_streams_started() -> u64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let server = servers::shared(ServerKind::Etcd).unwrap_or_else(|e| panic!("{e}"));
+        let address = server
+            .url()
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split(['/', ',']).next())
+            .expect("host:port in the server's URL")
+            .to_owned();
+        let mut tcp = tokio::net::TcpStream::connect(&address)
+            .await
+            .expect("metrics");
+        tcp.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
+            .await
+            .expect("request");
+        let mut text = String::new();
+        tcp.read_to_string(&mut text).await.expect("metrics text");
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with("grpc_server_started_total{")
+                    && l.contains("grpc_method=\"LeaseKeepAlive\"")
+            })
+            .unwrap_or_else(|| panic!("no LeaseKeepAlive counter in etcd's /metrics:\n{text}"));
+        line.rsplit(' ')
+            .next()
+            .and_then(|n| n.parse::<f64>().ok())
+            .expect("a number") as u64
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kept_lease_is_renewed_on_one_stream() {
+        let _serial = SERIAL.lock().await;
+        let prefix = "leases-stream/";
+        let (b, mut client) = backend(prefix).await;
+        let first = record("cycle", 1);
+        acquired(&b, "cycle", &first, TTL).await;
+        let lease = lease_of(&mut client, prefix, "cycle").await;
+        assert_eq!(
+            b.release("cycle", &first.owner_hash)
+                .await
+                .expect("release"),
+            ReleaseOutcome::Released
+        );
+        let before = keep_alive_streams_started().await;
+        for n in 2..22 {
+            let data = record("cycle", n);
+            acquired(&b, "cycle", &data, TTL).await;
+            assert_eq!(lease_of(&mut client, prefix, "cycle").await, lease);
+            assert_eq!(
+                b.release("cycle", &data.owner_hash).await.expect("release"),
+                ReleaseOutcome::Released
+            );
+        }
+        let streams = keep_alive_streams_started().await - before;
+        // The first renewal opens the stream; the other 19 are messages on it.
+        assert!(
+            streams <= 2,
+            "20 renewals of one kept lease opened {streams} keep-alive streams"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kept_lease_revoked_meanwhile_is_not_used() {
+        let _serial = SERIAL.lock().await;
+        let prefix = "leases-revoked/";
+        let (b, mut client) = backend(prefix).await;
+        // Two cycles: the second renews the kept lease, and keeps its stream open.
+        for n in 1..3 {
+            let data = record("job", n);
+            acquired(&b, "job", &data, TTL).await;
+            assert_eq!(
+                b.release("job", &data.owner_hash).await.expect("release"),
+                ReleaseOutcome::Released
+            );
+        }
+        let third = record("job", 3);
+        acquired(&b, "job", &third, TTL).await;
+        let old = lease_of(&mut client, prefix, "job").await;
+        assert_eq!(
+            b.release("job", &third.owner_hash).await.expect("release"),
+            ReleaseOutcome::Released
+        );
+        // Revoked behind the connection's back: its open stream now answers a TTL of 0.
+        client.lease_revoke(old).await.expect("revoke");
+        let fourth = record("job", 4);
+        acquired(&b, "job", &fourth, TTL).await;
+        let new = lease_of(&mut client, prefix, "job").await;
+        assert_ne!(new, old, "a revoked lease was used");
+        let left = client
+            .lease_time_to_live(new, None)
+            .await
+            .expect("ttl")
+            .ttl();
+        assert!(
+            left >= 29,
+            "the new lease has {left} s left, not the lock's 30"
+        );
     }
 }

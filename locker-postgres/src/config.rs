@@ -379,6 +379,12 @@ impl PostgresConfigBuilder {
     /// credentials, build the configuration again when they change, or give the locker a
     /// role whose password does not expire.
     ///
+    /// A pool's connections belong to the Tokio runtime that opened them (sqlx's rule): use
+    /// the locker on the runtime the pool lives on. A locker used from a second runtime may
+    /// open connections there, and a statement on one of them fails with "A Tokio 1.x context
+    /// was found, but it is being shutdown" once that runtime ends; such a locker needs a
+    /// pool of its own runtime.
+    ///
     /// ```no_run
     /// # async fn app() -> Result<(), Box<dyn std::error::Error>> {
     /// let pool = sqlx::PgPool::connect("postgres://app@db/app").await?;
