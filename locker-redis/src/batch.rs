@@ -1,6 +1,6 @@
-//! Group commit of script calls: while one call of a group (a Redis Cluster slot, or the whole
-//! standalone server) is on its way, the operations that arrive wait in a queue, and go
-//! together in the next call, one [`ScriptName::Batch`] for all of them.
+//! Group commit of script calls: while [`MAX_IN_FLIGHT`] calls of a group (a Redis Cluster
+//! slot, or the whole standalone server) are on their way, the operations that arrive wait in
+//! a queue, and go together in the next call, one [`ScriptName::Batch`] for all of them.
 //!
 //! Each operation stays atomic (a script runs alone on the server) and keeps its own answer;
 //! what changes is the number of calls: with many concurrent decisions, one per round trip per
@@ -42,9 +42,17 @@ struct Job {
 #[derive(Default)]
 struct Group {
     queue: Vec<Job>,
-    /// A call of this group is on its way: new operations queue.
-    busy: bool,
+    /// Calls of this group on their way; at [`MAX_IN_FLIGHT`], new operations queue.
+    in_flight: usize,
 }
+
+/// Calls of one group on their way at once. With one, the server waits while the client
+/// reads a call's answers and hands them out, and the client waits while the server runs the
+/// next call; with two, each side works while the other does (measured at 64 tasks on one
+/// connection: about 1.4x the cycles of one call at a time, and no gain from a third).
+/// Operations stay atomic and keep their own answers; calls of one connection reach the server
+/// in the order they were sent, and concurrent operations had no order to keep.
+const MAX_IN_FLIGHT: usize = 2;
 
 /// The queues of one connection, by group.
 pub(crate) struct Batcher {
@@ -67,12 +75,13 @@ impl Batcher {
         }
     }
 
-    /// Runs `op` in `group`: at once if the group is idle, else with the next call.
+    /// Runs `op` in `group`: at once if fewer than [`MAX_IN_FLIGHT`] calls of the group are on
+    /// their way, else with the next call.
     pub(crate) async fn run(self: &Arc<Self>, group: u16, op: Op) -> Result<Vec<String>> {
         let turnout = {
             let mut groups = self.groups();
             let g = groups.entry(group).or_default();
-            if g.busy {
+            if g.in_flight >= MAX_IN_FLIGHT {
                 let (tx, rx) = oneshot::channel();
                 let gave_up = Arc::new(AtomicBool::new(false));
                 g.queue.push(Job {
@@ -82,7 +91,7 @@ impl Batcher {
                 });
                 Turnout::Queued(rx, GaveUp(gave_up))
             } else {
-                g.busy = true;
+                g.in_flight += 1;
                 Turnout::Now(op)
             }
         };
@@ -104,14 +113,14 @@ impl Batcher {
         }
     }
 
-    /// Called when a group's call is done: sends what queued meanwhile from a task, or marks
-    /// the group idle.
+    /// Called when a call of the group is done: sends what queued meanwhile from a task (which
+    /// keeps the call's turn), or gives the turn back.
     fn next(self: &Arc<Self>, group: u16) {
         {
             let mut groups = self.groups();
             let g = groups.entry(group).or_default();
             if g.queue.is_empty() {
-                g.busy = false;
+                g.in_flight -= 1;
                 return;
             }
         }
@@ -125,7 +134,7 @@ impl Batcher {
                 let mut groups = self.groups();
                 let g = groups.entry(group).or_default();
                 g.queue.clear();
-                g.busy = false;
+                g.in_flight -= 1;
             }
         }
     }
@@ -138,7 +147,7 @@ impl Batcher {
                 let g = groups.entry(group).or_default();
                 g.queue.retain(|j| !j.gave_up.load(Ordering::Acquire));
                 if g.queue.is_empty() {
-                    g.busy = false;
+                    g.in_flight -= 1;
                     return;
                 }
                 let n = g.queue.len().min(MAX_BATCH);
@@ -233,7 +242,7 @@ pub(crate) async fn call(driver: &dyn Driver, op: &Op) -> Result<Vec<String>> {
         .await
 }
 
-/// The group's turn, held by the caller whose operation went at once.
+/// One of the group's turns, held by the caller whose operation went at once.
 struct Turn {
     batcher: Arc<Batcher>,
     group: u16,
