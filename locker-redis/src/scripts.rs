@@ -8,8 +8,9 @@
 //! What a script costs the server is mostly its `redis.call`s (each a few microseconds inside a
 //! script, more for one that creates a key): the common paths make as few as they can (an
 //! acquire of a free key: `GET` of the key, `TIME`, `GET` and `SET` of a counter that exists,
-//! `SET` of the key; a release: `GET`, `DEL`) and compare owner hashes without decoding
-//! records.
+//! `SET` of the key, or in a batch on Redis 7.0 or newer one `SET … NX GET` of the key and the
+//! counter's share of the call; a release: `GET`, `DEL`) and compare owner hashes without
+//! decoding records.
 //!
 //! Fencing tokens: acquisition sets its slot's counter (see `keys`) to `max(counter + 1, server
 //! time in µs)` and appends the token to the record. Tokens stay below 2^53, so JavaScript
@@ -36,12 +37,19 @@ use locker_core::{Error, ErrorKind, LockData, Result};
 ///   tokens of earlier versions of this library, which were the same floor over a counter per
 ///   key: a fleet can be upgraded process by process. A counter that is not a number counts as
 ///   missing, as before. The server time is read once per script call and each counter once,
-///   and `store_counters()` writes the counters back at the end: a batch of N acquires costs
+///   and `store_counters()` writes back the counters it drew from, at the end: a batch of N acquires costs
 ///   one `TIME`, one `GET` and one `SET` of its slot's counter, not N of each. (Tokens within
 ///   a call still grow by one from the last: the same as N calls in the same microsecond.)
 ///   The counter write comes after the locks' writes; it cannot fail then (a script that has
 ///   written is not refused for memory, and `SET` replaces a value of any type).
-/// - `acquire(lk, fk, rec, ttl, lp)`: a free key is stored (`ACQUIRED`, token). A held one,
+/// - `acquire(lk, fk, rec, ttl, lp)`: a free key is stored (`ACQUIRED`, token). In a batch on
+///   Redis 7.0 or newer (`redis.REDIS_VERSION_NUM`, which older servers lack, so each node
+///   decides for itself), one `SET … NX PX … GET` both stores a free key and reads a held one:
+///   one command for either answer where a `GET` then a `SET` were two (each `redis.call`
+///   costs the server a few microseconds). Its token is drawn first and kept only when it was
+///   stored, so tokens stay one apart. A key holding an empty value (free, in the Node
+///   library's terms) is then stored by a plain `SET`. A lone acquire (no batch) reads the key
+///   first, so that a try on a held key reads neither the time nor a counter. A held one,
 ///   when `lp` (the liveness keys' prefix) is not empty, has its holder's liveness record
 ///   looked at (`lp` then the holder's `processHash`): there, `LIVE` and the record; missing,
 ///   the lock is replaced (`TOOKOVER`, token, the dead holder's record). With an empty `lp`,
@@ -70,29 +78,49 @@ end
 "#;
 
 const CREATE: &str = r#"
-local now, drawn = nil, {}
-local function create(lk, fk, rec, ttl)
+local now, last, dirty = nil, {}, {}
+local function next_token(fk)
   if not now then
     local t = redis.call('TIME')
     now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   end
-  local last = drawn[fk]
-  if not last then last = tonumber(redis.call('GET', fk) or '0') or 0 end
-  local token = now
-  if last >= token then token = last + 1 end
-  drawn[fk] = token
-  local tok = string.format('%d', token)
+  local l = last[fk]
+  if not l then
+    l = tonumber(redis.call('GET', fk) or '0') or 0
+    last[fk] = l
+  end
+  if l >= now then return l + 1 end
+  return now
+end
+local function drawn(fk, token)
+  last[fk] = token
+  dirty[fk] = true
+  return string.format('%d', token)
+end
+local function create(lk, fk, rec, ttl)
+  local tok = drawn(fk, next_token(fk))
   redis.call('SET', lk, rec .. tok .. '}', 'PX', ttl)
   return tok
 end
 local function store_counters()
-  for fk, token in pairs(drawn) do redis.call('SET', fk, string.format('%d', token)) end
+  for fk in pairs(dirty) do redis.call('SET', fk, string.format('%d', last[fk])) end
 end
 "#;
 
 const ACQUIRE: &str = r#"
 local function acquire(lk, fk, rec, ttl, lp)
-  local cur = redis.call('GET', lk)
+  local cur
+  if SET_GET then
+    local token = next_token(fk)
+    local tok = string.format('%d', token)
+    cur = redis.call('SET', lk, rec .. tok .. '}', 'NX', 'PX', ttl, 'GET')
+    if not cur then
+      drawn(fk, token)
+      return 'ACQUIRED', tok
+    end
+  else
+    cur = redis.call('GET', lk)
+  end
   if not cur or cur == '' then return 'ACQUIRED', create(lk, fk, rec, ttl) end
   if lp == '' then return 'HELD', cur end
   local ph = string.match(cur, '^{"ownerHash":"[^"\\]*","processHash":"([^"\\]*)",')
@@ -167,7 +195,7 @@ fn single(functions: &[&str], function: &str, notify: bool) -> String {
         ""
     };
     format!(
-        "local NOTIFY = {notify}\n{}\nlocal s, a, b = {function}(KEYS[1], KEYS[2] or KEYS[1], ARGV[1], ARGV[2], \
+        "local NOTIFY = {notify}\nlocal SET_GET = false\n{}\nlocal s, a, b = {function}(KEYS[1], KEYS[2] or KEYS[1], ARGV[1], ARGV[2], \
          ARGV[3] or '', ARGV[4] or '')\n{store}return {{s, a or '', b or ''}}\n",
         functions.concat()
     )
@@ -184,6 +212,7 @@ fn single(functions: &[&str], function: &str, notify: bool) -> String {
 fn batch(notify: bool) -> String {
     format!(
         r#"local NOTIFY = {notify}
+local SET_GET = (redis.REDIS_VERSION_NUM or 0) >= 0x070000
 {OWNED}{CREATE}{ACQUIRE}{TAKE_OVER}{EXTEND}{RELEASE}
 local ops = {{A = acquire, T = take_over, E = extend, R = release}}
 local out = {{}}

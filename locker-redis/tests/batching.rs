@@ -21,13 +21,19 @@ fn record(key: &str, n: usize) -> LockData {
 
 /// The number of `EVALSHA` calls the server has answered.
 async fn evalsha_calls(redis: &mut redis::aio::MultiplexedConnection) -> u64 {
+    command_calls(redis, "evalsha").await
+}
+
+/// The number of calls of `command` the server has answered (scripts' calls included).
+async fn command_calls(redis: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(redis)
         .await
         .expect("info");
+    let prefix = format!("cmdstat_{command}:calls=");
     info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|rest| rest.split(',').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
@@ -159,4 +165,111 @@ async fn concurrent_operations_share_calls_redis_rs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_operations_share_calls_fred() {
     concurrent_operations_share_calls_and_keep_their_outcomes(ClientLibrary::Fred).await;
+}
+
+/// In a batch, on Redis 7.0 or newer, an acquire is one `SET … NX GET`: no `GET` of the lock
+/// key first. Free keys, held keys and a key holding an empty value (free, in the Node
+/// library's terms) each get their right answer, and the tokens of one call stay distinct.
+async fn batched_acquires_store_and_read_in_one_command(client: ClientLibrary) {
+    let server = tokio::task::spawn_blocking(|| servers::start_private(ServerKind::Redis))
+        .await
+        .expect("task")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let config = RedisConfig::from_url(server.url())
+        .expect("url")
+        .into_builder()
+        .client(client)
+        .key_prefix("setget{one}:")
+        .build()
+        .expect("config");
+    let b = Arc::new(RedisBackend::connect(&config).await.expect("connect"));
+    let mut redis = redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let version: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async::<String>(&mut redis)
+        .await
+        .expect("info")
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:").map(str::to_owned))
+        .expect("redis_version");
+    let major: u32 = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .expect("major");
+    assert!(
+        major >= 7,
+        "this test needs Redis 7.0 or newer (found {version}): `scripts/test` installs one"
+    );
+    let holder = record("held", 99);
+    match b.acquire("held", &holder, TTL).await.expect("acquire") {
+        locker_core::AcquireOutcome::Acquired(_) => {}
+        other => panic!("{other:?}"),
+    }
+    let _: () = redis.set(b.lock_key("empty"), "").await.expect("set empty");
+
+    let before = command_calls(&mut redis, "get").await;
+    let acquires = 60;
+    let mut tasks = Vec::new();
+    for n in 0..acquires {
+        let b = b.clone();
+        let key = match n {
+            0 => "held".to_owned(),
+            1 => "empty".to_owned(),
+            n => format!("free-{n}"),
+        };
+        tasks.push(tokio::spawn(async move {
+            let mine = record(&key, n);
+            let outcome = b.acquire(&key, &mine, TTL).await.expect("acquire");
+            (key, outcome)
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.expect("task"));
+    }
+    let gets = command_calls(&mut redis, "get").await - before;
+    // Alone, an acquire reads the key and then the counter; in a batch, only the counter,
+    // once per call. Reading every key first would be at least 60.
+    assert!(
+        gets < acquires as u64 / 2,
+        "{acquires} concurrent acquires made {gets} GETs: batched acquires read their keys first"
+    );
+    let mut tokens = std::collections::BTreeSet::new();
+    for (key, outcome) in outcomes {
+        match (key.as_str(), outcome) {
+            ("held", locker_core::AcquireOutcome::Held(h)) => {
+                assert_eq!(h.owner_hash, holder.owner_hash)
+            }
+            (_, locker_core::AcquireOutcome::Acquired(stored)) if key != "held" => {
+                assert!(tokens.insert(stored.fencing_token.expect("token")));
+                assert_eq!(
+                    b.read(&key).await.expect("read").map(|r| r.owner_hash),
+                    Some(stored.owner_hash)
+                );
+            }
+            (key, other) => panic!("{key}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        tokens.len(),
+        acquires - 1,
+        "every free key has its own token"
+    );
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_acquires_store_and_read_in_one_command_redis_rs() {
+    batched_acquires_store_and_read_in_one_command(ClientLibrary::Redis).await;
+}
+
+#[cfg(feature = "fred")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_acquires_store_and_read_in_one_command_fred() {
+    batched_acquires_store_and_read_in_one_command(ClientLibrary::Fred).await;
 }
