@@ -299,6 +299,11 @@ impl WatchHub {
         self.keys().keys().cloned().collect()
     }
 
+    /// Whether `key` has watchers now.
+    pub fn is_watched(&self, key: &str) -> bool {
+        self.keys().contains_key(key)
+    }
+
     fn keys(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
         // Every update is one insert, remove or counter change: a poisoned map is consistent.
         self.inner

@@ -410,9 +410,13 @@ impl LockBackend for RedisBackend {
 
     async fn release(&self, key: &str, owner_hash: &str) -> Result<ReleaseOutcome> {
         let args = vec![owner_hash.to_owned(), owner_prefix(owner_hash)];
-        let reply = self
-            .eval(ScriptName::Release, self.config.keys.lock(key), None, args)
-            .await?;
+        let lock = self.config.keys.lock(key);
+        // The waiters' flag, deleted with the lock: the script publishes only if it was there.
+        let waiters = self
+            .config
+            .release_events
+            .then(|| self.config.keys.waiters(&lock));
+        let reply = self.eval(ScriptName::Release, lock, waiters, args).await?;
         match parse_reply(key, reply)? {
             Reply::Released => Ok(ReleaseOutcome::Released),
             Reply::NoKey => Ok(ReleaseOutcome::NoKey),
@@ -514,7 +518,11 @@ impl LockBackend for RedisBackend {
             return Ok(None);
         }
         let notifier = self.notifier.get_or_init(|| {
-            crate::notify::Notifier::start(self.driver.clone(), self.config.command_timeout)
+            crate::notify::Notifier::start(
+                self.driver.clone(),
+                self.config.keys.clone(),
+                self.config.command_timeout,
+            )
         });
         notifier.watch(&self.config.keys.lock(key)).await
     }

@@ -588,8 +588,8 @@ impl Default for RedisConfigBuilder {
 impl RedisConfigBuilder {
     /// Whether releases wake waiters through pub/sub (`true` by default; URL parameter
     /// `release_events`). The release script then `PUBLISH`es on a channel named as the lock
-    /// key, and a backend with waiters keeps one pub/sub connection (to one node of a
-    /// cluster). On a Redis Cluster every `PUBLISH` is sent to every node over the cluster bus:
+    /// key when someone waits for the lock (a flag the waiters' backends set), and a backend
+    /// with waiters keeps one pub/sub connection (to one node of a cluster). On a Redis Cluster every `PUBLISH` is sent to every node over the cluster bus:
     /// with many nodes and many releases per second, `false` saves that traffic, and waiters
     /// poll instead.
     pub fn release_events(mut self, on: bool) -> Self {

@@ -8,6 +8,9 @@
 //!   hash tag, one `{prefix}fence`, which shares the prefix's slot like every other key); on one
 //!   server (standalone, or a master found through Sentinel), one `{prefix}fence` for every
 //!   lock, so that a batch of acquires reads and writes one counter once.
+//! - waiters' flag (this library only; release events): `{prefix}wait:{key}`, or on a Redis
+//!   Cluster without a tagged prefix `{prefix}wait:{T}:{key}` with the lock's slot's tag `T`,
+//!   so that the release script deletes the lock and the flag in one `DEL` on one slot.
 
 use std::sync::OnceLock;
 
@@ -74,6 +77,25 @@ impl KeyLayout {
 
     pub(crate) fn process(&self, process_hash: &str) -> String {
         format!("{}proc:{process_hash}", self.prefix)
+    }
+
+    /// The waiters' flag of the lock under `lock_key`: set by a process while it waits for the
+    /// lock, so that the release publishes only when someone may be waiting (see `notify`).
+    /// On the lock's slot.
+    pub(crate) fn waiters(&self, lock_key: &str) -> String {
+        let key = lock_key
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix("lock:"))
+            .unwrap_or(lock_key);
+        if self.one_counter {
+            let mut flag = String::with_capacity(self.prefix.len() + 5 + key.len());
+            flag.push_str(&self.prefix);
+            flag.push_str("wait:");
+            flag.push_str(key);
+            return flag;
+        }
+        let tag = &tags()[usize::from(key_slot(lock_key.as_bytes()))];
+        format!("{}wait:{{{tag}}}:{key}", self.prefix)
     }
 
     /// The fencing counter of `key`'s slot, shared by every lock on the slot: one counter per
@@ -202,6 +224,50 @@ mod tests {
                 assert_ne!(lock, fence);
             }
         }
+    }
+
+    #[test]
+    fn the_waiters_flag_shares_the_lock_slot_and_is_no_other_key() {
+        for (prefix, one_server) in [
+            ("", false),
+            ("app:", false),
+            ("app{7}:", false),
+            ("app:", true),
+        ] {
+            let layout = KeyLayout::new(prefix)
+                .expect("layout")
+                .on_one_server(one_server);
+            let keys = [
+                "a",
+                "b",
+                "job-17",
+                "{tag}x",
+                "x{tag}",
+                "{}",
+                "a}b{",
+                "ünï 🔒",
+                "k\n",
+            ];
+            let mut flags = std::collections::HashSet::new();
+            for key in keys {
+                let lock = layout.lock(key);
+                let flag = layout.waiters(&lock);
+                if !one_server {
+                    assert_eq!(
+                        key_slot(lock.as_bytes()),
+                        key_slot(flag.as_bytes()),
+                        "{lock:?} / {flag:?}"
+                    );
+                }
+                assert!(flag.starts_with(&format!("{prefix}wait:")), "{flag:?}");
+                assert!(flag.ends_with(key), "{flag:?}");
+                assert_ne!(flag, lock);
+                assert_ne!(flag, layout.fence(&lock));
+                assert!(flags.insert(flag), "two keys share a flag");
+            }
+        }
+        let single = KeyLayout::new("app:").expect("layout").on_one_server(true);
+        assert_eq!(single.waiters(&single.lock("a")), "app:wait:a");
     }
 
     #[test]

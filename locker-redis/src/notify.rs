@@ -8,6 +8,16 @@
 //! and wakes every waiter (a release may have been missed meanwhile). A server that refuses
 //! `SUBSCRIBE` (an ACL user without channel rights) turns notifications off for the backend:
 //! waiters poll. A notification is only a hint: the waiter acquires again.
+//!
+//! The waiters' flag: a release publishes only when the lock's waiters' flag (see `keys`) is
+//! there, and deletes it. The task sets the flag of a key (with a TTL of [`FLAG_TTL`]) when it
+//! subscribes, before the first waiter makes its first try (so a release after that try
+//! publishes), again on each message of the key before it wakes the waiters (the release
+//! deleted it), every [`FLAG_REFRESH`] for every watched key, and after a reconnection. A flag
+//! that cannot be set costs only latency: the waiter's poll, at `recheck_every`, finds the
+//! release. Processes of earlier versions of this library set no flag, so a release by this
+//! version does not wake their waiters, which then find the lock by polling (their releases
+//! still publish at every release).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::backend::Driver;
+use crate::keys::KeyLayout;
 
 /// A pub/sub connection.
 #[async_trait]
@@ -53,7 +64,7 @@ pub(crate) struct Notifier {
 
 impl Notifier {
     /// Starts the task on the current runtime.
-    pub(crate) fn start(driver: Arc<dyn Driver>, timeout: Duration) -> Notifier {
+    pub(crate) fn start(driver: Arc<dyn Driver>, keys: KeyLayout, timeout: Duration) -> Notifier {
         let (commands, rx) = mpsc::unbounded_channel();
         let hub = WatchHub::with_on_idle({
             let commands = commands.clone();
@@ -62,7 +73,12 @@ impl Notifier {
             }
         });
         let (stop, stopped) = oneshot::channel();
-        tokio::spawn(run(driver, hub.clone(), rx, stopped, timeout));
+        let flags = Flags {
+            driver: driver.clone(),
+            keys,
+            timeout,
+        };
+        tokio::spawn(run(driver, flags, hub.clone(), rx, stopped, timeout));
         Notifier {
             hub,
             commands,
@@ -99,8 +115,39 @@ impl Notifier {
 /// The shortest time between two attempts to open a pub/sub connection.
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 
+/// How long a waiters' flag lives unless set again.
+const FLAG_TTL: Duration = Duration::from_secs(30);
+
+/// How often the flags of every watched key are set again.
+const FLAG_REFRESH: Duration = Duration::from_secs(10);
+
+/// Sets waiters' flags through the backend's connection.
+struct Flags {
+    driver: Arc<dyn Driver>,
+    keys: KeyLayout,
+    timeout: Duration,
+}
+
+impl Flags {
+    /// Sets the flag of the lock `channel` names; a failure is logged (waiters then poll).
+    async fn set(&self, channel: &str) {
+        let flag = self.keys.waiters(channel);
+        let ttl = u64::try_from(FLAG_TTL.as_millis()).unwrap_or(u64::MAX);
+        if let Err(e) = bounded(self.timeout, self.driver.set_px(&flag, "1", ttl)).await {
+            tracing::debug!(error = %e, flag, "cannot set a waiters' flag: releases may not wake this key's waiters, which poll");
+        }
+    }
+
+    async fn set_all(&self, hub: &WatchHub) {
+        for channel in hub.watched_keys() {
+            self.set(&channel).await;
+        }
+    }
+}
+
 async fn run(
     driver: Arc<dyn Driver>,
+    flags: Flags,
     hub: WatchHub,
     mut commands: mpsc::UnboundedReceiver<Command>,
     mut stopped: oneshot::Receiver<()>,
@@ -108,6 +155,8 @@ async fn run(
 ) {
     let mut conn: Option<Box<dyn Subscriber>> = None;
     let mut next_attempt = Instant::now();
+    let mut refresh = tokio::time::interval_at(Instant::now() + FLAG_REFRESH, FLAG_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Set for good when the server refuses subscriptions.
     let mut off = false;
     loop {
@@ -116,8 +165,10 @@ async fn run(
             match connect(&*driver, &hub, timeout).await {
                 Ok(sub) => {
                     conn = Some(sub);
-                    // Subscribed again to every watched key: wake them all, in case a release
-                    // was missed while the connection was down.
+                    // Subscribed again to every watched key: flag them (their flags may have
+                    // expired meanwhile) and wake them all, in case a release was missed while
+                    // the connection was down.
+                    flags.set_all(&hub).await;
                     hub.notify_all();
                 }
                 Err(e) if e.kind() == ErrorKind::Auth => {
@@ -158,6 +209,8 @@ async fn run(
                 Some(Command::Subscribe(channel, ack)) => {
                     match bounded(timeout, sub.subscribe(&channel)).await {
                         Ok(()) => {
+                            // Before the waiter's first try: a release after it publishes.
+                            flags.set(&channel).await;
                             let _ = ack.send(Ok(true));
                         }
                         Err(e) if e.kind() == ErrorKind::Auth => {
@@ -177,7 +230,7 @@ async fn run(
                 }
                 Some(Command::Unsubscribe(channel)) => {
                     // A new waiter may have come since the last one left.
-                    if !hub.watched_keys().contains(&channel)
+                    if !hub.is_watched(&channel)
                         && bounded(timeout, sub.unsubscribe(&channel)).await.is_err()
                     {
                         conn = None;
@@ -185,9 +238,17 @@ async fn run(
                 }
             },
             message = sub.next_message() => match message {
-                Some(channel) => hub.notify(&channel),
+                Some(channel) => {
+                    // The release deleted the flag: set again before the waiters try again,
+                    // so that the next release wakes those that lose.
+                    if hub.is_watched(&channel) {
+                        flags.set(&channel).await;
+                    }
+                    hub.notify(&channel);
+                }
                 None => conn = None,
             },
+            _ = refresh.tick() => flags.set_all(&hub).await,
         }
     }
 }

@@ -57,11 +57,13 @@ use locker_core::{Error, ErrorKind, LockData, Result};
 /// - `take_over(lk, fk, rec, ttl, dead, prefix)`: stores `rec` if the key is free or `dead`'s.
 /// - `extend(lk, fk, rec, ttl, owner, prefix)`: rewrites `owner`'s record with `rec` (open at
 ///   its end, no token) and keeps the stored token (`EXTENDED`, token or empty).
-/// - `release(lk, fk, owner, prefix)`: deletes `owner`'s record (`RELEASED`), and when the
-///   script was made with `NOTIFY` (release events on), publishes an empty message on the
-///   channel named as the lock key, to wake waiters (see `notify`). A `PUBLISH` the server
-///   refuses (an ACL user without channel rights: Redis 7's default for new users) is ignored:
-///   the release happened, and waiters poll.
+/// - `release(lk, wk, owner, prefix)`: deletes `owner`'s record (`RELEASED`). When the script
+///   was made with `NOTIFY` (release events on) and is given the lock's waiters' flag `wk`
+///   (see `keys`), it deletes the flag with the lock, in the same `DEL`, and if the flag was
+///   there (someone waits) publishes an empty message on the channel named as the lock key, to
+///   wake the waiters (see `notify`): a release that nobody waits for costs no `PUBLISH`. A
+///   `PUBLISH` the server refuses (an ACL user without channel rights: Redis 7's default for
+///   new users) is ignored: the release happened, and waiters poll.
 const OWNED: &str = r#"
 local function owned(cur, owner, prefix)
   if string.sub(cur, 1, #prefix) == prefix and string.byte(cur, -1) == 125 then return true end
@@ -172,14 +174,17 @@ end
 "#;
 
 const RELEASE: &str = r#"
-local function release(lk, fk, owner, prefix)
+local function release(lk, wk, owner, prefix)
   local cur = redis.call('GET', lk)
   if not cur or cur == '' then return 'NOKEY' end
   local o = owned(cur, owner, prefix)
   if o == nil then return 'CORRUPT', cur end
   if not o then return 'HELD', cur end
-  redis.call('DEL', lk)
-  if NOTIFY then pcall(redis.call, 'PUBLISH', lk, '') end
+  if NOTIFY and wk ~= lk then
+    if redis.call('DEL', lk, wk) > 1 then pcall(redis.call, 'PUBLISH', lk, '') end
+  else
+    redis.call('DEL', lk)
+  end
   return 'RELEASED'
 end
 "#;

@@ -262,3 +262,109 @@ async fn redis_rs_user_without_channel_rights() {
 async fn fred_user_without_channel_rights() {
     a_user_without_channel_rights_releases_and_polls(ClientLibrary::Fred).await;
 }
+
+/// The calls of `command` a server has answered (scripts' calls included).
+async fn command_calls(redis: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(redis)
+        .await
+        .expect("info");
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A release publishes only when someone waits (the waiters' flag): none for a lock nobody
+/// waits for; one that wakes a waiter that never polls; and the waiter that loses the race
+/// after a wake-up is woken again by the winner's release (its flag was set again).
+async fn a_release_publishes_only_when_someone_waits(client: ClientLibrary) {
+    // A server of its own: the PUBLISH count is this test's alone.
+    let server = tokio::task::spawn_blocking(|| servers::start_private(ServerKind::Redis))
+        .await
+        .expect("task")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let config = RedisConfig::from_url(server.url())
+        .expect("url")
+        .into_builder()
+        .client(client)
+        .key_prefix("flag:")
+        .build()
+        .expect("config");
+    let mut redis = redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let never_polls = || Wait::forever().backoff(|_| Duration::from_secs(3600));
+    let (a, b, c) = (
+        locker(&config, Duration::from_secs(60)),
+        locker(&config, Duration::from_secs(60)),
+        locker(&config, Duration::from_secs(60)),
+    );
+    let key = unique("flag");
+
+    let before = command_calls(&mut redis, "publish").await;
+    for _ in 0..10 {
+        let guard = acquired(&a, &key).await;
+        let _ = guard.release().await.expect("release");
+    }
+    assert_eq!(
+        command_calls(&mut redis, "publish").await - before,
+        0,
+        "releases that nobody waited for published"
+    );
+
+    let guard = acquired(&a, &key).await;
+    let first = start_waiter(&b, &key, never_polls());
+    let second = start_waiter(&c, &key, never_polls());
+    // Both subscribed and flagged the key before their first try.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !first.is_finished() && !second.is_finished(),
+        "acquired a held lock"
+    );
+    let _ = guard.release().await.expect("release");
+    // One of them wins; the other lost its try and waits again.
+    let (winner, loser) = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if first.is_finished() {
+                return (first, second);
+            }
+            if second.is_finished() {
+                return (second, first);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("a release with waiters woke neither");
+    let got = waited(winner, "woken by the release").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!loser.is_finished(), "acquired a held lock");
+    let _ = got.release().await.expect("release");
+    let got = waited(loser, "woken again by the winner's release").await;
+    let _ = got.release().await.expect("release");
+    assert!(
+        command_calls(&mut redis, "publish").await - before >= 2,
+        "the waiters were woken without a PUBLISH"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    c.shutdown().await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rs_publishes_only_when_someone_waits() {
+    a_release_publishes_only_when_someone_waits(ClientLibrary::Redis).await;
+}
+
+#[cfg(feature = "fred")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fred_publishes_only_when_someone_waits() {
+    a_release_publishes_only_when_someone_waits(ClientLibrary::Fred).await;
+}
