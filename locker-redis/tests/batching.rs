@@ -1,10 +1,13 @@
 //! Concurrent script calls of one connection go together (one `EVALSHA` for many operations),
 //! each operation keeping its own atomic outcome: on both clients, standalone and on a cluster.
 
+mod common;
+use common::command_calls;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use locker_conformance::servers::{self, ServerKind};
+use locker_conformance::servers::{self, Server, ServerKind};
 use locker_core::{
     new_owner_hash, AcquireDecision, ErrorKind, LockBackend, LockData, ProcessData, ReleaseOutcome,
 };
@@ -24,23 +27,12 @@ async fn evalsha_calls(redis: &mut redis::aio::MultiplexedConnection) -> u64 {
     command_calls(redis, "evalsha").await
 }
 
-/// The number of calls of `command` the server has answered (scripts' calls included).
-async fn command_calls(redis: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(redis)
-        .await
-        .expect("info");
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
-async fn concurrent_operations_share_calls_and_keep_their_outcomes(client: ClientLibrary) {
-    // A server of its own: the call count is this test's alone.
+/// A backend on a server of its own (so that the server's command counts are the test's
+/// alone), with `prefix`, and a plain connection to the same server.
+async fn private_backend(
+    client: ClientLibrary,
+    prefix: &str,
+) -> (Server, Arc<RedisBackend>, redis::aio::MultiplexedConnection) {
     let server = tokio::task::spawn_blocking(|| servers::start_private(ServerKind::Redis))
         .await
         .expect("task")
@@ -49,16 +41,21 @@ async fn concurrent_operations_share_calls_and_keep_their_outcomes(client: Clien
         .expect("url")
         .into_builder()
         .client(client)
-        // A hash tag: every key on one slot, so every lock shares one fencing counter.
-        .key_prefix("batch{one}:")
+        .key_prefix(prefix)
         .build()
         .expect("config");
     let b = Arc::new(RedisBackend::connect(&config).await.expect("connect"));
-    let mut redis = redis::Client::open(server.url())
+    let redis = redis::Client::open(server.url())
         .expect("client")
         .get_multiplexed_async_connection()
         .await
         .expect("connect");
+    (server, b, redis)
+}
+
+async fn concurrent_operations_share_calls_and_keep_their_outcomes(client: ClientLibrary) {
+    // A hash tag: every key on one slot, so every lock shares one fencing counter.
+    let (_server, b, mut redis) = private_backend(client, "batch{one}:").await;
     // A lock key of another type: the script fails on it, and must fail only its own caller.
     let _: () = redis
         .hset(b.lock_key("wrong-type"), "f", "v")
@@ -171,23 +168,7 @@ async fn concurrent_operations_share_calls_fred() {
 /// key first. Free keys, held keys and a key holding an empty value (free, in the Node
 /// library's terms) each get their right answer, and the tokens of one call stay distinct.
 async fn batched_acquires_store_and_read_in_one_command(client: ClientLibrary) {
-    let server = tokio::task::spawn_blocking(|| servers::start_private(ServerKind::Redis))
-        .await
-        .expect("task")
-        .unwrap_or_else(|e| panic!("{e}"));
-    let config = RedisConfig::from_url(server.url())
-        .expect("url")
-        .into_builder()
-        .client(client)
-        .key_prefix("setget{one}:")
-        .build()
-        .expect("config");
-    let b = Arc::new(RedisBackend::connect(&config).await.expect("connect"));
-    let mut redis = redis::Client::open(server.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let (_server, b, mut redis) = private_backend(client, "setget{one}:").await;
     let version: String = redis::cmd("INFO")
         .arg("server")
         .query_async::<String>(&mut redis)

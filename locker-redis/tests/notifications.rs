@@ -4,6 +4,9 @@
 //! nothing (a Node worker's, or a raw `DEL`) is found by the fallback poll; without release
 //! events, waiters poll.
 
+mod common;
+use common::command_calls;
+
 use std::time::Duration;
 
 use locker_conformance::cases::acquired;
@@ -261,21 +264,6 @@ async fn redis_rs_user_without_channel_rights() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fred_user_without_channel_rights() {
     a_user_without_channel_rights_releases_and_polls(ClientLibrary::Fred).await;
-}
-
-/// The calls of `command` a server has answered (scripts' calls included).
-async fn command_calls(redis: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(redis)
-        .await
-        .expect("info");
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 /// A release publishes only when someone waits (the waiters' flag): none for a lock nobody

@@ -1,4 +1,5 @@
-//! Helpers of the Redis Cluster tests: the nodes' ports, and a node reached directly.
+//! Helpers of the Redis tests: a test cluster's nodes' ports, a node reached directly, and a
+//! server's command counts.
 #![allow(dead_code, unreachable_pub)]
 
 use locker_conformance::servers::Server;
@@ -152,4 +153,20 @@ impl Node {
     pub fn keyslot(&mut self, key: &str) -> u16 {
         self.cluster(&["KEYSLOT", key])
     }
+}
+
+/// The calls of `command` a server has answered (scripts' calls included), from
+/// `INFO commandstats`.
+pub async fn command_calls(redis: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(redis)
+        .await
+        .expect("info");
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
