@@ -297,8 +297,8 @@ impl EtcdBackend {
     /// The renewal goes on the lease's kept keep-alive stream when there is one. Otherwise a
     /// stream is opened, which sends the first renewal and waits for its answer (an answer with
     /// a TTL of 0 is the client's "lease not found" error), and is kept for the next renewal.
-    /// A kept stream that fails or does not answer in time is dropped, and the renewal is made
-    /// on a new one.
+    /// A kept stream that fails is dropped, and the renewal is made on a new one; one that does
+    /// not answer within the command timeout is dropped, and the renewal fails (`Timeout`).
     async fn renew(&self, lease: i64) -> Result<bool> {
         if let Some(mut kept) = self.take_stream(lease) {
             let answer = tokio::time::timeout(self.config.command_timeout, kept.renew()).await;
@@ -308,8 +308,19 @@ impl EtcdBackend {
                     return Ok(true);
                 }
                 Ok(Some(_)) => return Ok(false),
-                // Broken or stuck: a new stream below (a renewal more is harmless).
-                Ok(None) | Err(_) => {}
+                // Broken (the member it reached went away, say): a new stream below.
+                Ok(None) => {}
+                // No answer within the whole budget of a call: the stream is dropped, and the
+                // call fails as any request without an answer.
+                Err(_) => {
+                    return Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "etcd did not answer a lease renewal within {:?}",
+                            self.config.command_timeout
+                        ),
+                    ))
+                }
             }
         }
         let opened = self
