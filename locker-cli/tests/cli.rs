@@ -83,18 +83,23 @@ fn bad_usage_and_bad_urls_exit_64() {
 #[test]
 fn signals_are_passed_to_the_command_and_the_lock_released_after() {
     let dir = tempfile::tempdir().expect("dir");
+    // The command says when its trap is set (a signal before that would kill the shell, 143).
+    let ready = dir.path().join("trap-set");
     let holder = locker(dir.path())
-        .args([
-            "run",
-            "k",
-            "--",
-            "sh",
-            "-c",
-            r#"sleep 30 & trap 'kill $!; exit 42' TERM; wait"#,
-        ])
+        .args(["run", "k", "--", "sh", "-c"])
+        .arg(r#"trap 'kill $!; exit 42' TERM; sleep 30 & : > "$0"; wait"#)
+        .arg(&ready)
         .spawn()
         .expect("holder");
     wait_until_held(dir.path(), "k");
+    let start = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the command never set its trap"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     signal(&holder, Signal::SIGTERM);
     assert_eq!(wait_code(holder, Duration::from_secs(20)), 42);
     assert_eq!(status_json(dir.path(), "k")["held"], false);
