@@ -10,9 +10,10 @@
 //! What counts as a failure: an error that says the store is unreachable or did not answer
 //! ([`ErrorKind::Unavailable`], [`ErrorKind::Timeout`], unless the store itself gave it: see
 //! [`Error::set_store_answered`]), and each
-//! [`slow_call_after`](crate::LockerOptions::slow_call_after) that a call waits while no call
-//! on the connection got an answer (a wedged connection may never answer at all, and a caller
-//! may wait long; a busy one that answers others is working). Any answer from the store, even
+//! tick period ([`slow_call_after`](crate::LockerOptions::slow_call_after), from one ticker task
+//! per connection side) that a call waits through while no call on the connection got an
+//! answer (a wedged connection may never answer at all, and a caller may wait long; a busy one
+//! that answers others is working). A call's first slow tick comes after one to two periods. Any answer from the store, even
 //! an error such as a corrupt record, resets the count. After
 //! [`reconnect_after_failures`](crate::LockerOptions::reconnect_after_failures) failures in a
 //! row, one task (never more) connects again, on the runtime that made the connection, and
@@ -29,6 +30,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::runtime::Handle;
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 
 use crate::backend::{
@@ -54,7 +56,6 @@ struct Shared {
     /// "job" or "reporter", for the logs.
     side: &'static str,
     after: u32,
-    slow_call: Duration,
     connect_timeout: Duration,
     events: Events,
     /// The runtime that made the first connection: the new ones are made there too.
@@ -64,6 +65,10 @@ struct Shared {
     reconnecting: AtomicBool,
     backoff: Mutex<Backoff>,
     replacements: AtomicU64,
+    /// A tick every `slow_call_after`, from one task per connection side: what a waiting call looks
+    /// at the connection on (a timer of its own per call cost the client more than a tenth of
+    /// its time per lock cycle at 64 concurrent calls).
+    ticks: watch::Receiver<u64>,
 }
 
 struct Backoff {
@@ -122,24 +127,38 @@ impl Healing {
         if options.reconnect_after_failures == 0 {
             return backend;
         }
-        Arc::new(Healing {
-            shared: Arc::new(Shared {
-                factory,
-                side,
-                after: options.reconnect_after_failures,
-                slow_call: options.slow_call_after,
-                connect_timeout: options.reporter_start_timeout,
-                events,
-                runtime,
-                current: RwLock::new(Generation::new(backend)),
-                reconnecting: AtomicBool::new(false),
-                backoff: Mutex::new(Backoff {
-                    not_before: None,
-                    next: FIRST_BACKOFF,
-                }),
-                replacements: AtomicU64::new(0),
+        let (tick, ticks) = watch::channel(0u64);
+        let shared = Arc::new(Shared {
+            factory,
+            side,
+            after: options.reconnect_after_failures,
+            connect_timeout: options.reporter_start_timeout,
+            events,
+            runtime,
+            current: RwLock::new(Generation::new(backend)),
+            reconnecting: AtomicBool::new(false),
+            backoff: Mutex::new(Backoff {
+                not_before: None,
+                next: FIRST_BACKOFF,
             }),
-        })
+            replacements: AtomicU64::new(0),
+            ticks,
+        });
+        // Ticks for as long as the connection side lives (the task holds no strong reference).
+        let period = options.slow_call_after;
+        let weak = Arc::downgrade(&shared);
+        shared.runtime.spawn(async move {
+            let mut every = tokio::time::interval_at(Instant::now() + period, period);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if weak.strong_count() == 0 {
+                    return;
+                }
+                tick.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        });
+        Arc::new(Healing { shared })
     }
 }
 
@@ -152,15 +171,21 @@ impl Shared {
     }
 
     /// Runs one call on `generation`'s connection, counting its failures and slow ticks.
+    ///
+    /// A slow tick: the call has waited through a whole tick period (from one tick of the
+    /// connection side's ticker to the next, so at least `slow_call_after`, at most twice that) and
+    /// no call on the connection got an answer in that period.
     async fn watch<T>(
         self: &Arc<Self>,
         generation: &Arc<Generation>,
         call: impl Future<Output = Result<T>>,
     ) -> Result<T> {
         tokio::pin!(call);
-        let slow = tokio::time::sleep(self.slow_call);
-        tokio::pin!(slow);
-        let mut answers_seen = generation.answers.load(Ordering::Relaxed);
+        let mut ticks = self.ticks.clone();
+        ticks.mark_unchanged();
+        // Answers seen at the last tick; none before the first, which only starts a period.
+        let mut answers_seen: Option<u64> = None;
+        let mut ticking = true;
         loop {
             tokio::select! {
                 biased;
@@ -187,7 +212,13 @@ impl Shared {
                     }
                     return result;
                 }
-                () = &mut slow => {
+                changed = ticks.changed(), if ticking => {
+                    if changed.is_err() {
+                        // The ticker is gone (its runtime shut down): the call's own bounds
+                        // remain.
+                        ticking = false;
+                        continue;
+                    }
                     if generation.replaced.load(Ordering::Acquire) {
                         return Err(Error::new(
                             ErrorKind::Unavailable,
@@ -199,11 +230,10 @@ impl Shared {
                         ));
                     }
                     let answers = generation.answers.load(Ordering::Relaxed);
-                    if answers == answers_seen {
+                    if answers_seen == Some(answers) {
                         self.failed(generation);
                     }
-                    answers_seen = answers;
-                    slow.as_mut().reset(Instant::now() + self.slow_call);
+                    answers_seen = Some(answers);
                 }
             }
         }

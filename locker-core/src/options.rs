@@ -57,7 +57,9 @@ pub const DEFAULT_RECONNECT_AFTER_FAILURES: u32 = 3;
 /// How long a call may wait for the store before each further wait of that length counts as a
 /// failure toward [`DEFAULT_RECONNECT_AFTER_FAILURES`], when no other call on the same
 /// connection got an answer meanwhile (a busy connection that answers is working). The call
-/// itself goes on: a slow answer is still used, until its caller's own deadline.
+/// itself goes on: a slow answer is still used, until its caller's own deadline. The waits are
+/// counted in periods of one ticker per connection, which its calls share (cheaper than a
+/// timer per call): a call's first counted wait ends one to two periods after it started.
 ///
 /// Value: **1 s**.
 pub const DEFAULT_SLOW_CALL_AFTER: Duration = Duration::from_secs(1);
