@@ -2,16 +2,16 @@
 //! each operation keeping its own atomic outcome: on both clients, standalone and on a cluster.
 
 mod common;
-use common::command_calls;
+use common::{command_calls, private_redis};
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use locker_conformance::servers::{self, Server, ServerKind};
+use locker_conformance::servers::Server;
 use locker_core::{
     new_owner_hash, AcquireDecision, ErrorKind, LockBackend, LockData, ProcessData, ReleaseOutcome,
 };
-use locker_redis::{ClientLibrary, RedisBackend, RedisConfig};
+use locker_redis::{ClientLibrary, RedisBackend};
 use redis::AsyncCommands;
 
 const TTL: Duration = Duration::from_secs(30);
@@ -27,29 +27,13 @@ async fn evalsha_calls(redis: &mut redis::aio::MultiplexedConnection) -> u64 {
     command_calls(redis, "evalsha").await
 }
 
-/// A backend on a server of its own (so that the server's command counts are the test's
-/// alone), with `prefix`, and a plain connection to the same server.
+/// A backend on a server of its own, with `prefix`, and a plain connection to the server.
 async fn private_backend(
     client: ClientLibrary,
     prefix: &str,
 ) -> (Server, Arc<RedisBackend>, redis::aio::MultiplexedConnection) {
-    let server = tokio::task::spawn_blocking(|| servers::start_private(ServerKind::Redis))
-        .await
-        .expect("task")
-        .unwrap_or_else(|e| panic!("{e}"));
-    let config = RedisConfig::from_url(server.url())
-        .expect("url")
-        .into_builder()
-        .client(client)
-        .key_prefix(prefix)
-        .build()
-        .expect("config");
+    let (server, config, redis) = private_redis(client, prefix).await;
     let b = Arc::new(RedisBackend::connect(&config).await.expect("connect"));
-    let redis = redis::Client::open(server.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
     (server, b, redis)
 }
 

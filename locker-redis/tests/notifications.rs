@@ -5,7 +5,7 @@
 //! events, waiters poll.
 
 mod common;
-use common::command_calls;
+use common::{command_calls, private_redis};
 
 use std::time::Duration;
 
@@ -271,22 +271,7 @@ async fn fred_user_without_channel_rights() {
 /// after a wake-up is woken again by the winner's release (its flag was set again).
 async fn a_release_publishes_only_when_someone_waits(client: ClientLibrary) {
     // A server of its own: the PUBLISH count is this test's alone.
-    let server = tokio::task::spawn_blocking(|| servers::start_private(ServerKind::Redis))
-        .await
-        .expect("task")
-        .unwrap_or_else(|e| panic!("{e}"));
-    let config = RedisConfig::from_url(server.url())
-        .expect("url")
-        .into_builder()
-        .client(client)
-        .key_prefix("flag:")
-        .build()
-        .expect("config");
-    let mut redis = redis::Client::open(server.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let (_server, config, mut redis) = private_redis(client, "flag:").await;
     let never_polls = || Wait::forever().backoff(|_| Duration::from_secs(3600));
     let (a, b, c) = (
         locker(&config, Duration::from_secs(60)),

@@ -1,5 +1,5 @@
-//! Helpers of the Redis tests: a test cluster's nodes' ports, a node reached directly, and a
-//! server's command counts.
+//! Helpers of the Redis tests: a test cluster's nodes' ports, a node reached directly, a
+//! server of a test's own, and a server's command counts.
 #![allow(dead_code, unreachable_pub)]
 
 use locker_conformance::servers::Server;
@@ -169,4 +169,34 @@ pub async fn command_calls(redis: &mut redis::aio::MultiplexedConnection, comman
         .and_then(|rest| rest.split(',').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+/// A Redis server of the test's own (so that its command counts are the test's alone), a
+/// configuration for it with `client` and `prefix`, and a plain connection to it.
+pub async fn private_redis(
+    client: locker_redis::ClientLibrary,
+    prefix: &str,
+) -> (
+    Server,
+    locker_redis::RedisConfig,
+    redis::aio::MultiplexedConnection,
+) {
+    use locker_conformance::servers::{self, ServerKind};
+    let server = tokio::task::spawn_blocking(|| servers::start_private(ServerKind::Redis))
+        .await
+        .expect("task")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let config = locker_redis::RedisConfig::from_url(server.url())
+        .expect("url")
+        .into_builder()
+        .client(client)
+        .key_prefix(prefix)
+        .build()
+        .expect("config");
+    let redis = redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    (server, config, redis)
 }
