@@ -42,8 +42,12 @@ impl Raw {
                 Raw::Fred(client, sha)
             }
             "postgres" => {
+                // The cheapest sqlx offers: prepared statements kept on the connection (one
+                // round trip each, the statement planned once), and no test of a connection
+                // before each use (sqlx's default, one more round trip).
                 let pool = sqlx::postgres::PgPoolOptions::new()
                     .max_connections(8)
+                    .test_before_acquire(false)
                     .connect(url)
                     .await
                     .map_err(err)?;
@@ -130,7 +134,6 @@ impl Raw {
             )
             .bind(key)
             .bind(owner)
-            .persistent(false)
             .execute(pool)
             .await
             .map_err(err)?
@@ -178,7 +181,6 @@ impl Raw {
                 sqlx::query("DELETE FROM raw_locks WHERE key = $1 AND owner = $2")
                     .bind(key)
                     .bind(owner)
-                    .persistent(false)
                     .execute(pool)
                     .await
                     .map_err(err)?;

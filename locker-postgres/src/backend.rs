@@ -1,8 +1,10 @@
 //! [`PostgresBackend`]: every operation one call (of a function of migration 3 where it can),
 //! every TTL the database's `now()`.
 //!
-//! Statements are sent unnamed (`persistent(false)`, no statement cache) and nothing is set on
-//! the session, so the backend works behind a transaction-mode pooler such as PgBouncer.
+//! Every statement is one round trip: its values are written into its text and it is sent with
+//! the simple query protocol (see [`crate::inline`]). No named prepared statement is kept and
+//! nothing is set on the session, so the backend works behind a transaction-mode pooler such
+//! as PgBouncer.
 
 use std::fmt;
 use std::sync::Arc;
@@ -15,10 +17,11 @@ use locker_core::{
 };
 use locker_sql::{lock_from_row, stored_record, ttl_ms, Tables};
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Connection, Row};
+use sqlx::{Connection, Executor, Row};
 
 use crate::config::PostgresConfig;
 use crate::error::{map_connect_error, map_error, target};
+use crate::inline::{Statement, Value};
 
 /// `now() + $n milliseconds`, by the database's clock.
 macro_rules! expires {
@@ -191,41 +194,43 @@ const HAS_FUNCTIONS: &str = "SELECT \
      AND to_regprocedure('{schema}.\"{prefix}release\"(text, text, boolean)') IS NOT NULL \
      AS present";
 
-/// The statements with this store's table names.
+/// The statements with this store's table names, each sent in one round trip (see
+/// [`crate::inline`]).
 struct Statements {
-    acquire: String,
-    extend: String,
-    release: String,
-    read: String,
-    read_many: String,
-    ping: String,
-    read_process: String,
-    forget_process: String,
-    liveness_left: String,
-    put_raw: String,
-    get_raw: String,
-    fn_acquire: String,
-    fn_extend: String,
-    fn_release: String,
+    acquire: Statement,
+    extend: Statement,
+    release: Statement,
+    read: Statement,
+    read_many: Statement,
+    ping: Statement,
+    read_process: Statement,
+    forget_process: Statement,
+    liveness_left: Statement,
+    put_raw: Statement,
+    get_raw: Statement,
+    fn_acquire: Statement,
+    fn_extend: Statement,
+    fn_release: Statement,
 }
 
 impl Statements {
     fn new(tables: &Tables, notify: bool) -> Self {
+        let s = |template: &str| Statement::new(&tables.render(template));
         Statements {
-            acquire: tables.render(ACQUIRE),
-            extend: tables.render(EXTEND),
-            release: tables.render(if notify { RELEASE_NOTIFY } else { RELEASE }),
-            read: tables.render(READ),
-            read_many: tables.render(READ_MANY),
-            ping: tables.render(PING),
-            read_process: tables.render(READ_PROCESS),
-            forget_process: tables.render(FORGET_PROCESS),
-            liveness_left: tables.render(LIVENESS_LEFT),
-            put_raw: tables.render(PUT_RAW),
-            get_raw: tables.render(GET_RAW),
-            fn_acquire: tables.render(FN_ACQUIRE),
-            fn_extend: tables.render(FN_EXTEND),
-            fn_release: tables.render(FN_RELEASE),
+            acquire: s(ACQUIRE),
+            extend: s(EXTEND),
+            release: s(if notify { RELEASE_NOTIFY } else { RELEASE }),
+            read: s(READ),
+            read_many: s(READ_MANY),
+            ping: s(PING),
+            read_process: s(READ_PROCESS),
+            forget_process: s(FORGET_PROCESS),
+            liveness_left: s(LIVENESS_LEFT),
+            put_raw: s(PUT_RAW),
+            get_raw: s(GET_RAW),
+            fn_acquire: s(FN_ACQUIRE),
+            fn_extend: s(FN_EXTEND),
+            fn_release: s(FN_RELEASE),
         }
     }
 }
@@ -240,6 +245,13 @@ fn connect_options(config: &PostgresConfig) -> sqlx::postgres::PgConnectOptions 
         .application_name("distributed-locker")
 }
 
+/// A connection of the locker's own pool that sat idle this long is tested (one round trip)
+/// before a statement is sent on it; one used more recently is not. sqlx tests every
+/// connection it hands out by default, which would add a round trip to every lock operation:
+/// a connection that answered a moment ago is as likely to answer as one just tested, and one
+/// that dies in between fails its statement with a retryable error either way.
+const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// A pool of connections to the PostgreSQL store; made by [`PostgresConfig`], which is the
 /// [`BackendFactory`].
 pub struct PostgresBackend {
@@ -252,8 +264,6 @@ pub struct PostgresBackend {
     /// Release notifications, started at the first wait.
     notifier: std::sync::OnceLock<crate::notify::Notifier>,
 }
-
-type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 /// One row of a compare-and-set statement.
 struct CasRow {
@@ -393,6 +403,15 @@ impl PostgresBackend {
         PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.connect_timeout)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_WHEN_IDLE_FOR {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await
             .map_err(map_error)
@@ -411,29 +430,23 @@ impl PostgresBackend {
             .map(|d| d.owner_hash)
             .unwrap_or_default();
         let ttl = ttl_ms(ttl)? as f64;
-        self.timed(
-            sqlx::query(&self.sql.put_raw)
-                .bind(key)
-                .bind(record)
-                .bind(ttl)
-                .bind(&owner)
-                .persistent(false)
-                .execute(&self.pool),
+        self.execute(
+            &self.sql.put_raw,
+            &[
+                Value::Text(key),
+                Value::Text(record),
+                Value::Float(ttl),
+                Value::Text(&owner),
+            ],
         )
-        .await?;
-        Ok(())
+        .await
     }
 
     /// The record text of `key`, if a live one is stored.
     #[doc(hidden)]
     pub async fn raw_get(&self, key: &str) -> Result<Option<String>> {
         let row = self
-            .timed(
-                sqlx::query(&self.sql.get_raw)
-                    .bind(key)
-                    .persistent(false)
-                    .fetch_optional(&self.pool),
-            )
+            .fetch_optional(&self.sql.get_raw, &[Value::Text(key)])
             .await?;
         row.map(|r| r.try_get("record").map_err(map_error))
             .transpose()
@@ -446,21 +459,51 @@ impl PostgresBackend {
         locker_sql::within(self.config.command_timeout, "PostgreSQL", query, map_error).await
     }
 
+    /// Runs `statement` with `values`, in one round trip; its row, if any. (Through the
+    /// `Executor` trait: sqlx 0.8's `RawSql::fetch_optional` fails on no row.)
+    async fn fetch_optional(
+        &self,
+        statement: &Statement,
+        values: &[Value<'_>],
+    ) -> Result<Option<PgRow>> {
+        let sql = statement.with(values)?;
+        self.timed((&self.pool).fetch_optional(sqlx::raw_sql(&sql)))
+            .await
+    }
+
+    /// Runs `statement` with `values`, in one round trip; its one row.
+    async fn fetch_one(&self, statement: &Statement, values: &[Value<'_>]) -> Result<PgRow> {
+        let sql = statement.with(values)?;
+        self.timed((&self.pool).fetch_one(sqlx::raw_sql(&sql)))
+            .await
+    }
+
+    /// Runs `statement` with `values`, in one round trip; its rows.
+    async fn fetch_all(&self, statement: &Statement, values: &[Value<'_>]) -> Result<Vec<PgRow>> {
+        let sql = statement.with(values)?;
+        self.timed((&self.pool).fetch_all(sqlx::raw_sql(&sql)))
+            .await
+    }
+
+    /// Runs `statement` with `values`, in one round trip.
+    async fn execute(&self, statement: &Statement, values: &[Value<'_>]) -> Result<()> {
+        let sql = statement.with(values)?;
+        self.timed((&self.pool).execute(sqlx::raw_sql(&sql)))
+            .await?;
+        Ok(())
+    }
+
     /// Runs a compare-and-set statement. In READ COMMITTED, a row committed by another
     /// transaction after this statement's snapshot can make it return nothing (it neither won
     /// nor saw the holder); that race is retried.
-    async fn compare_and_set<'q, F>(
+    async fn compare_and_set(
         &self,
-        sql: &'q str,
-        binds: F,
+        statement: &Statement,
+        values: &[Value<'_>],
         retry_when_empty: bool,
-    ) -> Result<Option<CasRow>>
-    where
-        F: Fn(PgQuery<'q>) -> PgQuery<'q>,
-    {
+    ) -> Result<Option<CasRow>> {
         for _ in 0..5 {
-            let query = binds(sqlx::query(sql)).persistent(false);
-            let row = self.timed(query.fetch_optional(&self.pool)).await?;
+            let row = self.fetch_optional(statement, values).await?;
             match row {
                 Some(row) => return CasRow::from_pg(&row).map(Some),
                 None if retry_when_empty => continue,
@@ -486,16 +529,16 @@ impl PostgresBackend {
         let ttl = ttl_ms(ttl)? as f64;
         let record = stored_record(data);
         let row = self
-            .timed(
-                sqlx::query(&self.sql.fn_acquire)
-                    .bind(key)
-                    .bind(&data.owner_hash)
-                    .bind(&record)
-                    .bind(ttl)
-                    .bind(dead_owner)
-                    .bind(check)
-                    .persistent(false)
-                    .fetch_one(&self.pool),
+            .fetch_one(
+                &self.sql.fn_acquire,
+                &[
+                    Value::Text(key),
+                    Value::Text(&data.owner_hash),
+                    Value::Text(&record),
+                    Value::Float(ttl),
+                    Value::MaybeText(dead_owner),
+                    Value::Bool(check),
+                ],
             )
             .await?;
         FnAcquireRow::from_pg(&row)
@@ -525,13 +568,13 @@ impl PostgresBackend {
         let row = self
             .compare_and_set(
                 &self.sql.acquire,
-                |q| {
-                    q.bind(key)
-                        .bind(&data.owner_hash)
-                        .bind(&record)
-                        .bind(ttl)
-                        .bind(dead)
-                },
+                &[
+                    Value::Text(key),
+                    Value::Text(&data.owner_hash),
+                    Value::Text(&record),
+                    Value::Float(ttl),
+                    Value::MaybeText(dead),
+                ],
                 true,
             )
             .await?
@@ -626,26 +669,17 @@ impl LockBackend for PostgresBackend {
         check_key(key)?;
         let ttl = ttl_ms(ttl)? as f64;
         let record = stored_record(data);
+        let values = [
+            Value::Text(key),
+            Value::Text(&record),
+            Value::Float(ttl),
+            Value::Text(owner_hash),
+        ];
         let row = if self.functions {
-            let row = self
-                .timed(
-                    sqlx::query(&self.sql.fn_extend)
-                        .bind(key)
-                        .bind(&record)
-                        .bind(ttl)
-                        .bind(owner_hash)
-                        .persistent(false)
-                        .fetch_one(&self.pool),
-                )
-                .await?;
-            fn_cas_row(&row)?
+            fn_cas_row(&self.fetch_one(&self.sql.fn_extend, &values).await?)?
         } else {
-            self.compare_and_set(
-                &self.sql.extend,
-                |q| q.bind(key).bind(&record).bind(ttl).bind(owner_hash),
-                false,
-            )
-            .await?
+            self.compare_and_set(&self.sql.extend, &values, false)
+                .await?
         };
         match row {
             None => Ok(ExtendOutcome::NoKey),
@@ -660,19 +694,15 @@ impl LockBackend for PostgresBackend {
     async fn release(&self, key: &str, owner_hash: &str) -> Result<ReleaseOutcome> {
         check_key(key)?;
         let row = if self.functions {
-            let row = self
-                .timed(
-                    sqlx::query(&self.sql.fn_release)
-                        .bind(key)
-                        .bind(owner_hash)
-                        .bind(self.config.release_events)
-                        .persistent(false)
-                        .fetch_one(&self.pool),
-                )
-                .await?;
-            fn_cas_row(&row)?
+            let values = [
+                Value::Text(key),
+                Value::Text(owner_hash),
+                Value::Bool(self.config.release_events),
+            ];
+            fn_cas_row(&self.fetch_one(&self.sql.fn_release, &values).await?)?
         } else {
-            self.compare_and_set(&self.sql.release, |q| q.bind(key).bind(owner_hash), false)
+            let values = [Value::Text(key), Value::Text(owner_hash)];
+            self.compare_and_set(&self.sql.release, &values, false)
                 .await?
         };
         match row {
@@ -697,27 +727,21 @@ impl LockBackend for PostgresBackend {
 
     async fn ping(&self, process_hash: &str, data: &ProcessData, ttl: Duration) -> Result<()> {
         let ttl = ttl_ms(ttl)? as f64;
-        self.timed(
-            sqlx::query(&self.sql.ping)
-                .bind(process_hash)
-                .bind(data.to_json())
-                .bind(ttl)
-                .persistent(false)
-                .execute(&self.pool),
+        self.execute(
+            &self.sql.ping,
+            &[
+                Value::Text(process_hash),
+                Value::Text(&data.to_json()),
+                Value::Float(ttl),
+            ],
         )
-        .await?;
-        Ok(())
+        .await
     }
 
     async fn read(&self, key: &str) -> Result<Option<LockData>> {
         check_key(key)?;
         let row = self
-            .timed(
-                sqlx::query(&self.sql.read)
-                    .bind(key)
-                    .persistent(false)
-                    .fetch_optional(&self.pool),
-            )
+            .fetch_optional(&self.sql.read, &[Value::Text(key)])
             .await?;
         match row {
             None => Ok(None),
@@ -736,12 +760,7 @@ impl LockBackend for PostgresBackend {
             return Ok(reads.finish([]));
         }
         let rows = self
-            .timed(
-                sqlx::query(&self.sql.read_many)
-                    .bind(&wanted)
-                    .persistent(false)
-                    .fetch_all(&self.pool),
-            )
+            .fetch_all(&self.sql.read_many, &[Value::Texts(&wanted)])
             .await?;
         let mut found = Vec::with_capacity(rows.len());
         for row in rows {
@@ -755,12 +774,7 @@ impl LockBackend for PostgresBackend {
 
     async fn read_process(&self, process_hash: &str) -> Result<Option<ProcessData>> {
         let row = self
-            .timed(
-                sqlx::query(&self.sql.read_process)
-                    .bind(process_hash)
-                    .persistent(false)
-                    .fetch_optional(&self.pool),
-            )
+            .fetch_optional(&self.sql.read_process, &[Value::Text(process_hash)])
             .await?;
         match row {
             None => Ok(None),
@@ -772,14 +786,8 @@ impl LockBackend for PostgresBackend {
     }
 
     async fn forget_process(&self, process_hash: &str) -> Result<()> {
-        self.timed(
-            sqlx::query(&self.sql.forget_process)
-                .bind(process_hash)
-                .persistent(false)
-                .execute(&self.pool),
-        )
-        .await?;
-        Ok(())
+        self.execute(&self.sql.forget_process, &[Value::Text(process_hash)])
+            .await
     }
 
     async fn watch_release(&self, key: &str) -> Result<Option<locker_core::ReleaseWatch>> {
@@ -804,12 +812,7 @@ impl LockBackend for PostgresBackend {
 
     async fn liveness_left(&self, process_hash: &str) -> Result<Option<Duration>> {
         let row = self
-            .timed(
-                sqlx::query(&self.sql.liveness_left)
-                    .bind(process_hash)
-                    .persistent(false)
-                    .fetch_optional(&self.pool),
-            )
+            .fetch_optional(&self.sql.liveness_left, &[Value::Text(process_hash)])
             .await?;
         let ms: f64 = match row {
             None => return Ok(Some(Duration::ZERO)),

@@ -362,7 +362,7 @@ impl PostgresConfigBuilder {
 
     /// The application's own pool, for the jobs: their locks are acquired, extended and
     /// released through it (its TLS, credentials, timeouts and size; the locker's statements
-    /// are unnamed, so its statement cache is not used), and the migrations run on it.
+    /// carry their values as literals, so its statement cache is not used), and the migrations run on it.
     ///
     /// What the locker opens on its own, from the pool's connect options (with the
     /// application name `distributed-locker` and no statement cache): the liveness reporter's

@@ -5,6 +5,7 @@
 mod backend;
 mod config;
 mod error;
+mod inline;
 pub mod migrations;
 mod notify;
 

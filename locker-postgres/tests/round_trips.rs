@@ -1,0 +1,250 @@
+//! Round trips on the wire, seen by a proxy between the backend and the server that reads the
+//! client's messages: each `Query` (simple protocol) and each `Sync` (extended protocol: sqlx's
+//! unnamed statement is a `Parse`/`Describe`/`Sync`, then a `Bind`/`Execute`/`Sync`; its
+//! connection test is a `Sync` alone) is one round trip. Every lock operation is one `Query`,
+//! the one round trip its caller waits for. sqlx then tests the connection as it goes back to
+//! the pool (a `Sync`, from a task of its own, after the answer); before use, a connection is
+//! tested only when it sat idle.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use locker_conformance::servers::{self, ServerKind};
+use locker_core::{
+    AcquireDecision, ExtendOutcome, LockBackend, LockData, ProcessData, ReleaseOutcome,
+};
+use locker_postgres::{PostgresBackend, PostgresConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const TTL: Duration = Duration::from_secs(30);
+
+/// The types of the messages the clients sent through the proxy that matter here: `Q`uery,
+/// `S`ync, `P`arse.
+#[derive(Default)]
+struct Wire(Mutex<Vec<u8>>);
+
+impl Wire {
+    fn sent(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("wire")).into_owned()
+    }
+
+    fn queries(&self) -> usize {
+        self.sent().matches('Q').count()
+    }
+}
+
+/// A proxy to `server` on a free loopback port; its address.
+async fn proxy(server: String, wire: Arc<Wire>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let upstream = TcpStream::connect(&server).await.expect("server");
+            let wire = wire.clone();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = upstream.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                });
+                let mut buf = Vec::new();
+                let mut started = false;
+                let mut chunk = [0u8; 16384];
+                loop {
+                    let n = match cr.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    // Whole messages: the startup message has no type byte, every later one has.
+                    loop {
+                        let head = if started { 5 } else { 4 };
+                        if buf.len() < head {
+                            break;
+                        }
+                        let at = head - 4;
+                        let len = u32::from_be_bytes(buf[at..at + 4].try_into().expect("4 bytes"));
+                        let total = at + len as usize;
+                        if buf.len() < total {
+                            break;
+                        }
+                        if started && matches!(buf[0], b'Q' | b'S' | b'P') {
+                            wire.0.lock().expect("wire").push(buf[0]);
+                        }
+                        started = true;
+                        buf.drain(..total);
+                    }
+                    if sw.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Runs `op`; its output, and the `Query` messages it sent (a message reaches the proxy
+/// before its answer can come back).
+async fn queries<T>(wire: &Wire, op: impl std::future::Future<Output = T>) -> (usize, T) {
+    let before = wire.queries();
+    let out = op.await;
+    (wire.queries() - before, out)
+}
+
+#[tokio::test]
+async fn every_lock_operation_is_one_round_trip() {
+    let server = servers::shared(ServerKind::Postgres).unwrap_or_else(|e| panic!("{e}"));
+    let direct = PostgresConfig::from_url(server.url()).expect("url");
+    let upstream = format!(
+        "{}:{}",
+        direct.connect_options().get_host(),
+        direct.connect_options().get_port()
+    );
+    let wire = Arc::new(Wire::default());
+    let addr = proxy(upstream, wire.clone()).await;
+    let config = PostgresConfig::from_url(&format!(
+        "postgres://{}@{addr}/{}?sslmode=disable&table_prefix=round_trips_&max_connections=1",
+        direct.connect_options().get_username(),
+        direct
+            .connect_options()
+            .get_database()
+            .unwrap_or("postgres"),
+    ))
+    .expect("url");
+    let b = PostgresBackend::connect(&config).await.expect("connect");
+    // What connecting sent (the migrations' statements, and the test of their connection as it
+    // went back) is behind this point, once the first operation's `Query` is out: one
+    // connection, handed out again only after that test.
+    let start = wire.sent().len();
+
+    let (me, other) = ("round-trips/me", "round-trips/other");
+    let mine = |key: &str| LockData::new(format!("{key}@{me}"), me.into(), None);
+    let theirs =
+        |key: &str, process: &str| LockData::new(format!("{key}@{process}"), process.into(), None);
+    let key = format!("round-trips/{}", locker_core::new_process_hash());
+    let dead_key = format!("{key}/dead");
+    let data = mine(&key);
+
+    let (sent, r) = queries(&wire, b.ping(me, &ProcessData::now(), TTL)).await;
+    r.expect("ping");
+    assert_eq!(sent, 1, "liveness write");
+    let (sent, r) = queries(&wire, b.ping(other, &ProcessData::now(), TTL)).await;
+    r.expect("ping");
+    assert_eq!(sent, 1, "liveness write");
+
+    let (sent, r) = queries(&wire, b.acquire_checked(&key, &data, TTL)).await;
+    assert!(matches!(r.expect("acquire"), AcquireDecision::Acquired(_)));
+    assert_eq!(sent, 1, "acquire of a free key");
+
+    let (sent, r) = queries(&wire, b.acquire_checked(&key, &theirs(&key, other), TTL)).await;
+    assert!(matches!(r.expect("try"), AcquireDecision::HeldByLive(_)));
+    assert_eq!(sent, 1, "try on a key held by a live process");
+
+    let (sent, r) = queries(&wire, b.extend(&key, &data, TTL, &data.owner_hash)).await;
+    assert!(matches!(r.expect("extend"), ExtendOutcome::Extended(_)));
+    assert_eq!(sent, 1, "extend");
+
+    let (sent, r) = queries(&wire, b.read(&key)).await;
+    assert!(r.expect("read").is_some());
+    assert_eq!(sent, 1, "read");
+
+    let (sent, r) = queries(&wire, b.read_many(&[key.as_str(), dead_key.as_str()])).await;
+    assert_eq!(r.expect("read_many").len(), 2);
+    assert_eq!(sent, 1, "read of many keys");
+
+    let (sent, r) = queries(&wire, b.release(&key, &data.owner_hash)).await;
+    assert!(matches!(r.expect("release"), ReleaseOutcome::Released));
+    assert_eq!(sent, 1, "release");
+
+    // A holder whose process wrote no liveness record: replaced in the same call.
+    let dead = theirs(&dead_key, "round-trips/dead");
+    assert!(matches!(
+        b.acquire_checked(&dead_key, &dead, TTL)
+            .await
+            .expect("dead's"),
+        AcquireDecision::Acquired(_)
+    ));
+    let (sent, r) = queries(&wire, b.acquire_checked(&dead_key, &mine(&dead_key), TTL)).await;
+    assert!(matches!(
+        r.expect("take over"),
+        AcquireDecision::TookOver { .. }
+    ));
+    assert_eq!(sent, 1, "takeover of a dead holder's lock");
+
+    // A connection that sat idle for over a second is tested before use.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (sent, r) = queries(&wire, b.read(&key)).await;
+    assert!(r.expect("read").is_none());
+    assert_eq!(sent, 1, "a read on a connection idle for over a second");
+    let (sent, r) = queries(&wire, b.read(&key)).await;
+    assert!(r.expect("read").is_none());
+    assert_eq!(sent, 1, "the next read");
+
+    // The whole exchange since connecting, cut at each `Query`: before each, the test of the
+    // connection as it went back after the one before (none before the first; the last one's
+    // is not waited for), and one more test only before the read after the idle second. No
+    // `Parse`: no named statement is ever prepared, nothing for a transaction-mode pooler to
+    // lose.
+    let sent = wire.sent()[start..].to_owned();
+    let gaps: Vec<&str> = sent.split('Q').collect();
+    let ops = 12;
+    assert_eq!(gaps.len(), ops + 1, "{sent}");
+    assert!(matches!(gaps[0], "" | "S"), "{sent}");
+    for (i, gap) in gaps[1..ops].iter().enumerate() {
+        let want = if i + 1 == ops - 2 { "SS" } else { "S" };
+        assert_eq!(
+            *gap,
+            want,
+            "before the Query of operation {}: {sent}",
+            i + 2
+        );
+    }
+}
+
+/// Values are written into the statements: quotes, backslashes, placeholders, comments and
+/// other scripts in keys and records come back as they went in.
+#[tokio::test]
+async fn values_with_quotes_and_backslashes_come_back_whole() {
+    let server = servers::shared(ServerKind::Postgres).unwrap_or_else(|e| panic!("{e}"));
+    let config = PostgresConfig::from_url(server.url())
+        .expect("url")
+        .into_builder()
+        .table_prefix("round_trips_")
+        .build()
+        .expect("config");
+    let b = PostgresBackend::connect(&config).await.expect("connect");
+    let odd = "it's a \\ 'key' with \\' and '' and $1 and $$ and E'x' ; DROP TABLE t; -- ünï 鍵 \u{1F512}";
+    let key = format!("{odd} {}", locker_core::new_process_hash());
+    let data = LockData::new(
+        format!("{key}@{odd}"),
+        format!("{odd}/1"),
+        Some(format!("trace {odd} \\n \"quoted\"")),
+    );
+    let stored = match b.acquire_checked(&key, &data, TTL).await.expect("acquire") {
+        AcquireDecision::Acquired(stored) => stored,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(stored.owner_hash, data.owner_hash);
+    let read = b.read(&key).await.expect("read").expect("a lock");
+    assert_eq!(read.owner_hash, data.owner_hash);
+    assert_eq!(read.process_hash, data.process_hash);
+    assert_eq!(read.trace, data.trace);
+    let many = b.read_many(&[key.as_str(), odd]).await.expect("read_many");
+    assert_eq!(many.len(), 2);
+    assert!(many[0].as_ref().expect("first").is_some());
+    assert!(many[1].as_ref().expect("second").is_none());
+    assert!(matches!(
+        b.release(&key, &data.owner_hash).await.expect("release"),
+        ReleaseOutcome::Released
+    ));
+    let e = b
+        .read(&format!("{key}\0"))
+        .await
+        .expect_err("a NUL is refused");
+    assert_eq!(e.kind(), locker_core::ErrorKind::InvalidInput);
+}
