@@ -7,6 +7,24 @@ pub(crate) fn map_error(e: sqlx::Error) -> Error {
     Error::new(kind_of(&e), "postgres").with_source(e)
 }
 
+/// [`map_error`], and for the errors of a prepared statement the server does not have, or has
+/// from another client (`invalid_sql_statement_name`, `duplicate_prepared_statement`), what
+/// to change: with `prepared_statements` behind a pooler that does not keep them per client.
+pub(crate) fn map_prepared_error(e: sqlx::Error) -> Error {
+    match &e {
+        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("26000" | "42P05")) => {
+            Error::new(
+                ErrorKind::InvalidInput,
+                "postgres: a prepared statement of this connection is missing or taken on the \
+                 server, as behind a pooler that does not keep prepared statements per client: \
+                 connect with prepared_statements=false",
+            )
+            .with_source(e)
+        }
+        _ => map_error(e),
+    }
+}
+
 fn kind_of(e: &sqlx::Error) -> ErrorKind {
     match e {
         sqlx::Error::Io(_)

@@ -44,6 +44,8 @@ enum Part {
 /// A statement whose placeholders (`$1`, `$2`, …) are replaced by literals at each call.
 #[derive(Debug)]
 pub(crate) struct Statement {
+    /// The SQL with its placeholders, for a prepared statement.
+    sql: String,
     parts: Vec<Part>,
     /// The length of the SQL without its values.
     len: usize,
@@ -97,7 +99,31 @@ impl Statement {
                 Part::Value(_) => 0,
             })
             .sum();
-        Statement { parts, len, arity }
+        Statement {
+            sql: sql.to_owned(),
+            parts,
+            len,
+            arity,
+        }
+    }
+
+    /// The SQL with its placeholders.
+    pub(crate) fn sql(&self) -> &str {
+        &self.sql
+    }
+
+    /// Checks `values` as [`with`](Self::with) would, for a statement that binds them.
+    pub(crate) fn check(&self, values: &[Value<'_>]) -> Result<()> {
+        assert_eq!(values.len(), self.arity, "values of a statement");
+        for value in values {
+            match *value {
+                Value::Text(s) | Value::MaybeText(Some(s)) => no_nul(s)?,
+                Value::Texts(items) => items.iter().try_for_each(|s| no_nul(s))?,
+                Value::Float(f) => finite(f)?,
+                Value::MaybeText(None) | Value::Bool(_) => {}
+            }
+        }
+        Ok(())
     }
 
     /// The statement with `values` written in.
@@ -138,11 +164,7 @@ fn push_value(out: &mut String, value: Value<'_>) -> Result<()> {
         Value::Text(s) | Value::MaybeText(Some(s)) => push_text(out, s)?,
         Value::MaybeText(None) => out.push_str("NULL::text"),
         Value::Float(f) => {
-            if !f.is_finite() {
-                return Err(Error::invalid_input(format!(
-                    "{f} cannot be sent to PostgreSQL as a duration"
-                )));
-            }
+            finite(f)?;
             // `Display` of an `f64` writes digits, a point and a sign, never an exponent.
             out.push('\'');
             out.push_str(&f.to_string());
@@ -164,13 +186,28 @@ fn push_value(out: &mut String, value: Value<'_>) -> Result<()> {
     Ok(())
 }
 
-/// `E'…'::text`, with `\` and `'` doubled.
-fn push_text(out: &mut String, s: &str) -> Result<()> {
+fn finite(f: f64) -> Result<()> {
+    if f.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::invalid_input(format!(
+            "{f} cannot be sent to PostgreSQL as a duration"
+        )))
+    }
+}
+
+fn no_nul(s: &str) -> Result<()> {
     if s.contains('\0') {
         return Err(Error::invalid_input(
             "PostgreSQL text cannot hold NUL characters",
         ));
     }
+    Ok(())
+}
+
+/// `E'…'::text`, with `\` and `'` doubled.
+fn push_text(out: &mut String, s: &str) -> Result<()> {
+    no_nul(s)?;
     out.push_str("E'");
     let mut rest = s;
     while let Some(i) = rest.find(['\'', '\\']) {
@@ -225,6 +262,8 @@ mod tests {
         let s = Statement::new("SELECT $1");
         for bad in [
             Value::Text("a\0b"),
+            Value::MaybeText(Some("\0")),
+            Value::Texts(&["a", "\0"]),
             Value::Float(f64::NAN),
             Value::Float(f64::INFINITY),
         ] {
@@ -232,6 +271,11 @@ mod tests {
                 s.with(&[bad]).expect_err("refused").kind(),
                 ErrorKind::InvalidInput
             );
+            assert_eq!(
+                s.check(&[bad]).expect_err("refused").kind(),
+                ErrorKind::InvalidInput
+            );
         }
+        s.check(&[Value::Texts(&["a", "b"])]).expect("fine");
     }
 }

@@ -20,17 +20,13 @@ use tokio::net::{TcpListener, TcpStream};
 const TTL: Duration = Duration::from_secs(30);
 
 /// The types of the messages the clients sent through the proxy that matter here: `Q`uery,
-/// `S`ync, `P`arse.
+/// `S`ync, `P`arse, `B`ind.
 #[derive(Default)]
 struct Wire(Mutex<Vec<u8>>);
 
 impl Wire {
     fn sent(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().expect("wire")).into_owned()
-    }
-
-    fn queries(&self) -> usize {
-        self.sent().matches('Q').count()
     }
 }
 
@@ -72,7 +68,7 @@ async fn proxy(server: String, wire: Arc<Wire>) -> String {
                         if buf.len() < total {
                             break;
                         }
-                        if started && matches!(buf[0], b'Q' | b'S' | b'P') {
+                        if started && matches!(buf[0], b'Q' | b'S' | b'P' | b'B') {
                             wire.0.lock().expect("wire").push(buf[0]);
                         }
                         started = true;
@@ -88,16 +84,16 @@ async fn proxy(server: String, wire: Arc<Wire>) -> String {
     addr
 }
 
-/// Runs `op`; its output, and the `Query` messages it sent (a message reaches the proxy
-/// before its answer can come back).
-async fn queries<T>(wire: &Wire, op: impl std::future::Future<Output = T>) -> (usize, T) {
-    let before = wire.queries();
+/// Runs `op`; its output, and the `kind` messages it sent (a message reaches the proxy before
+/// its answer can come back).
+async fn sends<T>(wire: &Wire, kind: char, op: impl std::future::Future<Output = T>) -> (usize, T) {
+    let before = wire.sent().matches(kind).count();
     let out = op.await;
-    (wire.queries() - before, out)
+    (wire.sent().matches(kind).count() - before, out)
 }
 
-#[tokio::test]
-async fn every_lock_operation_is_one_round_trip() {
+/// A backend through a proxy (one connection), and the proxy's record.
+async fn through_proxy(parameters: &str) -> (PostgresBackend, Arc<Wire>) {
     let server = servers::shared(ServerKind::Postgres).unwrap_or_else(|e| panic!("{e}"));
     let direct = PostgresConfig::from_url(server.url()).expect("url");
     let upstream = format!(
@@ -108,7 +104,7 @@ async fn every_lock_operation_is_one_round_trip() {
     let wire = Arc::new(Wire::default());
     let addr = proxy(upstream, wire.clone()).await;
     let config = PostgresConfig::from_url(&format!(
-        "postgres://{}@{addr}/{}?sslmode=disable&table_prefix=round_trips_&max_connections=1",
+        "postgres://{}@{addr}/{}?sslmode=disable&table_prefix=round_trips_&max_connections=1{parameters}",
         direct.connect_options().get_username(),
         direct
             .connect_options()
@@ -117,11 +113,12 @@ async fn every_lock_operation_is_one_round_trip() {
     ))
     .expect("url");
     let b = PostgresBackend::connect(&config).await.expect("connect");
-    // What connecting sent (the migrations' statements, and the test of their connection as it
-    // went back) is behind this point, once the first operation's `Query` is out: one
-    // connection, handed out again only after that test.
-    let start = wire.sent().len();
+    (b, wire)
+}
 
+/// Every lock operation once, each sending one `kind` message (`Query`, or a prepared
+/// statement's `Bind`), the last two after an idle second; how many operations.
+async fn every_operation(b: &PostgresBackend, wire: &Wire, kind: char) -> usize {
     let (me, other) = ("round-trips/me", "round-trips/other");
     let mine = |key: &str| LockData::new(format!("{key}@{me}"), me.into(), None);
     let theirs =
@@ -130,46 +127,53 @@ async fn every_lock_operation_is_one_round_trip() {
     let dead_key = format!("{key}/dead");
     let data = mine(&key);
 
-    let (sent, r) = queries(&wire, b.ping(me, &ProcessData::now(), TTL)).await;
+    let (sent, r) = sends(wire, kind, b.ping(me, &ProcessData::now(), TTL)).await;
     r.expect("ping");
     assert_eq!(sent, 1, "liveness write");
-    let (sent, r) = queries(&wire, b.ping(other, &ProcessData::now(), TTL)).await;
+    let (sent, r) = sends(wire, kind, b.ping(other, &ProcessData::now(), TTL)).await;
     r.expect("ping");
     assert_eq!(sent, 1, "liveness write");
 
-    let (sent, r) = queries(&wire, b.acquire_checked(&key, &data, TTL)).await;
+    let (sent, r) = sends(wire, kind, b.acquire_checked(&key, &data, TTL)).await;
     assert!(matches!(r.expect("acquire"), AcquireDecision::Acquired(_)));
     assert_eq!(sent, 1, "acquire of a free key");
 
-    let (sent, r) = queries(&wire, b.acquire_checked(&key, &theirs(&key, other), TTL)).await;
+    let (sent, r) = sends(
+        wire,
+        kind,
+        b.acquire_checked(&key, &theirs(&key, other), TTL),
+    )
+    .await;
     assert!(matches!(r.expect("try"), AcquireDecision::HeldByLive(_)));
     assert_eq!(sent, 1, "try on a key held by a live process");
 
-    let (sent, r) = queries(&wire, b.extend(&key, &data, TTL, &data.owner_hash)).await;
+    let (sent, r) = sends(wire, kind, b.extend(&key, &data, TTL, &data.owner_hash)).await;
     assert!(matches!(r.expect("extend"), ExtendOutcome::Extended(_)));
     assert_eq!(sent, 1, "extend");
 
-    let (sent, r) = queries(&wire, b.read(&key)).await;
+    let (sent, r) = sends(wire, kind, b.read(&key)).await;
     assert!(r.expect("read").is_some());
     assert_eq!(sent, 1, "read");
 
-    let (sent, r) = queries(&wire, b.read_many(&[key.as_str(), dead_key.as_str()])).await;
+    let (sent, r) = sends(wire, kind, b.read_many(&[key.as_str(), dead_key.as_str()])).await;
     assert_eq!(r.expect("read_many").len(), 2);
     assert_eq!(sent, 1, "read of many keys");
 
-    let (sent, r) = queries(&wire, b.release(&key, &data.owner_hash)).await;
+    let (sent, r) = sends(wire, kind, b.release(&key, &data.owner_hash)).await;
     assert!(matches!(r.expect("release"), ReleaseOutcome::Released));
     assert_eq!(sent, 1, "release");
 
     // A holder whose process wrote no liveness record: replaced in the same call.
     let dead = theirs(&dead_key, "round-trips/dead");
-    assert!(matches!(
-        b.acquire_checked(&dead_key, &dead, TTL)
-            .await
-            .expect("dead's"),
-        AcquireDecision::Acquired(_)
-    ));
-    let (sent, r) = queries(&wire, b.acquire_checked(&dead_key, &mine(&dead_key), TTL)).await;
+    let (sent, r) = sends(wire, kind, b.acquire_checked(&dead_key, &dead, TTL)).await;
+    assert!(matches!(r.expect("dead's"), AcquireDecision::Acquired(_)));
+    assert_eq!(sent, 1, "acquire of a free key");
+    let (sent, r) = sends(
+        wire,
+        kind,
+        b.acquire_checked(&dead_key, &mine(&dead_key), TTL),
+    )
+    .await;
     assert!(matches!(
         r.expect("take over"),
         AcquireDecision::TookOver { .. }
@@ -178,43 +182,82 @@ async fn every_lock_operation_is_one_round_trip() {
 
     // A connection that sat idle for over a second is tested before use.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let (sent, r) = queries(&wire, b.read(&key)).await;
+    let (sent, r) = sends(wire, kind, b.read(&key)).await;
     assert!(r.expect("read").is_none());
     assert_eq!(sent, 1, "a read on a connection idle for over a second");
-    let (sent, r) = queries(&wire, b.read(&key)).await;
+    let (sent, r) = sends(wire, kind, b.read(&key)).await;
     assert!(r.expect("read").is_none());
     assert_eq!(sent, 1, "the next read");
+    12
+}
 
-    // The whole exchange since connecting, cut at each `Query`: before each, the test of the
-    // connection as it went back after the one before (none before the first; the last one's
-    // is not waited for), and one more test only before the read after the idle second. No
-    // `Parse`: no named statement is ever prepared, nothing for a transaction-mode pooler to
-    // lose.
-    let sent = wire.sent()[start..].to_owned();
-    let gaps: Vec<&str> = sent.split('Q').collect();
-    let ops = 12;
+/// The exchange `sent`, cut at each `kind` message of `ops` operations (the last two after an
+/// idle second): before each, `between` (what the operation before sent after its `kind`, with
+/// the test of its connection as it went back to the pool; the last one's is not waited for),
+/// with one more test only before the read after the idle second.
+fn check_exchange(sent: &str, kind: char, ops: usize, between: &str) {
+    let gaps: Vec<&str> = sent.split(kind).collect();
     assert_eq!(gaps.len(), ops + 1, "{sent}");
+    // Before the first: what connecting or a warm-up left (the test of their connection).
     assert!(matches!(gaps[0], "" | "S"), "{sent}");
     for (i, gap) in gaps[1..ops].iter().enumerate() {
-        let want = if i + 1 == ops - 2 { "SS" } else { "S" };
-        assert_eq!(
-            *gap,
-            want,
-            "before the Query of operation {}: {sent}",
-            i + 2
-        );
+        let want = if i + 1 == ops - 2 {
+            format!("{between}S")
+        } else {
+            between.to_owned()
+        };
+        assert_eq!(*gap, want, "before operation {}: {sent}", i + 2);
     }
 }
 
-/// Values are written into the statements: quotes, backslashes, placeholders, comments and
-/// other scripts in keys and records come back as they went in.
+#[tokio::test]
+async fn every_lock_operation_is_one_round_trip() {
+    let (b, wire) = through_proxy("").await;
+    // What connecting sent (the migrations' statements, and the test of their connection as it
+    // went back) is behind this point, once the first operation's `Query` is out: one
+    // connection, handed out again only after that test.
+    let start = wire.sent().len();
+    let ops = every_operation(&b, &wire, 'Q').await;
+    // One `Query` each, then the test of the connection (`Sync`). No `Parse`: no named
+    // statement is ever prepared, nothing for a transaction-mode pooler to lose.
+    check_exchange(&wire.sent()[start..], 'Q', ops, "S");
+}
+
+/// With `prepared_statements`, each statement is prepared once per connection (a `Parse`),
+/// then each operation is a `Bind`, `Execute` and `Sync`: one round trip, with no `Parse`.
+#[tokio::test]
+async fn with_prepared_statements_too() {
+    let (b, wire) = through_proxy("&prepared_statements=true").await;
+    let warm = wire.sent().len();
+    every_operation(&b, &wire, 'B').await;
+    assert!(
+        wire.sent()[warm..].contains('P'),
+        "prepared once: {}",
+        wire.sent()
+    );
+    let start = wire.sent().len();
+    let ops = every_operation(&b, &wire, 'B').await;
+    // One `Bind` each, its `Sync`, then the test of the connection (`Sync`).
+    check_exchange(&wire.sent()[start..], 'B', ops, "SS");
+}
+
+/// Values are written into the statements (or bound, with `prepared_statements`): quotes,
+/// backslashes, placeholders, comments and other scripts in keys and records come back as they
+/// went in, and a NUL is a typed error.
 #[tokio::test]
 async fn values_with_quotes_and_backslashes_come_back_whole() {
+    for prepared in [false, true] {
+        odd_values_come_back(prepared).await;
+    }
+}
+
+async fn odd_values_come_back(prepared: bool) {
     let server = servers::shared(ServerKind::Postgres).unwrap_or_else(|e| panic!("{e}"));
     let config = PostgresConfig::from_url(server.url())
         .expect("url")
         .into_builder()
         .table_prefix("round_trips_")
+        .prepared_statements(prepared)
         .build()
         .expect("config");
     let b = PostgresBackend::connect(&config).await.expect("connect");
@@ -247,4 +290,30 @@ async fn values_with_quotes_and_backslashes_come_back_whole() {
         .await
         .expect_err("a NUL is refused");
     assert_eq!(e.kind(), locker_core::ErrorKind::InvalidInput);
+}
+
+/// An application pool without a statement cache would leave every prepared statement open on
+/// the server: with `prepared_statements`, connecting refuses it.
+#[tokio::test]
+async fn prepared_statements_need_the_pools_statement_cache() {
+    let server = servers::shared(ServerKind::Postgres).unwrap_or_else(|e| panic!("{e}"));
+    let options: sqlx::postgres::PgConnectOptions = server.url().parse().expect("url");
+    let no_cache =
+        sqlx::postgres::PgPoolOptions::new().connect_lazy_with(options.statement_cache_capacity(0));
+    let config = |prepared: bool| {
+        PostgresConfig::builder()
+            .pool(no_cache.clone())
+            .table_prefix("round_trips_")
+            .prepared_statements(prepared)
+            .build()
+            .expect("config")
+    };
+    let e = PostgresBackend::connect(&config(true))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.kind(), locker_core::ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("statement cache"), "{e}");
+    PostgresBackend::connect(&config(false))
+        .await
+        .expect("without prepared statements, any pool");
 }

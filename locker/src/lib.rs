@@ -98,6 +98,7 @@ pub const SCHEMES: &[&str] = &[
 /// | | `connect_timeout` | duration of getting a connection | `5s` |
 /// | | `command_timeout` | duration of one statement | `5s` |
 /// | | `release_events` | `true` or `false`: wake waiters with `LISTEN`/`NOTIFY` (`false` behind a transaction-mode pooler, which loses `LISTEN`; without it a probe finds that out) | `true` |
+/// | | `prepared_statements` | `true` or `false`: statements prepared once per connection instead of sent with their values as literals (faster on the server; only on direct connections or behind a pooler that keeps prepared statements per client) | `false` |
 /// | | `sslmode` (`ssl-mode`), `sslrootcert` (`ssl-root-cert`, `ssl-ca`), `sslcert` (`ssl-cert`), `sslkey` (`ssl-key`), `host`, `hostaddr`, `port`, `dbname`, `user`, `password`, `application_name`, `options`, `options[name]`, `statement-cache-capacity` | passed to sqlx, with their libpq meaning | sqlx's |
 /// | `sqlite` | `table_prefix` | prefix of the table names (a plain identifier) | `locker_` |
 /// | | `busy_timeout` | duration a statement waits for another process's write | `5s` |
