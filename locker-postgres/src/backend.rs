@@ -24,6 +24,7 @@ use sqlx::{Connection, Executor, Row};
 use crate::config::PostgresConfig;
 use crate::error::{map_connect_error, map_error, map_prepared_error, target};
 use crate::inline::{Statement, Value};
+use crate::warm::Warm;
 
 /// `now() + $n milliseconds`, by the database's clock.
 macro_rules! expires {
@@ -268,18 +269,12 @@ fn statement_cache_on(pool: &PgPool) -> bool {
         .map_or(true, |(_, capacity)| capacity != "0")
 }
 
-/// A connection of the locker's own pool that sat idle this long is tested (one round trip)
-/// before a statement is sent on it; one used more recently is not. sqlx tests every
-/// connection it hands out by default, which would add a round trip to every lock operation:
-/// a connection that answered a moment ago is as likely to answer as one just tested, and one
-/// that dies in between fails its statement with a retryable error either way.
-const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
-
 /// A pool of connections to the PostgreSQL store; made by [`PostgresConfig`], which is the
 /// [`BackendFactory`].
 pub struct PostgresBackend {
     config: PostgresConfig,
-    pool: PgPool,
+    /// The pool, and the connections kept out of it between operations.
+    warm: Warm,
     sql: Statements,
     /// The functions of migration 3 are there: the compare-and-set operations call them, and
     /// an acquire decides about a dead holder in the same call.
@@ -401,7 +396,11 @@ impl PostgresBackend {
             functions,
             sql: Statements::new(&config.tables, config.release_events),
             config: config.clone(),
-            pool,
+            warm: if config.pool.is_some() {
+                Warm::none(pool)
+            } else {
+                Warm::own(pool, config.max_connections)
+            },
             notifier: std::sync::OnceLock::new(),
         })
     }
@@ -440,15 +439,6 @@ impl PostgresBackend {
         PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.connect_timeout)
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for >= PING_WHEN_IDLE_FOR {
-                        conn.ping().await?;
-                    }
-                    Ok(true)
-                })
-            })
             .connect_with(options)
             .await
             .map_err(map_error)
@@ -534,45 +524,92 @@ impl PostgresBackend {
     ) -> Result<Option<PgRow>> {
         if self.prepared {
             let query = self.bound(statement, values)?;
-            return self.timed_prepared(query.fetch_optional(&self.pool)).await;
+            return self
+                .timed_prepared(async {
+                    let mut c = self.warm.checkout().await?;
+                    let out = query.fetch_optional(c.conn()).await?;
+                    c.keep();
+                    Ok(out)
+                })
+                .await;
         }
         let sql = statement.with(values)?;
-        self.timed((&self.pool).fetch_optional(sqlx::raw_sql(&sql)))
-            .await
+        self.timed(async {
+            let mut c = self.warm.checkout().await?;
+            let out = Executor::fetch_optional(c.conn(), sqlx::raw_sql(&sql)).await?;
+            c.keep();
+            Ok(out)
+        })
+        .await
     }
 
     /// Runs `statement` with `values`, in one round trip; its one row.
     async fn fetch_one(&self, statement: &Statement, values: &[Value<'_>]) -> Result<PgRow> {
         if self.prepared {
             let query = self.bound(statement, values)?;
-            return self.timed_prepared(query.fetch_one(&self.pool)).await;
+            return self
+                .timed_prepared(async {
+                    let mut c = self.warm.checkout().await?;
+                    let out = query.fetch_one(c.conn()).await?;
+                    c.keep();
+                    Ok(out)
+                })
+                .await;
         }
         let sql = statement.with(values)?;
-        self.timed((&self.pool).fetch_one(sqlx::raw_sql(&sql)))
-            .await
+        self.timed(async {
+            let mut c = self.warm.checkout().await?;
+            let out = Executor::fetch_one(c.conn(), sqlx::raw_sql(&sql)).await?;
+            c.keep();
+            Ok(out)
+        })
+        .await
     }
 
     /// Runs `statement` with `values`, in one round trip; its rows.
     async fn fetch_all(&self, statement: &Statement, values: &[Value<'_>]) -> Result<Vec<PgRow>> {
         if self.prepared {
             let query = self.bound(statement, values)?;
-            return self.timed_prepared(query.fetch_all(&self.pool)).await;
+            return self
+                .timed_prepared(async {
+                    let mut c = self.warm.checkout().await?;
+                    let out = query.fetch_all(c.conn()).await?;
+                    c.keep();
+                    Ok(out)
+                })
+                .await;
         }
         let sql = statement.with(values)?;
-        self.timed((&self.pool).fetch_all(sqlx::raw_sql(&sql)))
-            .await
+        self.timed(async {
+            let mut c = self.warm.checkout().await?;
+            let out = Executor::fetch_all(c.conn(), sqlx::raw_sql(&sql)).await?;
+            c.keep();
+            Ok(out)
+        })
+        .await
     }
 
     /// Runs `statement` with `values`, in one round trip.
     async fn execute(&self, statement: &Statement, values: &[Value<'_>]) -> Result<()> {
         if self.prepared {
             let query = self.bound(statement, values)?;
-            self.timed_prepared(query.execute(&self.pool)).await?;
+            self.timed_prepared(async {
+                let mut c = self.warm.checkout().await?;
+                query.execute(c.conn()).await?;
+                c.keep();
+                Ok(())
+            })
+            .await?;
             return Ok(());
         }
         let sql = statement.with(values)?;
-        self.timed((&self.pool).execute(sqlx::raw_sql(&sql)))
-            .await?;
+        self.timed(async {
+            let mut c = self.warm.checkout().await?;
+            Executor::execute(c.conn(), sqlx::raw_sql(&sql)).await?;
+            c.keep();
+            Ok(())
+        })
+        .await?;
         Ok(())
     }
 
@@ -885,7 +922,7 @@ impl LockBackend for PostgresBackend {
                 .acquire_timeout(self.config.connect_timeout)
                 .connect_lazy_with(connect_options(&self.config));
             crate::notify::Notifier::start(
-                self.pool.clone(),
+                self.warm.pool().clone(),
                 listener_pool,
                 self.config.command_timeout,
             )
@@ -911,7 +948,7 @@ impl fmt::Debug for PostgresBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresBackend")
             .field("config", &self.config)
-            .field("pool_size", &self.pool.size())
+            .field("pool_size", &self.warm.pool().size())
             .finish()
     }
 }

@@ -8,6 +8,7 @@ mod error;
 mod inline;
 pub mod migrations;
 mod notify;
+mod warm;
 
 pub use backend::{PostgresBackend, MAX_KEY_LEN};
 pub use config::{

@@ -19,14 +19,37 @@ use tokio::net::{TcpListener, TcpStream};
 
 const TTL: Duration = Duration::from_secs(30);
 
-/// The types of the messages the clients sent through the proxy that matter here: `Q`uery,
-/// `S`ync, `P`arse, `B`ind.
+/// The messages the clients sent through the proxy that matter here, with the number of the
+/// connection that sent each: `Q`uery, `S`ync, `P`arse, `B`ind.
 #[derive(Default)]
-struct Wire(Mutex<Vec<u8>>);
+struct Wire(Mutex<Vec<(usize, u8)>>);
 
 impl Wire {
+    /// Every connection's.
     fn sent(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("wire")).into_owned()
+        self.0
+            .lock()
+            .expect("wire")
+            .iter()
+            .map(|&(_, m)| m as char)
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.0.lock().expect("wire").len()
+    }
+
+    /// What the connection that sent the first `kind` message from `from` on sent from there.
+    fn sent_on_the_connection_of(&self, from: usize, kind: char) -> String {
+        let wire = self.0.lock().expect("wire");
+        let Some(&(conn, _)) = wire[from..].iter().find(|&&(_, m)| m as char == kind) else {
+            return String::new();
+        };
+        wire[from..]
+            .iter()
+            .filter(|&&(c, _)| c == conn)
+            .map(|&(_, m)| m as char)
+            .collect()
     }
 }
 
@@ -35,10 +58,13 @@ async fn proxy(server: String, wire: Arc<Wire>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     tokio::spawn(async move {
+        let mut connections = 0usize;
         loop {
             let Ok((client, _)) = listener.accept().await else {
                 return;
             };
+            connections += 1;
+            let conn = connections;
             let upstream = TcpStream::connect(&server).await.expect("server");
             let wire = wire.clone();
             tokio::spawn(async move {
@@ -69,7 +95,7 @@ async fn proxy(server: String, wire: Arc<Wire>) -> String {
                             break;
                         }
                         if started && matches!(buf[0], b'Q' | b'S' | b'P' | b'B') {
-                            wire.0.lock().expect("wire").push(buf[0]);
+                            wire.0.lock().expect("wire").push((conn, buf[0]));
                         }
                         started = true;
                         buf.drain(..total);
@@ -92,7 +118,7 @@ async fn sends<T>(wire: &Wire, kind: char, op: impl std::future::Future<Output =
     (wire.sent().matches(kind).count() - before, out)
 }
 
-/// A backend through a proxy (one connection), and the proxy's record.
+/// A backend through a proxy, and the proxy's record.
 async fn through_proxy(parameters: &str) -> (PostgresBackend, Arc<Wire>) {
     let server = servers::shared(ServerKind::Postgres).unwrap_or_else(|e| panic!("{e}"));
     let direct = PostgresConfig::from_url(server.url()).expect("url");
@@ -104,7 +130,7 @@ async fn through_proxy(parameters: &str) -> (PostgresBackend, Arc<Wire>) {
     let wire = Arc::new(Wire::default());
     let addr = proxy(upstream, wire.clone()).await;
     let config = PostgresConfig::from_url(&format!(
-        "postgres://{}@{addr}/{}?sslmode=disable&table_prefix=round_trips_&max_connections=1{parameters}",
+        "postgres://{}@{addr}/{}?sslmode=disable&table_prefix=round_trips_{parameters}",
         direct.connect_options().get_username(),
         direct
             .connect_options()
@@ -191,18 +217,17 @@ async fn every_operation(b: &PostgresBackend, wire: &Wire, kind: char) -> usize 
     12
 }
 
-/// The exchange `sent`, cut at each `kind` message of `ops` operations (the last two after an
-/// idle second): before each, `between` (what the operation before sent after its `kind`, with
-/// the test of its connection as it went back to the pool; the last one's is not waited for),
-/// with one more test only before the read after the idle second.
-fn check_exchange(sent: &str, kind: char, ops: usize, between: &str) {
+/// The exchange `sent` of one connection, cut at each `kind` message of `ops` operations (the
+/// last two after an idle second): before each, `between` (what the operation before sent
+/// after its `kind`: a prepared statement's `Sync`, sqlx's test of the connection as it went
+/// back to the pool), with `after_idle` (a test) before the read after the idle second.
+fn check_exchange(sent: &str, kind: char, ops: usize, between: &str, after_idle: &str) {
     let gaps: Vec<&str> = sent.split(kind).collect();
     assert_eq!(gaps.len(), ops + 1, "{sent}");
-    // Before the first: what connecting or a warm-up left (the test of their connection).
-    assert!(matches!(gaps[0], "" | "S"), "{sent}");
+    assert_eq!(gaps[0], "", "{sent}");
     for (i, gap) in gaps[1..ops].iter().enumerate() {
         let want = if i + 1 == ops - 2 {
-            format!("{between}S")
+            format!("{between}{after_idle}")
         } else {
             between.to_owned()
         };
@@ -210,35 +235,119 @@ fn check_exchange(sent: &str, kind: char, ops: usize, between: &str) {
     }
 }
 
+/// The locker's own pool: a connection whose operation completed is kept for the next, and
+/// not tested (sqlx would test it as it goes back to its pool, and as it hands it out again);
+/// one kept for over a second is.
 #[tokio::test]
 async fn every_lock_operation_is_one_round_trip() {
-    let (b, wire) = through_proxy("").await;
-    // What connecting sent (the migrations' statements, and the test of their connection as it
-    // went back) is behind this point, once the first operation's `Query` is out: one
-    // connection, handed out again only after that test.
-    let start = wire.sent().len();
+    let (b, wire) = through_proxy("&max_connections=2").await;
+    // A first operation takes a connection from sqlx's pool (tested there) and keeps it.
+    every_operation(&b, &wire, 'Q').await;
+    let start = wire.len();
     let ops = every_operation(&b, &wire, 'Q').await;
-    // One `Query` each, then the test of the connection (`Sync`). No `Parse`: no named
-    // statement is ever prepared, nothing for a transaction-mode pooler to lose.
-    check_exchange(&wire.sent()[start..], 'Q', ops, "S");
+    let sent = wire.sent_on_the_connection_of(start, 'Q');
+    // One `Query` each, on the kept connection, and nothing else but the test after the idle
+    // second. No `Parse`: no named statement is ever prepared, nothing for a transaction-mode
+    // pooler to lose.
+    check_exchange(&sent, 'Q', ops, "", "S");
+    assert_eq!(
+        wire.len() - start,
+        sent.len(),
+        "one connection: {}",
+        wire.sent()
+    );
 }
 
 /// With `prepared_statements`, each statement is prepared once per connection (a `Parse`),
 /// then each operation is a `Bind`, `Execute` and `Sync`: one round trip, with no `Parse`.
 #[tokio::test]
 async fn with_prepared_statements_too() {
-    let (b, wire) = through_proxy("&prepared_statements=true").await;
-    let warm = wire.sent().len();
+    let (b, wire) = through_proxy("&max_connections=2&prepared_statements=true").await;
+    let warm = wire.len();
     every_operation(&b, &wire, 'B').await;
     assert!(
         wire.sent()[warm..].contains('P'),
         "prepared once: {}",
         wire.sent()
     );
-    let start = wire.sent().len();
+    let start = wire.len();
     let ops = every_operation(&b, &wire, 'B').await;
-    // One `Bind` each, its `Sync`, then the test of the connection (`Sync`).
-    check_exchange(&wire.sent()[start..], 'B', ops, "SS");
+    // One `Bind` each, and its `Sync`.
+    check_exchange(
+        &wire.sent_on_the_connection_of(start, 'B'),
+        'B',
+        ops,
+        "S",
+        "S",
+    );
+}
+
+/// Through sqlx's pool alone (a pool of one connection keeps none out of it, so that the
+/// notifier's probe always finds it; the application's pool works the same way): sqlx tests
+/// the connection as it hands it out and as it takes it back.
+#[tokio::test]
+async fn through_sqlxs_pool_a_test_before_and_after() {
+    let (b, wire) = through_proxy("&max_connections=1").await;
+    every_operation(&b, &wire, 'Q').await;
+    let start = wire.len();
+    let ops = every_operation(&b, &wire, 'Q').await;
+    let sent = wire.sent_on_the_connection_of(start, 'Q');
+    // From the first `Query` on: the test after each, and the test before the next, idle or
+    // not.
+    let from_first = &sent[sent.find('Q').unwrap_or(0)..];
+    check_exchange(from_first, 'Q', ops, "SS", "");
+}
+
+/// An operation that fails on a kept connection sends all the kept ones back to sqlx's pool,
+/// which tests them before they are used again: when the server dropped every connection at
+/// once, one operation fails, not one per kept connection.
+#[tokio::test]
+async fn a_failure_sends_every_kept_connection_back_to_be_tested() {
+    let server = tokio::task::spawn_blocking(|| servers::start_private(ServerKind::Postgres))
+        .await
+        .expect("join")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let config = PostgresConfig::from_url(server.url())
+        .expect("url")
+        .into_builder()
+        .max_connections(4)
+        .build()
+        .expect("config");
+    let b = Arc::new(PostgresBackend::connect(&config).await.expect("connect"));
+    let key = format!("round-trips/{}", locker_core::new_process_hash());
+    // Three connections at work at once, then kept.
+    for _ in 0..5 {
+        let reads: Vec<_> = (0..6)
+            .map(|_| {
+                let (b, key) = (b.clone(), key.clone());
+                tokio::spawn(async move { b.read(&key).await })
+            })
+            .collect();
+        for read in reads {
+            read.await.expect("join").expect("read");
+        }
+    }
+    // Every connection of the locker is dropped by the server.
+    let options: sqlx::postgres::PgConnectOptions = server.url().parse().expect("url");
+    let mut admin = sqlx::ConnectOptions::connect(&options.application_name("admin"))
+        .await
+        .expect("admin connection");
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'distributed-locker') AS t",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .expect("terminate");
+    assert!(ended >= 3, "connections ended: {ended}");
+    let mut failed = Vec::new();
+    for i in 0..6 {
+        if let Err(e) = b.read(&key).await {
+            assert!(e.is_retryable(), "{e}");
+            failed.push(i);
+        }
+    }
+    assert!(failed.len() <= 1, "reads that failed: {failed:?}");
 }
 
 /// Values are written into the statements (or bound, with `prepared_statements`): quotes,
