@@ -515,102 +515,48 @@ impl PostgresBackend {
         .await
     }
 
-    /// Runs `statement` with `values`, in one round trip; its row, if any. (Through the
-    /// `Executor` trait: sqlx 0.8's `RawSql::fetch_optional` fails on no row.)
+    /// Runs `statement` with `values` on a connection of the pool, in one round trip; its rows.
+    async fn rows(&self, statement: &Statement, values: &[Value<'_>]) -> Result<Vec<PgRow>> {
+        if self.prepared {
+            let query = self.bound(statement, values)?;
+            return self
+                .timed_prepared(async {
+                    let mut c = self.warm.checkout().await?;
+                    let rows = query.fetch_all(c.conn()).await?;
+                    c.keep();
+                    Ok(rows)
+                })
+                .await;
+        }
+        let sql = statement.with(values)?;
+        self.timed(async {
+            let mut c = self.warm.checkout().await?;
+            let rows = Executor::fetch_all(c.conn(), sqlx::raw_sql(&sql)).await?;
+            c.keep();
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// [`rows`](Self::rows), for a statement of at most one row.
     async fn fetch_optional(
         &self,
         statement: &Statement,
         values: &[Value<'_>],
     ) -> Result<Option<PgRow>> {
-        if self.prepared {
-            let query = self.bound(statement, values)?;
-            return self
-                .timed_prepared(async {
-                    let mut c = self.warm.checkout().await?;
-                    let out = query.fetch_optional(c.conn()).await?;
-                    c.keep();
-                    Ok(out)
-                })
-                .await;
-        }
-        let sql = statement.with(values)?;
-        self.timed(async {
-            let mut c = self.warm.checkout().await?;
-            let out = Executor::fetch_optional(c.conn(), sqlx::raw_sql(&sql)).await?;
-            c.keep();
-            Ok(out)
-        })
-        .await
+        Ok(self.rows(statement, values).await?.into_iter().next())
     }
 
-    /// Runs `statement` with `values`, in one round trip; its one row.
+    /// [`rows`](Self::rows), for a statement of one row.
     async fn fetch_one(&self, statement: &Statement, values: &[Value<'_>]) -> Result<PgRow> {
-        if self.prepared {
-            let query = self.bound(statement, values)?;
-            return self
-                .timed_prepared(async {
-                    let mut c = self.warm.checkout().await?;
-                    let out = query.fetch_one(c.conn()).await?;
-                    c.keep();
-                    Ok(out)
-                })
-                .await;
-        }
-        let sql = statement.with(values)?;
-        self.timed(async {
-            let mut c = self.warm.checkout().await?;
-            let out = Executor::fetch_one(c.conn(), sqlx::raw_sql(&sql)).await?;
-            c.keep();
-            Ok(out)
-        })
-        .await
+        self.fetch_optional(statement, values)
+            .await?
+            .ok_or_else(|| Error::new(ErrorKind::Other, "postgres: the statement answered no row"))
     }
 
-    /// Runs `statement` with `values`, in one round trip; its rows.
-    async fn fetch_all(&self, statement: &Statement, values: &[Value<'_>]) -> Result<Vec<PgRow>> {
-        if self.prepared {
-            let query = self.bound(statement, values)?;
-            return self
-                .timed_prepared(async {
-                    let mut c = self.warm.checkout().await?;
-                    let out = query.fetch_all(c.conn()).await?;
-                    c.keep();
-                    Ok(out)
-                })
-                .await;
-        }
-        let sql = statement.with(values)?;
-        self.timed(async {
-            let mut c = self.warm.checkout().await?;
-            let out = Executor::fetch_all(c.conn(), sqlx::raw_sql(&sql)).await?;
-            c.keep();
-            Ok(out)
-        })
-        .await
-    }
-
-    /// Runs `statement` with `values`, in one round trip.
+    /// [`rows`](Self::rows), for a statement whose rows do not matter.
     async fn execute(&self, statement: &Statement, values: &[Value<'_>]) -> Result<()> {
-        if self.prepared {
-            let query = self.bound(statement, values)?;
-            self.timed_prepared(async {
-                let mut c = self.warm.checkout().await?;
-                query.execute(c.conn()).await?;
-                c.keep();
-                Ok(())
-            })
-            .await?;
-            return Ok(());
-        }
-        let sql = statement.with(values)?;
-        self.timed(async {
-            let mut c = self.warm.checkout().await?;
-            Executor::execute(c.conn(), sqlx::raw_sql(&sql)).await?;
-            c.keep();
-            Ok(())
-        })
-        .await?;
-        Ok(())
+        self.rows(statement, values).await.map(drop)
     }
 
     /// Runs a compare-and-set statement. In READ COMMITTED, a row committed by another
@@ -880,7 +826,7 @@ impl LockBackend for PostgresBackend {
             return Ok(reads.finish([]));
         }
         let rows = self
-            .fetch_all(&self.sql.read_many, &[Value::Texts(&wanted)])
+            .rows(&self.sql.read_many, &[Value::Texts(&wanted)])
             .await?;
         let mut found = Vec::with_capacity(rows.len());
         for row in rows {

@@ -11,7 +11,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgSslMode};
 use sqlx::ConnectOptions;
 use url::Url;
 
-/// Connections in the main pool by default. Lock calls are short; a handful is plenty.
+/// Connections in the main pool by default. Lock calls are short; a handful is plenty. Lock
+/// operations use up to one fewer at once, kept between operations; the last one is left for
+/// the release notifier's probe (with 1, operations take it from the pool each time).
 ///
 /// Value: **8**.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;

@@ -6,8 +6,8 @@
 //! leaves the connection with an answer half read. Here a connection whose operation completed
 //! is put back in a list of our own instead, untested: its answer was read whole. One whose
 //! operation failed or was cancelled goes back to sqlx's pool, which tests it (and closes it
-//! if it is broken), with all the kept ones. A kept connection that sat idle for [`PING_WHEN_IDLE_FOR`] is tested
-//! before use, as the pool tests its own.
+//! if it is broken), with all the kept ones. A kept connection that sat idle for
+//! [`PING_WHEN_IDLE_FOR`] is tested before use, as the pool tests its own.
 //!
 //! The list keeps at most one connection fewer than the pool may open, so that the pool's other
 //! users (the release notifier's probe) always find one there, and a semaphore with one permit
@@ -28,7 +28,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 /// sent on it; one used more recently is not: a connection that answered a moment ago is as
 /// likely to answer as one just tested, and one that dies in between fails its statement with
 /// a retryable error either way (and sends every kept connection back to be tested).
-pub(crate) const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
+const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// The kept connections of one pool.
 pub(crate) struct Warm {
