@@ -24,6 +24,8 @@ pub(crate) enum Contender {
     Raw(Arc<raw::Raw>),
     /// `rslock`'s `LockManager` on one server, and the TTL it sets.
     Rslock(rslock::LockManager, Duration),
+    /// The lock with another setting of the backend, named (PostgreSQL's prepared statements).
+    Variant(Locker, &'static str),
 }
 
 impl Contender {
@@ -32,12 +34,15 @@ impl Contender {
             Contender::Lock(_) => "lock",
             Contender::Raw(_) => "raw",
             Contender::Rslock(..) => "rslock",
+            Contender::Variant(_, name) => name,
         }
     }
 
     async fn cycles(&self, tag: &str, tasks: usize, duration: Duration) -> Stats {
         match self {
-            Contender::Lock(locker) => lock_cycles(locker, tag, tasks, duration).await,
+            Contender::Lock(locker) | Contender::Variant(locker, _) => {
+                lock_cycles(locker, tag, tasks, duration).await
+            }
             Contender::Raw(raw) => raw_cycles(raw, tag, tasks, duration).await,
             Contender::Rslock(manager, ttl) => {
                 let (manager, ttl, tag) = (manager.clone(), *ttl, tag.to_owned());
@@ -292,6 +297,10 @@ pub(crate) async fn cycles(
     let rs = contenders
         .iter()
         .position(|c| matches!(c, Contender::Rslock(..)));
+    let variant = contenders.iter().enumerate().find_map(|(i, c)| match c {
+        Contender::Variant(_, name) => Some((i, *name)),
+        _ => None,
+    });
     let (Some(lock), Some(raw)) = (lock, raw) else {
         return;
     };
@@ -341,6 +350,29 @@ pub(crate) async fn cycles(
             println!(
                 "- lock/rslock per repeat, {label}: {}",
                 ratios(&sides[lock], &sides[rs]).1
+            );
+        }
+    }
+
+    if let Some((v, name)) = variant {
+        println!("\n| {name}, a setting of the lock (same slices) | cycles/s | {name}/raw: median (min–max) | {name}/lock: median (min–max) | p50/p99/p999 µs |");
+        println!("|---|---|---|---|---|");
+        for (label, tasks, sides) in &results {
+            let (l, r, s) = (&sides[lock], &sides[raw], &sides[v]);
+            println!(
+                "| {label} ({tasks} task{}) | {:.0} | {} | {} | {} |",
+                if *tasks == 1 { "" } else { "s" },
+                s.rate(),
+                ratios(s, r).0,
+                ratios(s, l).0,
+                s.latency()
+            );
+        }
+        println!();
+        for (label, _, sides) in &results {
+            println!(
+                "- {name}/raw per repeat, {label}: {}",
+                ratios(&sides[v], &sides[raw]).1
             );
         }
     }
@@ -409,10 +441,20 @@ pub(crate) async fn cycles(
     }
 }
 
-/// The contenders of a backend: the lock, the raw protocol, and on Redis `rslock`.
+/// The contenders of a backend: the lock, the raw protocol, on Redis `rslock`, and on
+/// PostgreSQL the lock with prepared statements.
 pub(crate) async fn contenders(backend: &str, url: &str, locker: &Locker) -> Vec<Contender> {
     let raw = raw::Raw::connect(backend, url).await.expect("raw client");
     let mut v = vec![Contender::Lock(locker.clone()), Contender::Raw(raw)];
+    if backend == "postgres" {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let prepared = Locker::builder(
+            locker::connect(&format!("{url}{sep}prepared_statements=true")).expect("url"),
+        )
+        .build()
+        .expect("locker");
+        v.push(Contender::Variant(prepared, "prepared"));
+    }
     if matches!(backend, "redis" | "fred") {
         // `rslock` always speaks through redis-rs, whichever client the locker uses.
         let plain = url.split('?').next().unwrap_or(url).to_owned();
