@@ -9,6 +9,11 @@
 //! if it is broken), with all the kept ones. A kept connection that sat idle for
 //! [`PING_WHEN_IDLE_FOR`] is tested before use, as the pool tests its own.
 //!
+//! Kept connections still go back to sqlx's pool from time to time, so that its limits apply:
+//! one unused for [`RETURN_WHEN_IDLE_FOR`] (found at the next operation), so that its
+//! `idle_timeout` closes connections a quiet process does not need; one kept for
+//! [`RETURN_WHEN_KEPT_FOR`], so that its `max_lifetime` replaces old ones.
+//!
 //! The list keeps at most one connection fewer than the pool may open, so that the pool's other
 //! users (the release notifier's probe) always find one there, and a semaphore with one permit
 //! per kept connection queues the operations in arrival order: under load every operation
@@ -30,15 +35,32 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 /// a retryable error either way (and sends every kept connection back to be tested).
 const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 
+/// A kept connection unused this long goes back to sqlx's pool at the next operation.
+const RETURN_WHEN_IDLE_FOR: Duration = Duration::from_secs(60);
+
+/// A connection kept this long goes back to sqlx's pool as it is taken for an operation.
+const RETURN_WHEN_KEPT_FOR: Duration = Duration::from_secs(600);
+
+/// A kept connection: when it was last used, and since when it is kept.
+struct Kept {
+    conn: PoolConnection<Postgres>,
+    used: Instant,
+    since: Instant,
+}
+
 /// The kept connections of one pool.
 pub(crate) struct Warm {
     pool: PgPool,
-    idle: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
+    /// The least recently used first.
+    idle: Mutex<Vec<Kept>>,
     /// The most connections kept; 0 for a pool that is not the locker's own (the
     /// application's: its connections go back to it after each operation).
     keep: usize,
     /// One permit per kept connection, when connections are kept.
     permits: Option<Semaphore>,
+    /// [`RETURN_WHEN_IDLE_FOR`] and [`RETURN_WHEN_KEPT_FOR`] (shorter in tests).
+    return_when_idle_for: Duration,
+    return_when_kept_for: Duration,
 }
 
 /// A connection for one operation: [`keep`](Checkout::keep) it once the operation completed;
@@ -47,6 +69,8 @@ pub(crate) struct Checkout<'a> {
     warm: &'a Warm,
     /// `None` once kept.
     conn: Option<PoolConnection<Postgres>>,
+    /// Since when it is kept; `None` for one from the pool.
+    since: Option<Instant>,
     _permit: Option<SemaphorePermit<'a>>,
 }
 
@@ -59,6 +83,8 @@ impl Warm {
             idle: Mutex::new(Vec::with_capacity(keep)),
             keep,
             permits: (keep > 0).then(|| Semaphore::new(keep)),
+            return_when_idle_for: RETURN_WHEN_IDLE_FOR,
+            return_when_kept_for: RETURN_WHEN_KEPT_FOR,
         }
     }
 
@@ -69,6 +95,8 @@ impl Warm {
             idle: Mutex::new(Vec::new()),
             keep: 0,
             permits: None,
+            return_when_idle_for: RETURN_WHEN_IDLE_FOR,
+            return_when_kept_for: RETURN_WHEN_KEPT_FOR,
         }
     }
 
@@ -77,7 +105,7 @@ impl Warm {
         &self.pool
     }
 
-    fn idle(&self) -> MutexGuard<'_, Vec<(PoolConnection<Postgres>, Instant)>> {
+    fn idle(&self) -> MutexGuard<'_, Vec<Kept>> {
         match self.idle.lock() {
             Ok(idle) => idle,
             Err(poisoned) => poisoned.into_inner(),
@@ -95,21 +123,40 @@ impl Warm {
             ),
             None => None,
         };
+        // Those unused for long go back to the pool (outside the lock).
+        let unused: Vec<Kept> = {
+            let mut idle = self.idle();
+            let n = idle
+                .iter()
+                .take_while(|k| k.used.elapsed() >= self.return_when_idle_for)
+                .count();
+            idle.drain(..n).collect()
+        };
+        drop(unused);
         loop {
             let kept = self.idle().pop();
-            let conn = match kept {
-                Some((mut conn, used)) => {
+            let (conn, since) = match kept {
+                Some(Kept { conn, since, .. }) if since.elapsed() >= self.return_when_kept_for => {
+                    drop(conn);
+                    continue;
+                }
+                Some(Kept {
+                    mut conn,
+                    used,
+                    since,
+                }) => {
                     // A broken one goes back to the pool, which closes it; the next is tried.
                     if used.elapsed() >= PING_WHEN_IDLE_FOR && conn.ping().await.is_err() {
                         continue;
                     }
-                    conn
+                    (conn, Some(since))
                 }
-                None => self.pool.acquire().await?,
+                None => (self.pool.acquire().await?, None),
             };
             return Ok(Checkout {
                 warm: self,
                 conn: Some(conn),
+                since,
                 _permit: permit,
             });
         }
@@ -129,9 +176,14 @@ impl Checkout<'_> {
         let Some(conn) = self.conn.take() else {
             return;
         };
+        let now = Instant::now();
         let mut idle = self.warm.idle();
         if idle.len() < self.warm.keep {
-            idle.push((conn, Instant::now()));
+            idle.push(Kept {
+                conn,
+                used: now,
+                since: self.since.unwrap_or(now),
+            });
             return;
         }
         drop(idle);
@@ -149,5 +201,73 @@ impl Drop for Checkout<'_> {
             let kept = std::mem::take(&mut *self.warm.idle());
             drop(kept);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use locker_conformance::servers::{self, ServerKind};
+
+    async fn warm(idle_for: Duration, kept_for: Duration) -> Warm {
+        let server = servers::shared(ServerKind::Postgres).unwrap_or_else(|e| panic!("{e}"));
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(3)
+            .connect(server.url())
+            .await
+            .expect("pool");
+        Warm {
+            return_when_idle_for: idle_for,
+            return_when_kept_for: kept_for,
+            ..Warm::own(pool, 3)
+        }
+    }
+
+    fn kept(w: &Warm) -> usize {
+        w.idle().len()
+    }
+
+    #[tokio::test]
+    async fn completed_operations_keep_their_connection_and_failed_ones_return_all() {
+        let w = warm(RETURN_WHEN_IDLE_FOR, RETURN_WHEN_KEPT_FOR).await;
+        let (a, b) = (
+            w.checkout().await.expect("a"),
+            w.checkout().await.expect("b"),
+        );
+        a.keep();
+        b.keep();
+        assert_eq!(kept(&w), 2);
+        w.checkout().await.expect("c").keep();
+        assert_eq!(kept(&w), 2, "the same connection again");
+        // Dropped without `keep`: an operation that failed or was cancelled.
+        drop(w.checkout().await.expect("d"));
+        assert_eq!(kept(&w), 0);
+    }
+
+    #[tokio::test]
+    async fn connections_unused_or_kept_for_long_go_back_to_the_pool() {
+        let w = warm(Duration::from_millis(300), RETURN_WHEN_KEPT_FOR).await;
+        let (a, b) = (
+            w.checkout().await.expect("a"),
+            w.checkout().await.expect("b"),
+        );
+        a.keep();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        b.keep();
+        // `a` was unused for longer than the limit: back to the pool; `b` is taken.
+        let c = w.checkout().await.expect("c");
+        assert_eq!(kept(&w), 0);
+        c.keep();
+        assert_eq!(kept(&w), 1);
+
+        let w = warm(RETURN_WHEN_IDLE_FOR, Duration::from_millis(300)).await;
+        w.checkout().await.expect("a").keep();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Kept for longer than the limit: back to the pool, and a connection of the pool is
+        // taken (and kept from now on).
+        let c = w.checkout().await.expect("c");
+        assert!(c.since.is_none(), "a connection of the pool");
+        c.keep();
+        assert_eq!(kept(&w), 1);
     }
 }
