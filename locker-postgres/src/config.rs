@@ -97,10 +97,10 @@ impl PostgresConfig {
     /// `@` (a `@` in a query value must then be written `%40`). Parameter values are
     /// percent-decoded (`+` is a space). This crate's parameters: `schema`, `table_prefix`,
     /// `migrate`, `max_connections` (or `pool_max_connections`), `connect_timeout`,
-    /// `command_timeout`, `release_events`, `prepared_statements`; sqlx's, passed on: `sslmode` (`ssl-mode`), `sslrootcert`
-    /// (`ssl-root-cert`, `ssl-ca`), `sslcert` (`ssl-cert`), `sslkey` (`ssl-key`), `host`,
-    /// `hostaddr`, `port`, `dbname`, `user`, `password`, `application_name`, `options`,
-    /// `options[name]`, `statement-cache-capacity`.
+    /// `command_timeout`, `release_events`, `prepared_statements`; sqlx's, passed on:
+    /// `sslmode` (`ssl-mode`), `sslrootcert` (`ssl-root-cert`, `ssl-ca`), `sslcert`
+    /// (`ssl-cert`), `sslkey` (`ssl-key`), `host`, `hostaddr`, `port`, `dbname`, `user`,
+    /// `password`, `application_name`, `options`, `options[name]`, `statement-cache-capacity`.
     ///
     /// ```
     /// use std::time::Duration;
@@ -382,7 +382,8 @@ impl PostgresConfigBuilder {
 
     /// The application's own pool, for the jobs: their locks are acquired, extended and
     /// released through it (its TLS, credentials, timeouts and size; the locker's statements
-    /// carry their values as literals, so its statement cache is not used), and the migrations run on it.
+    /// carry their values as literals, so its statement cache is not used unless
+    /// [`prepared_statements`](Self::prepared_statements)), and the migrations run on it.
     ///
     /// What the locker opens on its own, from the pool's connect options (with the
     /// application name `distributed-locker` and no statement cache): the liveness reporter's
