@@ -3,7 +3,7 @@
 //! whole TTL; an expired spare is never used; a lock acquired on this connection is extended
 //! and released by its creation revision, and one taken over meanwhile is left to its new
 //! holder; a kept lease is renewed on one keep-alive stream, and one revoked meanwhile is not
-//! used.
+//! used; an acquire on a frozen server fails, and the connection recovers.
 
 /// In a module named `etcd`, so that `scripts/test` runs them beside the other tests, with
 /// the etcd suites.
@@ -204,12 +204,17 @@ mod etcd {
         assert_eq!(b.read("job").await.expect("read"), Some(taken));
     }
 
-    /// How many lease keep-alive streams the server has opened so far (its Prometheus metrics).
+    /// How many lease keep-alive streams the shared server has opened so far.
     async fn keep_alive_streams_started() -> u64 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let server = servers::shared(ServerKind::Etcd).unwrap_or_else(|e| panic!("{e}"));
-        let address = server
-            .url()
+        keep_alive_streams_started_at(server.url()).await
+    }
+
+    /// How many lease keep-alive streams the server at `url` has opened so far (its Prometheus
+    /// metrics).
+    async fn keep_alive_streams_started_at(url: &str) -> u64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let address = url
             .split("://")
             .nth(1)
             .and_then(|rest| rest.split(['/', ',']).next())
@@ -304,5 +309,104 @@ mod etcd {
             left >= 29,
             "the new lease has {left} s left, not the lock's 30"
         );
+    }
+
+    /// An acquire on a frozen server (its transaction and the renewal of a kept lease beside
+    /// it unanswered) fails within the command timeout with a retryable error; what it sent may
+    /// still be run once the server wakes up. The lease it took is not kept, nor its stream (a
+    /// stream is kept only after a whole renewal and answer, so an answer left unread on it is
+    /// never taken for the answer to a later one). Then the connection works as before: whole
+    /// TTLs, and renewals on one kept stream again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frozen_server_fails_an_acquire_and_the_connection_recovers() {
+        let server = tokio::task::spawn_blocking(|| servers::start_private(ServerKind::Etcd))
+            .await
+            .expect("join")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let control = server.control().expect("a server the harness controls");
+        let prefix = "leases-frozen/";
+        let config = EtcdConfig::from_url(server.url())
+            .expect("url")
+            .into_builder()
+            .prefix(prefix)
+            .command_timeout(Duration::from_secs(3))
+            .build()
+            .expect("config");
+        let b = EtcdBackend::connect(&config).await.expect("connect");
+        let mut client = Client::connect(config.endpoints(), None)
+            .await
+            .expect("client");
+        // Two cycles: the second renews the kept lease on a stream that stays open.
+        for n in 1..3 {
+            let data = record("job", n);
+            acquired(&b, "job", &data, TTL).await;
+            assert_eq!(
+                b.release("job", &data.owner_hash).await.expect("release"),
+                ReleaseOutcome::Released
+            );
+        }
+
+        let paused = control.clone();
+        tokio::task::spawn_blocking(move || paused.pause())
+            .await
+            .expect("join")
+            .expect("pause");
+        let third = record("job", 3);
+        let frozen = b.acquire("job", &third, TTL).await;
+        let resumed = control.clone();
+        tokio::task::spawn_blocking(move || resumed.resume())
+            .await
+            .expect("join")
+            .expect("resume");
+        let e = frozen.expect_err("an acquire on a frozen server");
+        assert!(e.is_retryable(), "{e}");
+        // Its transaction was sent: the server may run it once it wakes up. Whatever it did,
+        // the lock is the frozen acquire's or nobody's, and its owner can release it (as the
+        // locker does after an acquire it gave up).
+        match b.read("job").await.expect("read") {
+            None => {}
+            Some(stored) => {
+                assert_eq!(stored.owner_hash, third.owner_hash);
+                // Released, or gone already with its lease (which the connection did not keep).
+                let released = b.release("job", &third.owner_hash).await.expect("release");
+                assert!(
+                    matches!(released, ReleaseOutcome::Released | ReleaseOutcome::NoKey),
+                    "{released:?}"
+                );
+            }
+        }
+
+        let data = record("job", 4);
+        acquired(&b, "job", &data, TTL).await;
+        let mut lease = lease_of(&mut client, prefix, "job").await;
+        let left = client
+            .lease_time_to_live(lease, None)
+            .await
+            .expect("ttl")
+            .ttl();
+        assert!(left >= 29, "the lock's lease has {left} s left, not 30");
+        assert_eq!(
+            b.release("job", &data.owner_hash).await.expect("release"),
+            ReleaseOutcome::Released
+        );
+        let before = keep_alive_streams_started_at(server.url()).await;
+        for n in 5..15 {
+            let data = record("job", n);
+            acquired(&b, "job", &data, TTL).await;
+            if n > 5 {
+                assert_eq!(lease_of(&mut client, prefix, "job").await, lease);
+            }
+            lease = lease_of(&mut client, prefix, "job").await;
+            assert_eq!(
+                b.release("job", &data.owner_hash).await.expect("release"),
+                ReleaseOutcome::Released
+            );
+        }
+        let streams = keep_alive_streams_started_at(server.url()).await - before;
+        assert!(
+            streams <= 2,
+            "10 renewals of one kept lease after the thaw opened {streams} streams"
+        );
+        drop(server);
     }
 }
