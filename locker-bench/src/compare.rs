@@ -332,49 +332,22 @@ pub(crate) async fn cycles(
     }
 
     if let Some(rs) = rs {
-        println!("\n| `rslock` 0.10 as a peer (same slices) | rslock cycles/s | rslock/raw: median (min–max) | lock/rslock: median (min–max) | rslock p50/p99/p999 µs |");
-        println!("|---|---|---|---|---|");
-        for (label, tasks, sides) in &results {
-            let (l, r, s) = (&sides[lock], &sides[raw], &sides[rs]);
-            println!(
-                "| {label} ({tasks} task{}) | {:.0} | {} | {} | {} |",
-                if *tasks == 1 { "" } else { "s" },
-                s.rate(),
-                ratios(s, r).0,
-                ratios(l, s).0,
-                s.latency()
-            );
-        }
-        println!();
-        for (label, _, sides) in &results {
-            println!(
-                "- lock/rslock per repeat, {label}: {}",
-                ratios(&sides[lock], &sides[rs]).1
-            );
-        }
+        third_side(
+            &results,
+            "| `rslock` 0.10 as a peer (same slices) | rslock cycles/s | rslock/raw: median (min–max) | lock/rslock: median (min–max) | rslock p50/p99/p999 µs |",
+            (lock, raw, rs),
+            true,
+            "lock/rslock",
+        );
     }
-
     if let Some((v, name)) = variant {
-        println!("\n| {name}, a setting of the lock (same slices) | cycles/s | {name}/raw: median (min–max) | {name}/lock: median (min–max) | p50/p99/p999 µs |");
-        println!("|---|---|---|---|---|");
-        for (label, tasks, sides) in &results {
-            let (l, r, s) = (&sides[lock], &sides[raw], &sides[v]);
-            println!(
-                "| {label} ({tasks} task{}) | {:.0} | {} | {} | {} |",
-                if *tasks == 1 { "" } else { "s" },
-                s.rate(),
-                ratios(s, r).0,
-                ratios(s, l).0,
-                s.latency()
-            );
-        }
-        println!();
-        for (label, _, sides) in &results {
-            println!(
-                "- {name}/raw per repeat, {label}: {}",
-                ratios(&sides[v], &sides[raw]).1
-            );
-        }
+        third_side(
+            &results,
+            &format!("| {name}, a setting of the lock (same slices) | cycles/s | {name}/raw: median (min–max) | {name}/lock: median (min–max) | p50/p99/p999 µs |"),
+            (lock, raw, v),
+            false,
+            &format!("{name}/raw"),
+        );
     }
 
     // Cost per cycle.
@@ -438,6 +411,44 @@ pub(crate) async fn cycles(
                 println!("- {label}, {name}: {}", s.commands());
             }
         }
+    }
+}
+
+/// The table of a third side (`side`) beside lock and raw: its rate, its ratio to raw, its ratio
+/// to the lock (lock over it with `lock_first`, else it over lock), its latency; then, per
+/// repeat, lock over it (`lock_first`) or it over raw, named `repeats`.
+fn third_side(
+    results: &[(&str, usize, Vec<Side>)],
+    heading: &str,
+    (lock, raw, side): (usize, usize, usize),
+    lock_first: bool,
+    repeats: &str,
+) {
+    println!("\n{heading}");
+    println!("|---|---|---|---|---|");
+    for (label, tasks, sides) in results {
+        let (l, r, s) = (&sides[lock], &sides[raw], &sides[side]);
+        println!(
+            "| {label} ({tasks} task{}) | {:.0} | {} | {} | {} |",
+            if *tasks == 1 { "" } else { "s" },
+            s.rate(),
+            ratios(s, r).0,
+            if lock_first {
+                ratios(l, s).0
+            } else {
+                ratios(s, l).0
+            },
+            s.latency()
+        );
+    }
+    println!();
+    for (label, _, sides) in results {
+        let per_repeat = if lock_first {
+            ratios(&sides[lock], &sides[side]).1
+        } else {
+            ratios(&sides[side], &sides[raw]).1
+        };
+        println!("- {repeats} per repeat, {label}: {per_repeat}");
     }
 }
 

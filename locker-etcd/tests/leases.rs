@@ -49,6 +49,19 @@ mod etcd {
         }
     }
 
+    /// Two acquire + release cycles of `job`: the second renews the kept lease, on a stream that
+    /// then stays open.
+    async fn two_cycles(b: &EtcdBackend) {
+        for n in 1..3 {
+            let data = record("job", n);
+            acquired(b, "job", &data, TTL).await;
+            assert_eq!(
+                b.release("job", &data.owner_hash).await.expect("release"),
+                ReleaseOutcome::Released
+            );
+        }
+    }
+
     /// The lease the lock under `key` is stored on.
     async fn lease_of(client: &mut Client, prefix: &str, key: &str) -> i64 {
         let resp = client
@@ -278,15 +291,7 @@ mod etcd {
         let _serial = SERIAL.lock().await;
         let prefix = "leases-revoked/";
         let (b, mut client) = backend(prefix).await;
-        // Two cycles: the second renews the kept lease, and keeps its stream open.
-        for n in 1..3 {
-            let data = record("job", n);
-            acquired(&b, "job", &data, TTL).await;
-            assert_eq!(
-                b.release("job", &data.owner_hash).await.expect("release"),
-                ReleaseOutcome::Released
-            );
-        }
+        two_cycles(&b).await;
         let third = record("job", 3);
         acquired(&b, "job", &third, TTL).await;
         let old = lease_of(&mut client, prefix, "job").await;
@@ -336,15 +341,7 @@ mod etcd {
         let mut client = Client::connect(config.endpoints(), None)
             .await
             .expect("client");
-        // Two cycles: the second renews the kept lease on a stream that stays open.
-        for n in 1..3 {
-            let data = record("job", n);
-            acquired(&b, "job", &data, TTL).await;
-            assert_eq!(
-                b.release("job", &data.owner_hash).await.expect("release"),
-                ReleaseOutcome::Released
-            );
-        }
+        two_cycles(&b).await;
 
         let paused = control.clone();
         tokio::task::spawn_blocking(move || paused.pause())
