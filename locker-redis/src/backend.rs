@@ -13,14 +13,16 @@ use locker_core::{
 use crate::batch::{Batcher, Op};
 use crate::config::{ClientLibrary, RedisConfig, WaitForReplicas};
 use crate::keys::key_slot;
-use crate::scripts::{open_record, owner_prefix, parse_record, parse_reply, Reply, ScriptName};
+use crate::scripts::{
+    open_record, owner_prefix, parse_record, parse_reply, Item, Reply, ScriptName,
+};
 
 /// The few things the backend needs from a client library: one script call, `GET`,
 /// `SET ... PX` and `DEL`. Each implementation maps its errors with the crate's one mapping.
 #[async_trait]
 pub(crate) trait Driver: Send + Sync + fmt::Debug + 'static {
-    /// Runs a script by SHA (loading it after `NOSCRIPT`) and returns its array of strings.
-    async fn eval(&self, script: ScriptName, keys: &[&str], args: &[&str]) -> Result<Vec<String>>;
+    /// Runs a script by SHA (loading it after `NOSCRIPT`) and returns its array of values.
+    async fn eval(&self, script: ScriptName, keys: &[&str], args: &[&str]) -> Result<Vec<Item>>;
     /// [`eval`](Self::eval), then `WAIT replicas timeout` on the connection that carried the
     /// script (pipelined, to the node that serves `keys[0]`): the script's reply and the number
     /// of replicas that acknowledged the connection's writes.
@@ -30,7 +32,7 @@ pub(crate) trait Driver: Send + Sync + fmt::Debug + 'static {
         keys: &[&str],
         args: &[&str],
         wait: WaitForReplicas,
-    ) -> Result<(Vec<String>, u64)>;
+    ) -> Result<(Vec<Item>, u64)>;
     async fn get(&self, key: &str) -> Result<Option<String>>;
     /// `MGET` of keys on one slot (any keys on a standalone server).
     async fn mget(&self, keys: &[&str]) -> Result<Vec<Option<String>>>;
@@ -158,7 +160,7 @@ impl RedisBackend {
         lock_key: String,
         counter: Option<String>,
         args: Vec<String>,
-    ) -> Result<Vec<String>> {
+    ) -> Result<Vec<Item>> {
         let group = if self.config.is_cluster() {
             key_slot(lock_key.as_bytes())
         } else {
@@ -186,7 +188,7 @@ impl RedisBackend {
         let record = open_record(data, ",\"fencingToken\":");
         let lock = self.config.keys.lock(key);
         let fence = self.config.keys.fence(&lock);
-        let mut args = Vec::with_capacity(4);
+        let mut args = Vec::with_capacity(3);
         args.extend([record, ttl]);
         let script = match how {
             Create::Acquire => {
@@ -198,7 +200,7 @@ impl RedisBackend {
                 ScriptName::Acquire
             }
             Create::TakeOver(dead_owner) => {
-                args.extend([dead_owner.to_owned(), owner_prefix(dead_owner)]);
+                args.push(owner_prefix(dead_owner));
                 ScriptName::TakeOver
             }
         };
@@ -365,12 +367,7 @@ impl LockBackend for RedisBackend {
         owner_hash: &str,
     ) -> Result<ExtendOutcome> {
         let ttl = ttl_ms(ttl)?.to_string();
-        let args = vec![
-            open_record(data, ""),
-            ttl,
-            owner_hash.to_owned(),
-            owner_prefix(owner_hash),
-        ];
+        let args = vec![open_record(data, ""), ttl, owner_prefix(owner_hash)];
         let lock = self.config.keys.lock(key);
         let (reply, acked) = match self.config.wait_for_replicas {
             None => (self.eval(ScriptName::Extend, lock, None, args).await?, None),
@@ -409,7 +406,7 @@ impl LockBackend for RedisBackend {
     }
 
     async fn release(&self, key: &str, owner_hash: &str) -> Result<ReleaseOutcome> {
-        let args = vec![owner_hash.to_owned(), owner_prefix(owner_hash)];
+        let args = vec![owner_prefix(owner_hash)];
         let lock = self.config.keys.lock(key);
         // The waiters' flag, deleted with the lock: the script publishes only if it was there.
         let waiters = self

@@ -20,7 +20,7 @@ use locker_core::{Error, Result};
 use tokio::sync::oneshot;
 
 use crate::backend::Driver;
-use crate::scripts::ScriptName;
+use crate::scripts::{values, Item, ScriptName, FAILED};
 
 /// The most operations one call carries.
 const MAX_BATCH: usize = 128;
@@ -35,7 +35,7 @@ pub(crate) struct Op {
 
 struct Job {
     op: Op,
-    answer: oneshot::Sender<Result<Vec<String>>>,
+    answer: oneshot::Sender<Result<Vec<Item>>>,
     gave_up: Arc<AtomicBool>,
 }
 
@@ -77,7 +77,7 @@ impl Batcher {
 
     /// Runs `op` in `group`: at once if fewer than [`MAX_IN_FLIGHT`] calls of the group are on
     /// their way, else with the next call.
-    pub(crate) async fn run(self: &Arc<Self>, group: u16, op: Op) -> Result<Vec<String>> {
+    pub(crate) async fn run(self: &Arc<Self>, group: u16, op: Op) -> Result<Vec<Item>> {
         let turnout = {
             let mut groups = self.groups();
             let g = groups.entry(group).or_default();
@@ -161,47 +161,36 @@ impl Batcher {
     }
 
     /// The answers of `jobs`, one call for all of them (one script call for one).
-    async fn call_many(&self, jobs: &[Job]) -> Vec<Result<Vec<String>>> {
+    async fn call_many(&self, jobs: &[Job]) -> Vec<Result<Vec<Item>>> {
         if let [job] = jobs {
             return vec![call(&*self.driver, &job.op).await];
         }
-        let mut keys = Vec::with_capacity(jobs.len() * 2);
-        let mut args = Vec::with_capacity(jobs.len() * 5);
-        for job in jobs {
-            let op = &job.op;
-            keys.push(op.keys[0].as_str());
-            keys.push(op.keys.get(1).unwrap_or(&op.keys[0]).as_str());
-            args.push(op.script.letter());
-            for i in 0..4 {
-                args.push(op.args.get(i).map_or("", String::as_str));
-            }
-        }
+        let (keys, args) = batch_call(jobs.iter().map(|j| &j.op));
         match self.driver.eval(ScriptName::Batch, &keys, &args).await {
-            Ok(reply) if reply.len() == jobs.len() * 3 => {
-                let mut reply = reply.into_iter();
-                let mut answers = Vec::with_capacity(jobs.len());
-                for job in jobs {
-                    let answer: Vec<String> = reply.by_ref().take(3).collect();
-                    if answer[0] == "ERROR" {
-                        // Nothing of it was stored: alone, it gets its own error.
-                        answers.push(call(&*self.driver, &job.op).await);
-                    } else {
-                        answers.push(Ok(answer));
+            Ok(reply) => match split(reply, jobs.len()) {
+                Some(split) => {
+                    let mut answers = Vec::with_capacity(jobs.len());
+                    for (job, answer) in jobs.iter().zip(split) {
+                        if answer.first() == Some(&FAILED) {
+                            // Nothing of it was stored: alone, it gets its own error.
+                            answers.push(call(&*self.driver, &job.op).await);
+                        } else {
+                            answers.push(Ok(answer));
+                        }
                     }
+                    answers
                 }
-                answers
-            }
-            Ok(reply) => {
-                let e = Error::new(
-                    locker_core::ErrorKind::Other,
-                    format!(
-                        "the batch script answered {} values for {} operations",
-                        reply.len(),
-                        jobs.len()
-                    ),
-                );
-                jobs.iter().map(|_| Err(e.clone())).collect()
-            }
+                None => {
+                    let e = Error::new(
+                        locker_core::ErrorKind::Other,
+                        format!(
+                            "the batch script's answer does not hold {} operations' answers",
+                            jobs.len()
+                        ),
+                    );
+                    jobs.iter().map(|_| Err(e.clone())).collect()
+                }
+            },
             // Refused as a whole before it ran (e.g. out of memory): each goes again alone, so
             // that each caller gets its own answer.
             Err(e) if !e.is_retryable() => {
@@ -216,14 +205,80 @@ impl Batcher {
     }
 }
 
+/// The keys and arguments of one [`ScriptName::Batch`] call for `ops` (of one group, so with
+/// one fencing counter): see the script's table of letters.
+fn batch_call<'a>(ops: impl Iterator<Item = &'a Op> + Clone) -> (Vec<&'a str>, Vec<&'a str>) {
+    let (mut keys, mut args) = (Vec::new(), Vec::new());
+    // The group's counter, and the liveness keys' prefix (the same for every operation of a
+    // connection); a lock key stands in for a counter no operation uses.
+    let counter = ops.clone().find_map(|op| match op.script {
+        ScriptName::Acquire | ScriptName::TakeOver => op.keys.get(1),
+        _ => None,
+    });
+    let liveness = ops.clone().find_map(|op| match op.script {
+        ScriptName::Acquire => op.args.get(2).filter(|lp| !lp.is_empty()),
+        _ => None,
+    });
+    let mut first = ops.clone();
+    keys.push(
+        counter
+            .or_else(|| first.next().map(|op| &op.keys[0]))
+            .map_or("", String::as_str),
+    );
+    args.push(liveness.map_or("", String::as_str));
+    let arg = |op: &'a Op, i: usize| op.args.get(i).map_or("", String::as_str);
+    for op in ops {
+        let letter = match op.script {
+            ScriptName::Acquire if arg(op, 2).is_empty() => "A",
+            ScriptName::Acquire => "C",
+            ScriptName::TakeOver => "T",
+            ScriptName::Extend => "E",
+            ScriptName::Release if op.keys.len() > 1 => "W",
+            ScriptName::Release => "R",
+            // Not an operation; nothing makes one.
+            ScriptName::Batch => continue,
+        };
+        keys.push(op.keys[0].as_str());
+        args.push(letter);
+        match letter {
+            "A" | "C" => args.extend([arg(op, 0), arg(op, 1)]),
+            "T" | "E" => args.extend([arg(op, 0), arg(op, 1), arg(op, 2)]),
+            _ => {
+                if letter == "W" {
+                    keys.push(op.keys[1].as_str());
+                }
+                args.push(arg(op, 0));
+            }
+        }
+    }
+    (keys, args)
+}
+
+/// The batch script's answer cut into its operations' answers (each a code and its values), or
+/// `None` if it does not hold exactly `ops` of them.
+fn split(reply: Vec<Item>, ops: usize) -> Option<Vec<Vec<Item>>> {
+    let mut answers = Vec::with_capacity(ops);
+    let mut items = reply.into_iter();
+    while let Some(code) = items.next() {
+        let n = values(&code)?;
+        let mut answer = Vec::with_capacity(1 + n);
+        answer.push(code);
+        for _ in 0..n {
+            answer.push(items.next()?);
+        }
+        answers.push(answer);
+    }
+    (answers.len() == ops).then_some(answers)
+}
+
 /// Whether an operation goes at once or waits for the next call.
 enum Turnout {
     Now(Op),
-    Queued(oneshot::Receiver<Result<Vec<String>>>, GaveUp),
+    Queued(oneshot::Receiver<Result<Vec<Item>>>, GaveUp),
 }
 
 /// One operation on its own script.
-pub(crate) async fn call(driver: &dyn Driver, op: &Op) -> Result<Vec<String>> {
+pub(crate) async fn call(driver: &dyn Driver, op: &Op) -> Result<Vec<Item>> {
     // On the stack: an operation has at most 2 keys and 4 arguments.
     let (mut keys, mut args) = ([""; 2], [""; 4]);
     if op.keys.len() > keys.len() || op.args.len() > args.len() {

@@ -19,7 +19,7 @@ use locker_core::{is_definite_io_error, Error, ErrorKind, Result};
 
 use crate::backend::Driver;
 use crate::config::{RedisConfig, Topology, WaitForReplicas};
-use crate::scripts::ScriptName;
+use crate::scripts::{Item, ScriptName};
 use crate::version;
 
 pub(crate) struct FredDriver {
@@ -195,11 +195,11 @@ async fn check_version<C: ClientLike>(client: &C, server: &str) -> Result<()> {
 
 #[async_trait]
 impl Driver for FredDriver {
-    async fn eval(&self, script: ScriptName, keys: &[&str], args: &[&str]) -> Result<Vec<String>> {
+    async fn eval(&self, script: ScriptName, keys: &[&str], args: &[&str]) -> Result<Vec<Item>> {
         let (source, sha) = &self.scripts[script.index()];
         let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        let first: std::result::Result<Vec<Option<String>>, FredError> = self
+        let first: std::result::Result<Vec<Item>, FredError> = self
             .client
             .evalsha(sha.as_str(), keys.clone(), args.clone())
             .await;
@@ -215,7 +215,7 @@ impl Driver for FredDriver {
             }
             other => other.map_err(map_error)?,
         };
-        Ok(reply.into_iter().map(Option::unwrap_or_default).collect())
+        Ok(reply)
     }
 
     async fn eval_and_wait(
@@ -224,7 +224,7 @@ impl Driver for FredDriver {
         keys: &[&str],
         args: &[&str],
         wait: WaitForReplicas,
-    ) -> Result<(Vec<String>, u64)> {
+    ) -> Result<(Vec<Item>, u64)> {
         let (source, sha) = &self.scripts[script.index()];
         let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
@@ -281,13 +281,9 @@ impl Driver for FredDriver {
             (Err(e), _) if e.details().starts_with("NOSCRIPT") => run("EVAL", source).await?,
             other => other,
         };
-        let reply: Vec<Option<String>> =
-            script_reply.and_then(|v| v.convert()).map_err(map_error)?;
+        let reply: Vec<Item> = script_reply.and_then(|v| v.convert()).map_err(map_error)?;
         let acked: u64 = wait_reply.and_then(|v| v.convert()).map_err(map_error)?;
-        Ok((
-            reply.into_iter().map(Option::unwrap_or_default).collect(),
-            acked,
-        ))
+        Ok((reply, acked))
     }
 
     async fn cluster_node_timeout(&self) -> Option<Duration> {
@@ -432,6 +428,25 @@ impl fmt::Debug for FredDriver {
         f.debug_struct("FredDriver")
             .field("server", &self.label)
             .finish()
+    }
+}
+
+/// A script's answer value: integers and strings as they come (a text of invalid UTF-8 is an
+/// error, as for any reply read as a string).
+impl fred::types::FromValue for Item {
+    fn from_value(value: Value) -> std::result::Result<Self, FredError> {
+        match value {
+            Value::Integer(i) => Ok(Item::Int(i)),
+            Value::String(text) => Ok(Item::Text(text.to_string())),
+            Value::Bytes(bytes) => String::from_utf8(bytes.to_vec())
+                .map(Item::Text)
+                .map_err(|_| FredError::new(FredKind::Parse, "a script answered invalid UTF-8")),
+            Value::Null => Ok(Item::Nil),
+            other => Err(FredError::new(
+                FredKind::Parse,
+                format!("a script answered {other:?}"),
+            )),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use redis::{
 use crate::backend::Driver;
 use crate::config::{RedisConfig, Topology, WaitForReplicas};
 use crate::notify::Subscriber;
-use crate::scripts::ScriptName;
+use crate::scripts::{Item, ScriptName};
 use crate::version;
 
 #[derive(Clone)]
@@ -280,7 +280,7 @@ async fn check_cluster_versions(conn: &mut ClusterConnection) -> Result<()> {
 
 #[async_trait]
 impl Driver for RedisDriver {
-    async fn eval(&self, script: ScriptName, keys: &[&str], args: &[&str]) -> Result<Vec<String>> {
+    async fn eval(&self, script: ScriptName, keys: &[&str], args: &[&str]) -> Result<Vec<Item>> {
         let (source, sha) = &self.scripts[script.index()];
         // Sized once: growing the command's buffers argument by argument was several
         // reallocations per call.
@@ -317,7 +317,7 @@ impl Driver for RedisDriver {
         keys: &[&str],
         args: &[&str],
         wait: WaitForReplicas,
-    ) -> Result<(Vec<String>, u64)> {
+    ) -> Result<(Vec<Item>, u64)> {
         let (source, sha) = &self.scripts[script.index()];
         // One pipeline, so one connection: `WAIT` counts the writes of the connection it is
         // sent on. The cluster connection routes a pipeline by its first key (the lock's), to
@@ -345,7 +345,7 @@ impl Driver for RedisDriver {
                 value => Ok(value),
             }
         };
-        let reply: Vec<String> =
+        let reply: Vec<Item> =
             redis::from_redis_value(from_value(script_reply)?).map_err(|e| map_error(e.into()))?;
         let acked: u64 =
             redis::from_redis_value(from_value(wait_reply)?).map_err(|e| map_error(e.into()))?;
@@ -534,6 +534,20 @@ impl RedisDriver {
         match self.conn.clone() {
             Conn::Standalone(mut c) => cmd.query_async(&mut c).await,
             Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
+        }
+    }
+}
+
+/// A script's answer value: integers and strings as they come (a text of invalid UTF-8 is an
+/// error, as for any reply read as a string).
+impl redis::FromRedisValue for Item {
+    fn from_redis_value(v: Value) -> std::result::Result<Self, redis::ParsingError> {
+        match v {
+            Value::Int(i) => Ok(Item::Int(i)),
+            Value::BulkString(bytes) => Ok(Item::Text(String::from_utf8(bytes)?)),
+            Value::SimpleString(text) => Ok(Item::Text(text)),
+            Value::Nil => Ok(Item::Nil),
+            other => Err(format!("a script answered {other:?}").into()),
         }
     }
 }

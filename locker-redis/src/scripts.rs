@@ -1,9 +1,9 @@
 //! The server-side scripts: each compare-and-set is one `EVALSHA`, with the Node library's
 //! semantics (an empty value is no lock; ownership is the decoded record's `ownerHash`).
 //!
-//! Every script answers a status, with a fencing token where it stored one, and the stored
-//! record where it is someone else's. A stored value that is not a lock record answers
-//! `CORRUPT` and is left as it is.
+//! Every script answers a code, with a fencing token where it stored one, and the stored
+//! record where it is someone else's (see [`Reply`] and [`values`]). A stored value that is not
+//! a lock record answers `CORRUPT` and is left as it is.
 //!
 //! What a script costs the server is mostly its `redis.call`s (each a few microseconds inside a
 //! script, more for one that creates a key): the common paths make as few as they can (an
@@ -12,18 +12,25 @@
 //! counter's share of the call; a release: `GET`, `DEL`) and compare owner hashes without
 //! decoding records.
 //!
+//! What a script costs the server besides its calls is mostly the strings that enter Lua: each
+//! key and argument, each value a call returns and each string the script builds is interned,
+//! and Redis's Lua hashes every byte of it. So the arguments are what the operation needs and
+//! no more (an owner's record prefix, not the owner hash beside it; the batch's counter and
+//! liveness prefix once per call, not once per operation), and the answers are numbers where
+//! they can be: codes and new tokens are integers, which the client reads without allocating.
+//!
 //! Fencing tokens: acquisition sets its slot's counter (see `keys`) to `max(counter + 1, server
 //! time in µs)` and appends the token to the record. Tokens stay below 2^53, so JavaScript
 //! readers see them exactly.
 
 use locker_core::{Error, ErrorKind, LockData, Result};
 
-/// The scripts' logic, as Lua functions of their keys and arguments, each answering up to three
-/// values: a status, then a token and/or a record. Every script starts with those it needs and
+/// The scripts' logic, as Lua functions of their keys and arguments, each answering a code (an
+/// integer) and up to two values: a token and/or a record. Every script starts with those it needs and
 /// calls one (or, for [`ScriptName::Batch`], one per operation).
 ///
-/// - `owned(cur, owner, prefix)`: whether the stored value `cur` is `owner`'s (whose records
-///   start with `prefix`, `{"ownerHash":"…",`): `true`, `false`, or `nil` for a value that is
+/// - `owned(cur, prefix)`: whether the stored value `cur` is the owner's whose records start
+///   with `prefix` (`{"ownerHash":"…",`; the slow path decodes the owner hash from it): `true`, `false`, or `nil` for a value that is
 ///   not a lock record. Fast paths, without decoding: a value that starts with the prefix and
 ///   ends with `}` is the owner's (records are written by the scripts from the client's JSON,
 ///   so an owner's own record always has that form; the Node library writes `ownerHash` first,
@@ -37,12 +44,12 @@ use locker_core::{Error, ErrorKind, LockData, Result};
 ///   tokens of earlier versions of this library, which were the same floor over a counter per
 ///   key: a fleet can be upgraded process by process. A counter that is not a number counts as
 ///   missing, as before. The server time is read once per script call and each counter once,
-///   and `store_counters()` writes back the counters it drew from, at the end: a batch of N acquires costs
-///   one `TIME`, one `GET` and one `SET` of its slot's counter, not N of each. (Tokens within
+///   and `store_counters()` writes back the counters it drew from, at the end: a batch of N
+///   acquires costs one `TIME`, one `GET` and one `SET` of its slot's counter, not N of each. (Tokens within
 ///   a call still grow by one from the last: the same as N calls in the same microsecond.)
 ///   The counter write comes after the locks' writes; it cannot fail then (a script that has
 ///   written is not refused for memory, and `SET` replaces a value of any type).
-/// - `acquire(lk, fk, rec, ttl, lp)`: a free key is stored (`ACQUIRED`, token). In a batch on
+/// - `acquire(lk, fk, rec, ttl, lp)`: a free key is stored (`ACQUIRED`: 1, token). In a batch on
 ///   Redis 7.0 or newer (`redis.REDIS_VERSION_NUM`, which older servers lack, so each node
 ///   decides for itself), one `SET … NX PX … GET` both stores a free key and reads a held one:
 ///   one command for either answer where a `GET` then a `SET` were two (each `redis.call`
@@ -51,13 +58,15 @@ use locker_core::{Error, ErrorKind, LockData, Result};
 ///   library's terms) is then stored by a plain `SET`. A lone acquire (no batch) reads the key
 ///   first, so that a try on a held key reads neither the time nor a counter. A held one,
 ///   when `lp` (the liveness keys' prefix) is not empty, has its holder's liveness record
-///   looked at (`lp` then the holder's `processHash`): there, `LIVE` and the record; missing,
-///   the lock is replaced (`TOOKOVER`, token, the dead holder's record). With an empty `lp`,
-///   `HELD` and the record.
-/// - `take_over(lk, fk, rec, ttl, dead, prefix)`: stores `rec` if the key is free or `dead`'s.
-/// - `extend(lk, fk, rec, ttl, owner, prefix)`: rewrites `owner`'s record with `rec` (open at
-///   its end, no token) and keeps the stored token (`EXTENDED`, token or empty).
-/// - `release(lk, wk, owner, prefix)`: deletes `owner`'s record (`RELEASED`). When the script
+///   looked at (`lp` then the holder's `processHash`): there, `LIVE` (8) and the record;
+///   missing, the lock is replaced (`TOOKOVER`: 2, token, the dead holder's record). With an
+///   empty `lp`, `HELD` (7) and the record.
+/// - `take_over(lk, fk, rec, ttl, prefix)`: stores `rec` if the key is free or the dead
+///   owner's whose records start with `prefix`.
+/// - `extend(lk, rec, ttl, prefix)`: rewrites the owner's record with `rec` (open at its end,
+///   no token) and keeps the stored token (`EXTENDED`: 3 and the token's digits, or 4 for a
+///   record without one); `NOKEY` (6) for no lock.
+/// - `release(lk, wk, prefix)`: deletes the owner's record (`RELEASED`: 5; `NOKEY`: 6). When the script
 ///   was made with `NOTIFY` (release events on) and is given the lock's waiters' flag `wk`
 ///   (see `keys`), it deletes the flag with the lock, in the same `DEL`, and if the flag was
 ///   there (someone waits) publishes an empty message on the channel named as the lock key, to
@@ -65,8 +74,8 @@ use locker_core::{Error, ErrorKind, LockData, Result};
 ///   `PUBLISH` the server refuses (an ACL user without channel rights: Redis 7's default for
 ///   new users) is ignored: the release happened, and waiters poll.
 const OWNED: &str = r#"
-local function owned(cur, owner, prefix)
-  if string.sub(cur, 1, #prefix) == prefix and string.byte(cur, -1) == 125 then return true end
+local function owned(cur, prefix)
+  if string.find(cur, prefix, 1, true) == 1 and string.byte(cur, -1) == 125 then return true end
   local plain = string.match(cur, '^{"ownerHash":"([^"\\]*)",')
   if plain and plain ~= string.sub(prefix, 15, -3) then return false end
   local ok, d = pcall(cjson.decode, cur)
@@ -75,7 +84,8 @@ local function owned(cur, owner, prefix)
       or type(d.extendedAt) ~= 'string' then
     return nil
   end
-  return d.ownerHash == owner
+  local okp, owner = pcall(cjson.decode, string.sub(prefix, 14, -2))
+  return okp and d.ownerHash == owner
 end
 "#;
 
@@ -97,12 +107,12 @@ end
 local function drawn(fk, token)
   last[fk] = token
   dirty[fk] = true
-  return string.format('%d', token)
 end
 local function create(lk, fk, rec, ttl)
-  local tok = drawn(fk, next_token(fk))
-  redis.call('SET', lk, rec .. tok .. '}', 'PX', ttl)
-  return tok
+  local token = next_token(fk)
+  redis.call('SET', lk, rec .. string.format('%d', token) .. '}', 'PX', ttl)
+  drawn(fk, token)
+  return token
 end
 local function store_counters()
   for fk in pairs(dirty) do redis.call('SET', fk, string.format('%d', last[fk])) end
@@ -114,120 +124,146 @@ local function acquire(lk, fk, rec, ttl, lp)
   local cur
   if SET_GET then
     local token = next_token(fk)
-    local tok = string.format('%d', token)
-    cur = redis.call('SET', lk, rec .. tok .. '}', 'NX', 'PX', ttl, 'GET')
+    cur = redis.call('SET', lk, rec .. string.format('%d', token) .. '}', 'NX', 'PX', ttl, 'GET')
     if not cur then
       drawn(fk, token)
-      return 'ACQUIRED', tok
+      return 1, token
     end
   else
     cur = redis.call('GET', lk)
   end
-  if not cur or cur == '' then return 'ACQUIRED', create(lk, fk, rec, ttl) end
-  if lp == '' then return 'HELD', cur end
+  if not cur or cur == '' then return 1, create(lk, fk, rec, ttl) end
+  if lp == '' then return 7, cur end
   local ph = string.match(cur, '^{"ownerHash":"[^"\\]*","processHash":"([^"\\]*)",')
   if not ph then
     local ok, d = pcall(cjson.decode, cur)
     if not ok or type(d) ~= 'table' or type(d.processHash) ~= 'string' then
-      return 'CORRUPT', cur
+      return 9, cur
     end
     ph = d.processHash
   end
   local alive = redis.call('GET', lp .. ph)
-  if alive and alive ~= '' then return 'LIVE', cur end
-  return 'TOOKOVER', create(lk, fk, rec, ttl), cur
+  if alive and alive ~= '' then return 8, cur end
+  return 2, create(lk, fk, rec, ttl), cur
 end
 "#;
 
 const TAKE_OVER: &str = r#"
-local function take_over(lk, fk, rec, ttl, dead, prefix)
+local function take_over(lk, fk, rec, ttl, prefix)
   local cur = redis.call('GET', lk)
   if cur and cur ~= '' then
-    local o = owned(cur, dead, prefix)
-    if o == nil then return 'CORRUPT', cur end
-    if not o then return 'HELD', cur end
+    local o = owned(cur, prefix)
+    if o == nil then return 9, cur end
+    if not o then return 7, cur end
   end
-  return 'ACQUIRED', create(lk, fk, rec, ttl)
+  return 1, create(lk, fk, rec, ttl)
 end
 "#;
 
 const EXTEND: &str = r#"
-local function extend(lk, fk, rec, ttl, owner, prefix)
+local function extend(lk, rec, ttl, prefix)
   local cur = redis.call('GET', lk)
-  if not cur or cur == '' then return 'NOKEY' end
-  local o = owned(cur, owner, prefix)
-  if o == nil then return 'CORRUPT', cur end
-  if not o then return 'HELD', cur end
+  if not cur or cur == '' then return 6 end
+  local o = owned(cur, prefix)
+  if o == nil then return 9, cur end
+  if not o then return 7, cur end
   local tok = string.match(cur, ',"fencingToken":(%d+)}$')
   if not tok then
     local ok, d = pcall(cjson.decode, cur)
-    if not ok or type(d) ~= 'table' then return 'CORRUPT', cur end
+    if not ok or type(d) ~= 'table' then return 9, cur end
     if type(d.fencingToken) == 'number' then tok = string.format('%d', d.fencingToken) end
   end
   if tok then
     redis.call('SET', lk, rec .. ',"fencingToken":' .. tok .. '}', 'PX', ttl)
-    return 'EXTENDED', tok
+    return 3, tok
   end
   redis.call('SET', lk, rec .. '}', 'PX', ttl)
-  return 'EXTENDED', ''
+  return 4
 end
 "#;
 
 const RELEASE: &str = r#"
-local function release(lk, wk, owner, prefix)
+local function release(lk, wk, prefix)
   local cur = redis.call('GET', lk)
-  if not cur or cur == '' then return 'NOKEY' end
-  local o = owned(cur, owner, prefix)
-  if o == nil then return 'CORRUPT', cur end
-  if not o then return 'HELD', cur end
+  if not cur or cur == '' then return 6 end
+  local o = owned(cur, prefix)
+  if o == nil then return 9, cur end
+  if not o then return 7, cur end
   if NOTIFY and wk ~= lk then
     if redis.call('DEL', lk, wk) > 1 then pcall(redis.call, 'PUBLISH', lk, '') end
   else
     redis.call('DEL', lk)
   end
-  return 'RELEASED'
+  return 5
 end
 "#;
 
 /// One operation's script: the functions it needs (each `local function` is a closure made at
 /// every call of the script, so a script carries no more than it calls), then a call of the
-/// last with the script's keys (lock, counter; the lock twice for extend and release) and
-/// arguments (up to four).
-fn single(functions: &[&str], function: &str, notify: bool) -> String {
+/// last with `call`'s keys and arguments; it answers the function's values.
+fn single(functions: &[&str], call: &str, notify: bool) -> String {
     let store = if functions.contains(&CREATE) {
         "store_counters()\n"
     } else {
         ""
     };
     format!(
-        "local NOTIFY = {notify}\nlocal SET_GET = false\n{}\nlocal s, a, b = {function}(KEYS[1], KEYS[2] or KEYS[1], ARGV[1], ARGV[2], \
-         ARGV[3] or '', ARGV[4] or '')\n{store}return {{s, a or '', b or ''}}\n",
+        "local NOTIFY = {notify}\nlocal SET_GET = false\n{}\nlocal out = {{{call}}}\n{store}return out\n",
         functions.concat()
     )
 }
 
-/// Several operations in one call: KEYS has two keys per operation (lock, counter), ARGV five
-/// values (the operation's letter, then its four arguments, padded with empty strings); the
-/// answer is three values per operation. On a cluster, all the keys must be on one slot.
+/// Several operations in one call. KEYS: the group's fencing counter, then each operation's
+/// lock key (and, for `W`, its waiters' flag). ARGV: the liveness keys' prefix, then each
+/// operation's letter and its arguments:
 ///
-/// An operation whose command fails (a lock key of another type) answers `ERROR` and the others
-/// go on: no operation writes before the command that
-/// can fail it, so nothing of it was stored, and the client sends it again alone to get its
-/// error.
+/// | letter | operation | keys | arguments |
+/// |---|---|---|---|
+/// | `A` | acquire | lock | open record, ttl ms |
+/// | `C` | acquire, looking at a holder's liveness | lock | open record, ttl ms |
+/// | `T` | take over | lock | open record, ttl ms, the dead owner's record prefix |
+/// | `E` | extend | lock | open record (no token), ttl ms, the owner's record prefix |
+/// | `R` | release | lock | the owner's record prefix |
+/// | `W` | release, deleting the waiters' flag | lock, flag | the owner's record prefix |
+///
+/// The answer is each operation's code and values, one after another (see [`values`]). On a
+/// cluster, all the keys must be on one slot (so every operation has the same counter).
+///
+/// An operation whose command fails (a lock key of another type) answers code 0 and the
+/// others go on: no operation writes before the command that can fail it, so nothing of it
+/// was stored, and the client sends it again alone to get its error.
 fn batch(notify: bool) -> String {
     format!(
         r#"local NOTIFY = {notify}
 local SET_GET = (redis.REDIS_VERSION_NUM or 0) >= 0x070000
 {OWNED}{CREATE}{ACQUIRE}{TAKE_OVER}{EXTEND}{RELEASE}
-local ops = {{A = acquire, T = take_over, E = extend, R = release}}
-local out = {{}}
-for k = 0, #KEYS / 2 - 1 do
-  local ok, s, a, b = pcall(ops[ARGV[5 * k + 1]], KEYS[2 * k + 1], KEYS[2 * k + 2],
-    ARGV[5 * k + 2], ARGV[5 * k + 3], ARGV[5 * k + 4], ARGV[5 * k + 5])
-  if not ok then s, a, b = 'ERROR', '', '' end
-  out[3 * k + 1] = s
-  out[3 * k + 2] = a or ''
-  out[3 * k + 3] = b or ''
+local fk, lp = KEYS[1], ARGV[1]
+local out, n, k, a = {{}}, 0, 2, 2
+while a <= #ARGV do
+  local op, ok, s, x, y = ARGV[a]
+  if op == 'A' or op == 'C' then
+    ok, s, x, y = pcall(acquire, KEYS[k], fk, ARGV[a + 1], ARGV[a + 2], op == 'C' and lp or '')
+    k, a = k + 1, a + 3
+  elseif op == 'R' then
+    ok, s, x, y = pcall(release, KEYS[k], KEYS[k], ARGV[a + 1])
+    k, a = k + 1, a + 2
+  elseif op == 'W' then
+    ok, s, x, y = pcall(release, KEYS[k], KEYS[k + 1], ARGV[a + 1])
+    k, a = k + 2, a + 2
+  elseif op == 'E' then
+    ok, s, x, y = pcall(extend, KEYS[k], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
+    k, a = k + 1, a + 4
+  elseif op == 'T' then
+    ok, s, x, y = pcall(take_over, KEYS[k], fk, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
+    k, a = k + 1, a + 4
+  else
+    return redis.error_reply('unknown batch operation')
+  end
+  if not ok then s, x, y = 0, nil, nil end
+  n = n + 1
+  out[n] = s
+  if x then n = n + 1; out[n] = x end
+  if y then n = n + 1; out[n] = y end
 end
 store_counters()
 return out
@@ -241,11 +277,11 @@ pub(crate) enum ScriptName {
     /// KEYS: lock, counter. ARGV: open record (`{…,"fencingToken":`), ttl ms, liveness key
     /// prefix (empty: do not look at the holder's liveness).
     Acquire,
-    /// KEYS: lock, counter. ARGV: open record, ttl ms, dead owner hash, its record's prefix.
+    /// KEYS: lock, counter. ARGV: open record, ttl ms, the dead owner's record prefix.
     TakeOver,
-    /// KEYS: lock. ARGV: open record (without token), ttl ms, owner hash, its record's prefix.
+    /// KEYS: lock. ARGV: open record (without token), ttl ms, the owner's record prefix.
     Extend,
-    /// KEYS: lock. ARGV: owner hash, its record's prefix.
+    /// KEYS: lock, and optionally its waiters' flag. ARGV: the owner's record prefix.
     Release,
     /// Several of the above; see [`batch`].
     Batch,
@@ -264,22 +300,27 @@ impl ScriptName {
     /// (standalone servers only: on a cluster a `PUBLISH` goes to every node).
     pub(crate) fn source(self, notify: bool) -> String {
         match self {
-            ScriptName::Acquire => single(&[CREATE, ACQUIRE], "acquire", notify),
-            ScriptName::TakeOver => single(&[OWNED, CREATE, TAKE_OVER], "take_over", notify),
-            ScriptName::Extend => single(&[OWNED, EXTEND], "extend", notify),
-            ScriptName::Release => single(&[OWNED, RELEASE], "release", notify),
+            ScriptName::Acquire => single(
+                &[CREATE, ACQUIRE],
+                "acquire(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])",
+                notify,
+            ),
+            ScriptName::TakeOver => single(
+                &[OWNED, CREATE, TAKE_OVER],
+                "take_over(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])",
+                notify,
+            ),
+            ScriptName::Extend => single(
+                &[OWNED, EXTEND],
+                "extend(KEYS[1], ARGV[1], ARGV[2], ARGV[3])",
+                notify,
+            ),
+            ScriptName::Release => single(
+                &[OWNED, RELEASE],
+                "release(KEYS[1], KEYS[2] or KEYS[1], ARGV[1])",
+                notify,
+            ),
             ScriptName::Batch => batch(notify),
-        }
-    }
-
-    /// The operation's letter in a [`ScriptName::Batch`] call.
-    pub(crate) fn letter(self) -> &'static str {
-        match self {
-            ScriptName::Acquire => "A",
-            ScriptName::TakeOver => "T",
-            ScriptName::Extend => "E",
-            ScriptName::Release => "R",
-            ScriptName::Batch => "",
         }
     }
 
@@ -287,6 +328,32 @@ impl ScriptName {
         self as usize
     }
 }
+
+/// One value of a script's answer, as the client library read it: the scripts answer numbers
+/// (codes, new tokens) as integers, so that the client allocates nothing for them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Item {
+    Int(i64),
+    Text(String),
+    Nil,
+}
+
+/// How many values follow an answer's code, or `None` for no known code. The codes: 0 the
+/// batch could not run the operation (its command failed); 1 `ACQUIRED`, token; 2 `TOOKOVER`,
+/// token, the dead holder's record; 3 `EXTENDED`, the kept token's digits; 4 `EXTENDED`, no
+/// token; 5 `RELEASED`; 6 `NOKEY`; 7 `HELD`, record; 8 `LIVE`, record; 9 `CORRUPT`, the value.
+pub(crate) fn values(code: &Item) -> Option<usize> {
+    match code {
+        Item::Int(0 | 4 | 5 | 6) => Some(0),
+        Item::Int(1 | 3 | 7 | 8 | 9) => Some(1),
+        Item::Int(2) => Some(2),
+        _ => None,
+    }
+}
+
+/// The code of an operation the batch script could not run (its command failed); it answers
+/// no values.
+pub(crate) const FAILED: Item = Item::Int(0);
 
 /// A script's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -305,38 +372,49 @@ pub(crate) enum Reply {
     Live(String),
 }
 
-/// Reads a script's answer; a stored value that is not a record becomes a `Corrupt` error.
-pub(crate) fn parse_reply(key: &str, reply: Vec<String>) -> Result<Reply> {
-    let mut it = reply.into_iter();
-    let status = it.next().unwrap_or_default();
-    let mut value = || it.next().ok_or_else(|| unexpected(key, &status));
-    let token = |s: String| s.parse::<u64>().map_err(|_| unexpected(key, &status));
-    match status.as_str() {
-        "ACQUIRED" => Ok(Reply::Acquired(token(value()?)?)),
-        "TOOKOVER" => {
-            let tok = token(value()?)?;
-            Ok(Reply::TookOver(tok, value()?))
-        }
-        "EXTENDED" => match value()? {
-            t if t.is_empty() => Ok(Reply::Extended(None)),
-            t => Ok(Reply::Extended(Some(token(t)?))),
-        },
-        "HELD" => Ok(Reply::Held(value()?)),
-        "LIVE" => Ok(Reply::Live(value()?)),
-        "RELEASED" => Ok(Reply::Released),
-        "NOKEY" => Ok(Reply::NoKey),
-        "CORRUPT" => Err(LockData::from_json(&value().unwrap_or_default())
-            .err()
-            .unwrap_or_else(|| Error::corrupt("the stored value is not a lock record"))
-            .with_key(key)),
-        _ => Err(unexpected(key, &status)),
+/// Reads a script's answer (a code, then its values); a stored value that is not a record
+/// becomes a `Corrupt` error.
+pub(crate) fn parse_reply(key: &str, reply: Vec<Item>) -> Result<Reply> {
+    let bad = || unexpected(key, &reply);
+    let token = |item: &Item| match item {
+        Item::Int(t) => u64::try_from(*t).ok(),
+        Item::Text(t) => t.parse::<u64>().ok(),
+        Item::Nil => None,
+    };
+    let text = |item: &Item| match item {
+        Item::Text(t) => Some(t.clone()),
+        _ => None,
+    };
+    let (code, rest) = reply.split_first().ok_or_else(bad)?;
+    if values(code) != Some(rest.len()) {
+        return Err(bad());
     }
+    let Item::Int(code) = code else {
+        return Err(bad());
+    };
+    Ok(match (code, rest) {
+        (1, [t]) => Reply::Acquired(token(t).ok_or_else(bad)?),
+        (2, [t, r]) => Reply::TookOver(token(t).ok_or_else(bad)?, text(r).ok_or_else(bad)?),
+        (3, [t]) => Reply::Extended(Some(token(t).ok_or_else(bad)?)),
+        (4, []) => Reply::Extended(None),
+        (5, []) => Reply::Released,
+        (6, []) => Reply::NoKey,
+        (7, [r]) => Reply::Held(text(r).ok_or_else(bad)?),
+        (8, [r]) => Reply::Live(text(r).ok_or_else(bad)?),
+        (9, [r]) => {
+            return Err(LockData::from_json(&text(r).unwrap_or_default())
+                .err()
+                .unwrap_or_else(|| Error::corrupt("the stored value is not a lock record"))
+                .with_key(key))
+        }
+        _ => return Err(bad()),
+    })
 }
 
-fn unexpected(key: &str, status: &str) -> Error {
+fn unexpected(key: &str, reply: &[Item]) -> Error {
     Error::new(
         ErrorKind::Other,
-        format!("unexpected script reply {status:?}"),
+        format!("unexpected script reply {reply:?}"),
     )
     .with_key(key)
 }
@@ -384,42 +462,56 @@ mod tests {
 
     #[test]
     fn replies_parse_into_typed_outcomes() {
-        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(parse_reply("k", s(&["NOKEY"])).expect("ok"), Reply::NoKey);
+        use Item::{Int, Nil, Text};
+        let t = |s: &str| Text(s.to_owned());
+        assert_eq!(parse_reply("k", vec![Int(6)]).expect("ok"), Reply::NoKey);
+        assert_eq!(parse_reply("k", vec![Int(5)]).expect("ok"), Reply::Released);
         assert_eq!(
-            parse_reply("k", s(&["RELEASED"])).expect("ok"),
-            Reply::Released
-        );
-        assert_eq!(
-            parse_reply("k", s(&["HELD", "{}"])).expect("ok"),
+            parse_reply("k", vec![Int(7), t("{}")]).expect("ok"),
             Reply::Held("{}".into())
         );
         assert_eq!(
-            parse_reply("k", s(&["ACQUIRED", "1764000000000001"])).expect("ok"),
+            parse_reply("k", vec![Int(8), t("{}")]).expect("ok"),
+            Reply::Live("{}".into())
+        );
+        assert_eq!(
+            parse_reply("k", vec![Int(1), Int(1_764_000_000_000_001)]).expect("ok"),
             Reply::Acquired(1_764_000_000_000_001)
         );
         assert_eq!(
-            parse_reply("k", s(&["TOOKOVER", "9", "{}"])).expect("ok"),
+            parse_reply("k", vec![Int(2), Int(9), t("{}")]).expect("ok"),
             Reply::TookOver(9, "{}".into())
         );
+        // A token kept by an extension is the stored record's digits.
         assert_eq!(
-            parse_reply("k", s(&["EXTENDED", ""])).expect("ok"),
+            parse_reply("k", vec![Int(3), t("18446744073709551615")]).expect("ok"),
+            Reply::Extended(Some(u64::MAX))
+        );
+        assert_eq!(
+            parse_reply("k", vec![Int(4)]).expect("ok"),
             Reply::Extended(None)
         );
-        let e = parse_reply("k", s(&["CORRUPT", "garbage"])).expect_err("corrupt");
+        let e = parse_reply("k", vec![Int(9), t("garbage")]).expect_err("corrupt");
         assert_eq!(e.kind(), ErrorKind::Corrupt);
         assert_eq!(e.key(), Some("k"));
         for bad in [
-            s(&[]),
-            s(&["HELD"]),
-            s(&["WHAT", "x"]),
-            s(&["ACQUIRED", "x"]),
-            s(&["ACQUIRED", "-1"]),
-            s(&["TOOKOVER", "1"]),
+            vec![],
+            vec![Int(7)],
+            vec![Int(0)],
+            vec![Int(10), t("x")],
+            vec![t("HELD"), t("x")],
+            vec![Int(1), t("x")],
+            vec![Int(1), Int(-1)],
+            vec![Int(1), Nil],
+            vec![Int(3), t("18446744073709551616")],
+            vec![Int(2), Int(1)],
+            vec![Int(7), Int(1)],
+            vec![Int(5), Nil],
         ] {
             assert_eq!(
-                parse_reply("k", bad).expect_err("bad").kind(),
-                ErrorKind::Other
+                parse_reply("k", bad.clone()).expect_err("bad").kind(),
+                ErrorKind::Other,
+                "{bad:?}"
             );
         }
     }

@@ -238,3 +238,153 @@ async fn batched_acquires_store_and_read_in_one_command_redis_rs() {
 async fn batched_acquires_store_and_read_in_one_command_fred() {
     batched_acquires_store_and_read_in_one_command(ClientLibrary::Fred).await;
 }
+
+/// Every kind of operation, concurrently, so that the batches mix them (each letter of the
+/// batch script, with keys and arguments of different counts per operation): each keeps its
+/// own answer, and they share calls.
+async fn every_kind_of_operation_keeps_its_answer_in_a_batch(client: ClientLibrary) {
+    use locker_core::{AcquireOutcome, ExtendOutcome};
+    let (_server, b, mut redis) = private_backend(client, "mixed{one}:").await;
+    let n = 40;
+    // Held by `holder(i)`, whose process is alive.
+    let holder = |i: usize| record(&format!("held-{i}"), 1000 + i);
+    let mut held = Vec::new();
+    for i in 0..n {
+        let mine = holder(i);
+        b.ping(&mine.process_hash, &ProcessData::now(), TTL)
+            .await
+            .expect("ping");
+        match b
+            .acquire(&format!("held-{i}"), &mine, TTL)
+            .await
+            .expect("acquire")
+        {
+            AcquireOutcome::Acquired(stored) => held.push(stored),
+            other => panic!("{other:?}"),
+        }
+    }
+    let before = evalsha_calls(&mut redis).await;
+    let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    for (i, stored) in held.iter().cloned().enumerate() {
+        let key = format!("held-{i}");
+        let stranger = record(&key, 2000 + i);
+        let (b1, b2, b3, b4, b5) = (b.clone(), b.clone(), b.clone(), b.clone(), b.clone());
+        let (k1, k2, k3, k4, k5) = (key.clone(), key.clone(), key.clone(), key.clone(), key);
+        let (s1, s2, s3) = (stranger.clone(), stranger.clone(), stranger);
+        let owner = stored.owner_hash.clone();
+        let token = stored.fencing_token;
+        // The owner extends: the token stays.
+        let extended = stored.clone();
+        tasks.push(tokio::spawn(async move {
+            match b1
+                .extend(&k1, &extended, TTL, &owner)
+                .await
+                .expect("extend")
+            {
+                ExtendOutcome::Extended(data) => assert_eq!(data.fencing_token, token),
+                other => panic!("{other:?}"),
+            }
+        }));
+        // A stranger extends, releases, acquires (plain and checked) and takes over from a
+        // dead owner who is not the holder: each finds the holder's record.
+        let holder_hash = stored.owner_hash.clone();
+        tasks.push(tokio::spawn(async move {
+            let h = &holder_hash;
+            match b2
+                .extend(&k2, &s1, TTL, &s1.owner_hash)
+                .await
+                .expect("extend")
+            {
+                ExtendOutcome::Held(r) => assert_eq!(&r.owner_hash, h),
+                other => panic!("{other:?}"),
+            }
+        }));
+        let holder_hash = stored.owner_hash.clone();
+        tasks.push(tokio::spawn(async move {
+            match b3.release(&k3, &s2.owner_hash).await.expect("release") {
+                ReleaseOutcome::Held(r) => assert_eq!(&r.owner_hash, &holder_hash),
+                other => panic!("{other:?}"),
+            }
+        }));
+        let holder_hash = stored.owner_hash.clone();
+        tasks.push(tokio::spawn(async move {
+            match b4.acquire(&k4, &s3, TTL).await.expect("acquire") {
+                AcquireOutcome::Held(r) => assert_eq!(&r.owner_hash, &holder_hash),
+                other => panic!("{other:?}"),
+            }
+            match b4.acquire_checked(&k4, &s3, TTL).await.expect("acquire") {
+                AcquireDecision::HeldByLive(r) => assert_eq!(&r.owner_hash, &holder_hash),
+                other => panic!("{other:?}"),
+            }
+        }));
+        let holder_hash = stored.owner_hash.clone();
+        tasks.push(tokio::spawn(async move {
+            let heir = record(&k5, 3000 + i);
+            match b5
+                .take_over(&k5, &heir, TTL, "someone-else@nowhere/1.1.1")
+                .await
+                .expect("take over")
+            {
+                AcquireOutcome::Held(r) => assert_eq!(&r.owner_hash, &holder_hash),
+                other => panic!("{other:?}"),
+            }
+        }));
+        // On keys nobody holds: an extend and a release find nothing; a take-over of a dead
+        // owner's lock that is gone stores the heir's.
+        let b6 = b.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = format!("free-{i}");
+            let mine = record(&key, 4000 + i);
+            assert_eq!(
+                b6.extend(&key, &mine, TTL, &mine.owner_hash)
+                    .await
+                    .expect("extend"),
+                ExtendOutcome::NoKey
+            );
+            assert_eq!(
+                b6.release(&key, &mine.owner_hash).await.expect("release"),
+                ReleaseOutcome::NoKey
+            );
+            match b6
+                .take_over(&key, &mine, TTL, "dead@nowhere/1.1.1")
+                .await
+                .expect("take over")
+            {
+                AcquireOutcome::Acquired(stored) => {
+                    assert_eq!(stored.owner_hash, mine.owner_hash);
+                    assert!(stored.fencing_token.is_some());
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(
+                b6.release(&key, &mine.owner_hash).await.expect("release"),
+                ReleaseOutcome::Released
+            );
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let calls = evalsha_calls(&mut redis).await - before;
+    let operations = (n * 10) as u64;
+    assert!(
+        calls < operations / 2,
+        "{operations} concurrent operations took {calls} script calls: not grouped"
+    );
+    // Every holder's lock is still its own, extended by its owner only.
+    for (i, stored) in held.iter().enumerate() {
+        let now = b.read(&format!("held-{i}")).await.expect("read");
+        assert_eq!(now.map(|r| r.owner_hash), Some(stored.owner_hash.clone()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_operation_in_a_batch_redis_rs() {
+    every_kind_of_operation_keeps_its_answer_in_a_batch(ClientLibrary::Redis).await;
+}
+
+#[cfg(feature = "fred")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_operation_in_a_batch_fred() {
+    every_kind_of_operation_keeps_its_answer_in_a_batch(ClientLibrary::Fred).await;
+}
