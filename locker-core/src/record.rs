@@ -146,34 +146,38 @@ mod js_date {
     use serde::{Deserializer, Serializer};
 
     pub(super) fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&JsDate(t))
+        match digits(t) {
+            Some(b) => s.serialize_str(std::str::from_utf8(&b).map_err(serde::ser::Error::custom)?),
+            None => s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true)),
+        }
     }
 
-    /// `to_rfc3339_opts(SecondsFormat::Millis, true)`, written without a `String` for the
-    /// years JavaScript writes with four digits (every record's, in practice): two
-    /// allocations fewer per record.
-    pub(super) struct JsDate<'a>(pub(super) &'a DateTime<Utc>);
-
-    impl std::fmt::Display for JsDate<'_> {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            use chrono::{Datelike, Timelike};
-            let t = self.0;
-            // A leap second (nanoseconds past 10^9) or a year of another width: chrono's way.
-            if !(0..=9999).contains(&t.year()) || t.nanosecond() >= 1_000_000_000 {
-                return f.write_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true));
-            }
-            write!(
-                f,
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-                t.year(),
-                t.month(),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second(),
-                t.nanosecond() / 1_000_000
-            )
+    /// `to_rfc3339_opts(SecondsFormat::Millis, true)`, digit by digit into 24 bytes, for the
+    /// years JavaScript writes with four digits (every record's, in practice) and no leap
+    /// second: neither a `String` nor the formatting machinery (which cost about 5 % of a lock
+    /// cycle's client CPU in a profile at 64 tasks).
+    fn digits(t: &DateTime<Utc>) -> Option<[u8; 24]> {
+        use chrono::{Datelike, Timelike};
+        let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
+        if t.nanosecond() >= 1_000_000_000 {
+            return None;
         }
+        let mut b = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, width: usize, mut v: u32| {
+            for i in (at..at + width).rev() {
+                // A digit: `v % 10` is below 10.
+                b[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, 4, year);
+        put(5, 2, t.month());
+        put(8, 2, t.day());
+        put(11, 2, t.hour());
+        put(14, 2, t.minute());
+        put(17, 2, t.second());
+        put(20, 3, t.nanosecond() / 1_000_000);
+        Some(b)
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
@@ -215,10 +219,12 @@ mod tests {
             times.extend(DateTime::from_timestamp_millis(ms));
             ms = ms * 7 + 13;
         }
+        #[derive(Serialize)]
+        struct Written(#[serde(with = "js_date")] DateTime<Utc>);
         for time in times {
             assert_eq!(
-                js_date::JsDate(&time).to_string(),
-                time.to_rfc3339_opts(SecondsFormat::Millis, true)
+                serde_json::to_string(&Written(time)).expect("json"),
+                format!("\"{}\"", time.to_rfc3339_opts(SecondsFormat::Millis, true))
             );
         }
     }
