@@ -197,11 +197,11 @@ async fn check_version<C: ClientLike>(client: &C, server: &str) -> Result<()> {
 impl Driver for FredDriver {
     async fn eval(&self, script: ScriptName, keys: &[&str], args: &[&str]) -> Result<Vec<Item>> {
         let (source, sha) = &self.scripts[script.index()];
-        let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
-        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        // Copied once, into fred's own values, for each attempt (not kept for a resend: a
+        // `NOSCRIPT` is rare, and its resend copies them again).
         let first: std::result::Result<Vec<Item>, FredError> = self
             .client
-            .evalsha(sha.as_str(), keys.clone(), args.clone())
+            .evalsha(sha.as_str(), keys.to_vec(), args.to_vec())
             .await;
         let reply = match first {
             Err(e) if e.details().starts_with("NOSCRIPT") => {
@@ -209,7 +209,7 @@ impl Driver for FredDriver {
                 // key to the node that answered, runs it and caches it there (loading it on
                 // every primary fails when one of them does not answer, e.g. in a failover).
                 self.client
-                    .eval(source.as_str(), keys, args)
+                    .eval(source.as_str(), keys.to_vec(), args.to_vec())
                     .await
                     .map_err(map_error)?
             }
