@@ -189,6 +189,14 @@ const FN_EXTEND: &str = "SELECT o_won, o_token, o_record, o_owner \
 const FN_RELEASE: &str = "SELECT o_won, o_token, o_record, o_owner \
      FROM {schema}.\"{prefix}release\"($1, $2, $3)";
 
+/// The same calls without prepared statements: one composite column as text (see
+/// [`crate::composite`]), cheaper for the server to plan and run than a function scan when
+/// every call is planned.
+const FN_ACQUIRE_TEXT: &str =
+    "SELECT {schema}.\"{prefix}acquire\"($1, $2, $3, $4, $5, $6)::text AS o";
+const FN_EXTEND_TEXT: &str = "SELECT {schema}.\"{prefix}extend\"($1, $2, $3, $4)::text AS o";
+const FN_RELEASE_TEXT: &str = "SELECT {schema}.\"{prefix}release\"($1, $2, $3)::text AS o";
+
 /// Whether the functions of migration 3 are there (all three, with these arguments).
 const HAS_FUNCTIONS: &str = "SELECT \
      to_regprocedure('{schema}.\"{prefix}acquire\"(text, text, text, float8, text, boolean)') \
@@ -214,6 +222,9 @@ struct Statements {
     fn_acquire: Statement,
     fn_extend: Statement,
     fn_release: Statement,
+    fn_acquire_text: Statement,
+    fn_extend_text: Statement,
+    fn_release_text: Statement,
 }
 
 impl Statements {
@@ -234,6 +245,9 @@ impl Statements {
             fn_acquire: s(FN_ACQUIRE),
             fn_extend: s(FN_EXTEND),
             fn_release: s(FN_RELEASE),
+            fn_acquire_text: s(FN_ACQUIRE_TEXT),
+            fn_extend_text: s(FN_EXTEND_TEXT),
+            fn_release_text: s(FN_RELEASE_TEXT),
         }
     }
 }
@@ -335,6 +349,65 @@ impl FnAcquireRow {
             decision,
         })
     }
+}
+
+impl FnAcquireRow {
+    /// From the text of the call's composite answer (without prepared statements).
+    fn from_text(row: &PgRow) -> Result<Self> {
+        let [decision, token, record, owner, dead_token, dead_record] = composite_fields(row)?;
+        let decision = decision.ok_or_else(|| bad_answer("no decision"))?;
+        let dead_token = dead_token.map(|t| number(&t)).transpose()?;
+        Ok(FnAcquireRow {
+            lock: CasRow {
+                won: decision == "acquired" || decision == "took_over",
+                fencing_token: number(&token.ok_or_else(|| bad_answer("no token"))?)?,
+                record: record.ok_or_else(|| bad_answer("no record"))?,
+                owner_hash: owner.ok_or_else(|| bad_answer("no owner"))?,
+            },
+            dead: dead_token.zip(dead_record),
+            decision,
+        })
+    }
+}
+
+/// The fields of the composite answer of a lock function called without prepared statements
+/// (one text column `o`), `N` of them.
+fn composite_fields<const N: usize>(row: &PgRow) -> Result<[Option<String>; N]> {
+    let text: String = row.try_get("o").map_err(map_error)?;
+    crate::composite::fields(&text)
+        .and_then(|fields| <[Option<String>; N]>::try_from(fields).ok())
+        .ok_or_else(|| bad_answer(&format!("{text:?} is not a composite of {N} fields")))
+}
+
+fn number(text: &str) -> Result<i64> {
+    text.parse()
+        .map_err(|_| bad_answer(&format!("{text:?} is not a number")))
+}
+
+fn bad_answer(what: &str) -> Error {
+    Error::new(
+        ErrorKind::Other,
+        format!("postgres: unexpected answer of a lock function: {what}"),
+    )
+}
+
+/// [`fn_cas_row`] from the text of the call's composite answer (without prepared statements).
+fn fn_cas_text(row: &PgRow) -> Result<Option<CasRow>> {
+    let [won, token, record, owner] = composite_fields(row)?;
+    let won = match won.as_deref() {
+        Some("t") => true,
+        Some("f") => false,
+        other => return Err(bad_answer(&format!("{other:?} is not a boolean"))),
+    };
+    Ok(match (token, record, owner) {
+        (Some(token), Some(record), Some(owner_hash)) => Some(CasRow {
+            won,
+            fencing_token: number(&token)?,
+            record,
+            owner_hash,
+        }),
+        _ => None,
+    })
 }
 
 /// The answer of the `extend` and `release` functions: `None` when no live lock is stored.
@@ -594,20 +667,19 @@ impl PostgresBackend {
         check_key(key)?;
         let ttl = ttl_ms(ttl)? as f64;
         let record = stored_record(data);
-        let row = self
-            .fetch_one(
-                &self.sql.fn_acquire,
-                &[
-                    Value::Text(key),
-                    Value::Text(&data.owner_hash),
-                    Value::Text(&record),
-                    Value::Float(ttl),
-                    Value::MaybeText(dead_owner),
-                    Value::Bool(check),
-                ],
-            )
-            .await?;
-        FnAcquireRow::from_pg(&row)
+        let values = [
+            Value::Text(key),
+            Value::Text(&data.owner_hash),
+            Value::Text(&record),
+            Value::Float(ttl),
+            Value::MaybeText(dead_owner),
+            Value::Bool(check),
+        ];
+        if self.prepared {
+            FnAcquireRow::from_pg(&self.fetch_one(&self.sql.fn_acquire, &values).await?)
+        } else {
+            FnAcquireRow::from_text(&self.fetch_one(&self.sql.fn_acquire_text, &values).await?)
+        }
     }
 
     async fn create(
@@ -741,8 +813,10 @@ impl LockBackend for PostgresBackend {
             Value::Float(ttl),
             Value::Text(owner_hash),
         ];
-        let row = if self.functions {
+        let row = if self.functions && self.prepared {
             fn_cas_row(&self.fetch_one(&self.sql.fn_extend, &values).await?)?
+        } else if self.functions {
+            fn_cas_text(&self.fetch_one(&self.sql.fn_extend_text, &values).await?)?
         } else {
             self.compare_and_set(&self.sql.extend, &values, false)
                 .await?
@@ -765,7 +839,11 @@ impl LockBackend for PostgresBackend {
                 Value::Text(owner_hash),
                 Value::Bool(self.config.release_events),
             ];
-            fn_cas_row(&self.fetch_one(&self.sql.fn_release, &values).await?)?
+            if self.prepared {
+                fn_cas_row(&self.fetch_one(&self.sql.fn_release, &values).await?)?
+            } else {
+                fn_cas_text(&self.fetch_one(&self.sql.fn_release_text, &values).await?)?
+            }
         } else {
             let values = [Value::Text(key), Value::Text(owner_hash)];
             self.compare_and_set(&self.sql.release, &values, false)

@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod composite;
 mod config;
 mod error;
 mod inline;

@@ -382,6 +382,43 @@ async fn odd_values_come_back(prepared: bool) {
         other => panic!("{other:?}"),
     };
     assert_eq!(stored.owner_hash, data.owner_hash);
+    assert_eq!(stored.trace, data.trace);
+    // The holder's record, as another owner's calls answer it (without prepared statements,
+    // inside the function's composite answer, where quotes and backslashes are doubled).
+    let other = LockData::new(format!("{key}@other {odd}"), format!("{odd}/2"), None);
+    let holder = |outcome: &dyn std::fmt::Debug, found: &LockData| {
+        assert_eq!(found.owner_hash, data.owner_hash, "{outcome:?}");
+        assert_eq!(found.process_hash, data.process_hash, "{outcome:?}");
+        assert_eq!(found.trace, data.trace, "{outcome:?}");
+        assert_eq!(found.fencing_token, stored.fencing_token, "{outcome:?}");
+    };
+    match b.acquire(&key, &other, TTL).await.expect("acquire") {
+        locker_core::AcquireOutcome::Held(found) => holder(&"acquire", &found),
+        other => panic!("{other:?}"),
+    }
+    match b
+        .extend(&key, &other, TTL, &other.owner_hash)
+        .await
+        .expect("extend")
+    {
+        locker_core::ExtendOutcome::Held(found) => holder(&"extend", &found),
+        other => panic!("{other:?}"),
+    }
+    match b.release(&key, &other.owner_hash).await.expect("release") {
+        ReleaseOutcome::Held(found) => holder(&"release", &found),
+        other => panic!("{other:?}"),
+    }
+    match b
+        .extend(&key, &data, TTL, &data.owner_hash)
+        .await
+        .expect("extend")
+    {
+        locker_core::ExtendOutcome::Extended(mine) => {
+            assert_eq!(mine.trace, data.trace);
+            assert_eq!(mine.fencing_token, stored.fencing_token);
+        }
+        other => panic!("{other:?}"),
+    }
     let read = b.read(&key).await.expect("read").expect("a lock");
     assert_eq!(read.owner_hash, data.owner_hash);
     assert_eq!(read.process_hash, data.process_hash);
