@@ -18,7 +18,14 @@
 //!   new lock has a new creation revision;
 //! - the fencing token is the key's creation revision, which only grows;
 //! - a renewal is one message on the lease's keep-alive stream, kept open between renewals
-//!   (for the spare leases and as many more), instead of a stream opened for each.
+//!   (for the spare leases and as many more), instead of a stream opened for each;
+//! - a lock of `SLACK_FROM` (10 s) or more gets a lease one second longer than its TTL (rounded up
+//!   to whole seconds), so that an acquire on a lease granted or renewed less than a second
+//!   ago needs no renewal: the lease surely outlives the lock's whole TTL from the acquire.
+//!   With many acquires a second, that is one renewal per lease per second instead of one per
+//!   acquire. The price: such a lock, if its holder never releases it, stays up to two seconds
+//!   past its TTL (one for the rounding, one for the slack), where shorter locks stay up to
+//!   one.
 //!
 //! Liveness: the first write of a process grants a lease and puts the record on it; later
 //! writes renew that lease (one keep-alive) and put the new record on it (two requests, the
@@ -121,6 +128,17 @@ struct ProcessLease {
 
 /// How often a waiter asks again about a holder's lease in the lease's last second.
 const ETCD_LAST_SECOND_STEP: Duration = Duration::from_millis(100);
+
+/// Locks of this TTL or more get a second of slack on their lease (see the module's docs):
+/// at most a tenth of their TTL.
+pub(crate) const SLACK_FROM: Duration = Duration::from_secs(10);
+
+/// The TTL of a lock's lease: its TTL in whole seconds, rounded up, and one more from
+/// [`SLACK_FROM`].
+fn lock_lease_secs(ttl: Duration) -> Result<i64> {
+    let secs = ttl_secs(ttl)?;
+    Ok(if ttl >= SLACK_FROM { secs + 1 } else { secs })
+}
 
 /// A TTL in whole seconds, rounded up (etcd's lease granularity).
 fn ttl_secs(ttl: Duration) -> Result<i64> {
@@ -470,7 +488,7 @@ impl EtcdBackend {
 
     async fn create(&self, key: &str, data: &LockData, ttl: Duration) -> Result<AcquireOutcome> {
         let full = self.lock_key(key);
-        let secs = ttl_secs(ttl)?;
+        let secs = lock_lease_secs(ttl)?;
         let attempt = |lease: i64| {
             Txn::new()
                 .when([Compare::create_revision(full.as_str(), CompareOp::Equal, 0)])
@@ -481,16 +499,24 @@ impl EtcdBackend {
                 )])
                 .or_else([TxnOp::get(full.as_str(), None)])
         };
-        // A kept lease, renewed while the transaction runs: one round trip.
+        // A kept lease, renewed while the transaction runs: one round trip. One granted or
+        // renewed lately enough to outlive this lock's whole TTL from now (a lease with slack,
+        // within its first second) is not renewed: the transaction alone.
         while let Some(spare) = self.take_spare(secs) {
             let sent = Instant::now();
-            let (renewed, answer) = tokio::join!(self.renew(spare.id), self.txn(attempt(spare.id)));
-            let renewed = renewed.map(|alive| {
-                alive.then_some(Lease {
-                    alive_until: sent + Duration::from_secs(secs.unsigned_abs()),
-                    ..spare
-                })
-            });
+            let (renewed, answer) = if spare.alive_until >= sent + ttl {
+                (Ok(Some(spare)), self.txn(attempt(spare.id)).await)
+            } else {
+                let (renewed, answer) =
+                    tokio::join!(self.renew(spare.id), self.txn(attempt(spare.id)));
+                let renewed = renewed.map(|alive| {
+                    alive.then_some(Lease {
+                        alive_until: sent + Duration::from_secs(secs.unsigned_abs()),
+                        ..spare
+                    })
+                });
+                (renewed, answer)
+            };
             match (renewed, answer) {
                 // Held: the lease was not used; kept if it was renewed.
                 (renewed, Ok(resp)) if !resp.succeeded() => {
@@ -760,7 +786,7 @@ impl LockBackend for EtcdBackend {
         owner_hash: &str,
     ) -> Result<ExtendOutcome> {
         validate_key(key)?;
-        let secs = ttl_secs(ttl)?;
+        let secs = lock_lease_secs(ttl)?;
         let full = self.lock_key(key);
         if let Some(held) = self
             .held_by(&full, owner_hash)
@@ -1112,6 +1138,12 @@ mod tests {
         assert_eq!(ttl_secs(Duration::from_millis(1)).expect("ok"), 1);
         assert_eq!(ttl_secs(Duration::from_millis(2001)).expect("ok"), 3);
         assert_eq!(ttl_secs(Duration::from_secs(300)).expect("ok"), 300);
+        assert_eq!(
+            lock_lease_secs(Duration::from_millis(9_999)).expect("ok"),
+            10
+        );
+        assert_eq!(lock_lease_secs(Duration::from_secs(10)).expect("ok"), 11);
+        assert_eq!(lock_lease_secs(Duration::from_secs(300)).expect("ok"), 301);
         assert!(ttl_secs(Duration::ZERO).is_err());
         assert!(ttl_secs(Duration::MAX).is_err());
     }

@@ -3,7 +3,8 @@
 //! whole TTL; an expired spare is never used; a lock acquired on this connection is extended
 //! and released by its creation revision, and one taken over meanwhile is left to its new
 //! holder; a kept lease is renewed on one keep-alive stream, and one revoked meanwhile is not
-//! used; an acquire on a frozen server fails, and the connection recovers.
+//! used; a long lock's lease, within its second of slack, is not renewed again and still
+//! outlives the lock's TTL; an acquire on a frozen server fails, and the connection recovers.
 
 /// In a module named `etcd`, so that `scripts/test` runs them beside the other tests, with
 /// the etcd suites.
@@ -16,6 +17,9 @@ mod etcd {
     use locker_etcd::{EtcdBackend, EtcdConfig};
 
     const TTL: Duration = Duration::from_secs(30);
+    /// Below the TTL from which lock leases get a second of slack: every reuse of a kept lease
+    /// renews it.
+    const SHORT: Duration = Duration::from_secs(5);
 
     /// The tests of this file share one etcd server, and one of them counts its log entries: they
     /// run one at a time.
@@ -49,12 +53,12 @@ mod etcd {
         }
     }
 
-    /// Two acquire + release cycles of `job`: the second renews the kept lease, on a stream that
-    /// then stays open.
+    /// Two acquire + release cycles of `job` (short locks): the second renews the kept lease,
+    /// on a stream that then stays open.
     async fn two_cycles(b: &EtcdBackend) {
         for n in 1..3 {
             let data = record("job", n);
-            acquired(b, "job", &data, TTL).await;
+            acquired(b, "job", &data, SHORT).await;
             assert_eq!(
                 b.release("job", &data.owner_hash).await.expect("release"),
                 ReleaseOutcome::Released
@@ -226,6 +230,18 @@ mod etcd {
     /// How many lease keep-alive streams the server at `url` has opened so far (its Prometheus
     /// metrics).
     async fn keep_alive_streams_started_at(url: &str) -> u64 {
+        keep_alive_metric(url, "grpc_server_started_total{").await
+    }
+
+    /// How many lease renewals (keep-alive messages, on any stream) the shared server has
+    /// received so far.
+    async fn renewals_received() -> u64 {
+        let server = servers::shared(ServerKind::Etcd).unwrap_or_else(|e| panic!("{e}"));
+        keep_alive_metric(server.url(), "grpc_server_msg_received_total{").await
+    }
+
+    /// The server's counter `metric` (a Prometheus line's start) for `LeaseKeepAlive`.
+    async fn keep_alive_metric(url: &str, metric: &str) -> u64 {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let address = url
             .split("://")
@@ -243,11 +259,8 @@ mod etcd {
         tcp.read_to_string(&mut text).await.expect("metrics text");
         let line = text
             .lines()
-            .find(|l| {
-                l.starts_with("grpc_server_started_total{")
-                    && l.contains("grpc_method=\"LeaseKeepAlive\"")
-            })
-            .unwrap_or_else(|| panic!("no LeaseKeepAlive counter in etcd's /metrics:\n{text}"));
+            .find(|l| l.starts_with(metric) && l.contains("grpc_method=\"LeaseKeepAlive\""))
+            .unwrap_or_else(|| panic!("no LeaseKeepAlive {metric} in etcd's /metrics:\n{text}"));
         line.rsplit(' ')
             .next()
             .and_then(|n| n.parse::<f64>().ok())
@@ -260,7 +273,7 @@ mod etcd {
         let prefix = "leases-stream/";
         let (b, mut client) = backend(prefix).await;
         let first = record("cycle", 1);
-        acquired(&b, "cycle", &first, TTL).await;
+        acquired(&b, "cycle", &first, SHORT).await;
         let lease = lease_of(&mut client, prefix, "cycle").await;
         assert_eq!(
             b.release("cycle", &first.owner_hash)
@@ -271,7 +284,7 @@ mod etcd {
         let before = keep_alive_streams_started().await;
         for n in 2..22 {
             let data = record("cycle", n);
-            acquired(&b, "cycle", &data, TTL).await;
+            acquired(&b, "cycle", &data, SHORT).await;
             assert_eq!(lease_of(&mut client, prefix, "cycle").await, lease);
             assert_eq!(
                 b.release("cycle", &data.owner_hash).await.expect("release"),
@@ -289,31 +302,107 @@ mod etcd {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_kept_lease_revoked_meanwhile_is_not_used() {
         let _serial = SERIAL.lock().await;
-        let prefix = "leases-revoked/";
+        // A short lock renews the kept lease (whose stream answers a TTL of 0); a long one,
+        // within the lease's second of slack, does not, and its transaction finds the lease
+        // gone.
+        for (ttl, prefix) in [(SHORT, "leases-revoked/"), (TTL, "leases-revoked-slack/")] {
+            let (b, mut client) = backend(prefix).await;
+            for n in 1..3 {
+                let data = record("job", n);
+                acquired(&b, "job", &data, ttl).await;
+                assert_eq!(
+                    b.release("job", &data.owner_hash).await.expect("release"),
+                    ReleaseOutcome::Released
+                );
+            }
+            let third = record("job", 3);
+            acquired(&b, "job", &third, ttl).await;
+            let old = lease_of(&mut client, prefix, "job").await;
+            assert_eq!(
+                b.release("job", &third.owner_hash).await.expect("release"),
+                ReleaseOutcome::Released
+            );
+            // Revoked behind the connection's back.
+            client.lease_revoke(old).await.expect("revoke");
+            let fourth = record("job", 4);
+            acquired(&b, "job", &fourth, ttl).await;
+            let new = lease_of(&mut client, prefix, "job").await;
+            assert_ne!(new, old, "{ttl:?}: a revoked lease was used");
+            let left = client
+                .lease_time_to_live(new, None)
+                .await
+                .expect("ttl")
+                .ttl();
+            let whole = i64::try_from(ttl.as_secs()).expect("secs");
+            assert!(
+                left >= whole - 1,
+                "the new lease has {left} s left, not the lock's {whole}"
+            );
+        }
+    }
+
+    /// A lock of 10 s or more has a lease one second longer than its TTL, so that an acquire
+    /// within a second of the lease's grant or renewal needs no renewal; the lock still has its
+    /// whole TTL from the acquire on the server.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_renewed_within_its_slack_is_not_renewed_again() {
+        let _serial = SERIAL.lock().await;
+        let prefix = "leases-slack/";
         let (b, mut client) = backend(prefix).await;
-        two_cycles(&b).await;
-        let third = record("job", 3);
-        acquired(&b, "job", &third, TTL).await;
-        let old = lease_of(&mut client, prefix, "job").await;
+        let first = record("often", 1);
+        acquired(&b, "often", &first, TTL).await;
+        let lease = lease_of(&mut client, prefix, "often").await;
+        let granted = client
+            .lease_time_to_live(lease, None)
+            .await
+            .expect("ttl")
+            .granted_ttl();
+        assert_eq!(granted, 31, "a 30 s lock's lease");
         assert_eq!(
-            b.release("job", &third.owner_hash).await.expect("release"),
+            b.release("often", &first.owner_hash)
+                .await
+                .expect("release"),
             ReleaseOutcome::Released
         );
-        // Revoked behind the connection's back: its open stream now answers a TTL of 0.
-        client.lease_revoke(old).await.expect("revoke");
-        let fourth = record("job", 4);
-        acquired(&b, "job", &fourth, TTL).await;
-        let new = lease_of(&mut client, prefix, "job").await;
-        assert_ne!(new, old, "a revoked lease was used");
+        let before = renewals_received().await;
+        let started = tokio::time::Instant::now();
+        let mut cycles = 0;
+        // Twenty acquires on the kept lease, within its first second.
+        while cycles < 20 && started.elapsed() < Duration::from_millis(800) {
+            let data = record("often", 2 + cycles);
+            acquired(&b, "often", &data, TTL).await;
+            assert_eq!(lease_of(&mut client, prefix, "often").await, lease);
+            // At least the lock's whole TTL left (etcd answers whole seconds, rounded down).
+            let left = client
+                .lease_time_to_live(lease, None)
+                .await
+                .expect("ttl")
+                .ttl();
+            assert!(left >= 29, "the lock's lease has {left} s left, not 30");
+            assert_eq!(
+                b.release("often", &data.owner_hash).await.expect("release"),
+                ReleaseOutcome::Released
+            );
+            cycles += 1;
+        }
+        assert!(cycles >= 5, "only {cycles} cycles in 800 ms");
+        let renewals = renewals_received().await - before;
+        assert_eq!(
+            renewals, 0,
+            "{cycles} acquires within a second of the lease's grant renewed it {renewals} times"
+        );
+        // Past that second, the next acquire renews it: the whole TTL again.
+        tokio::time::sleep(Duration::from_millis(1100).saturating_sub(started.elapsed())).await;
+        let last = record("often", 100);
+        acquired(&b, "often", &last, TTL).await;
+        assert_eq!(lease_of(&mut client, prefix, "often").await, lease);
+        assert_eq!(renewals_received().await - before, 1);
         let left = client
-            .lease_time_to_live(new, None)
+            .lease_time_to_live(lease, None)
             .await
             .expect("ttl")
             .ttl();
-        assert!(
-            left >= 29,
-            "the new lease has {left} s left, not the lock's 30"
-        );
+        assert!(left >= 30, "renewed, the lease has {left} s left, not 31");
     }
 
     /// An acquire on a frozen server (its transaction and the renewal of a kept lease beside
@@ -349,7 +438,7 @@ mod etcd {
             .expect("join")
             .expect("pause");
         let third = record("job", 3);
-        let frozen = b.acquire("job", &third, TTL).await;
+        let frozen = b.acquire("job", &third, SHORT).await;
         let resumed = control.clone();
         tokio::task::spawn_blocking(move || resumed.resume())
             .await
@@ -374,14 +463,14 @@ mod etcd {
         }
 
         let data = record("job", 4);
-        acquired(&b, "job", &data, TTL).await;
+        acquired(&b, "job", &data, SHORT).await;
         let mut lease = lease_of(&mut client, prefix, "job").await;
         let left = client
             .lease_time_to_live(lease, None)
             .await
             .expect("ttl")
             .ttl();
-        assert!(left >= 29, "the lock's lease has {left} s left, not 30");
+        assert!(left >= 4, "the lock's lease has {left} s left, not 5");
         assert_eq!(
             b.release("job", &data.owner_hash).await.expect("release"),
             ReleaseOutcome::Released
@@ -389,7 +478,7 @@ mod etcd {
         let before = keep_alive_streams_started_at(server.url()).await;
         for n in 5..15 {
             let data = record("job", n);
-            acquired(&b, "job", &data, TTL).await;
+            acquired(&b, "job", &data, SHORT).await;
             if n > 5 {
                 assert_eq!(lease_of(&mut client, prefix, "job").await, lease);
             }
