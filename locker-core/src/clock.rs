@@ -50,6 +50,21 @@ impl Clock {
     pub(crate) const SOURCE: ClockSource = source();
 }
 
+/// The clock of the locker's local deadlines, as a [`Duration`] from an arbitrary start. It
+/// keeps counting while the machine is suspended where the platform allows it
+/// (`CLOCK_BOOTTIME` on Linux and Android, `CLOCK_MONOTONIC` on Apple platforms; elsewhere
+/// `Instant`). For a backend that keeps a lower bound of a store-side expiry and compares it
+/// with a lock's deadline: on Linux, `Instant` stops during a suspend while the store's TTL
+/// runs on, so a bound kept with it could be too late.
+///
+/// ```
+/// let before = locker_core::suspend_aware_now();
+/// assert!(locker_core::suspend_aware_now() >= before);
+/// ```
+pub fn suspend_aware_now() -> Duration {
+    Duration::from_nanos(raw_now())
+}
+
 #[cfg(any(target_os = "linux", target_os = "android", target_vendor = "apple"))]
 const fn source() -> ClockSource {
     if cfg!(target_vendor = "apple") {

@@ -24,6 +24,7 @@ pub use backend::{
     factory_fn, read_each, AcquireDecision, AcquireOutcome, BackendFactory, Capabilities,
     ExtendOutcome, FnFactory, LockBackend, ReleaseOutcome,
 };
+pub use clock::suspend_aware_now;
 pub use election::{Election, LeaderWatch, Leadership};
 pub use error::{find_io_error, is_definite_io_error, BoxError, Error, ErrorKind, Result};
 pub use events::{BackgroundError, BackgroundSource};

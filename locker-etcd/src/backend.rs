@@ -35,7 +35,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
@@ -44,8 +44,9 @@ use etcd_client::{
     WatchFilterType, WatchOptions,
 };
 use locker_core::{
-    is_definite_io_error, validate_key, AcquireOutcome, BackendFactory, Capabilities, Error,
-    ErrorKind, ExtendOutcome, LockBackend, LockData, ProcessData, ReleaseOutcome, Result,
+    is_definite_io_error, suspend_aware_now, validate_key, AcquireOutcome, BackendFactory,
+    Capabilities, Error, ErrorKind, ExtendOutcome, LockBackend, LockData, ProcessData,
+    ReleaseOutcome, Result,
 };
 
 use crate::config::EtcdConfig;
@@ -88,12 +89,13 @@ impl KeptStream {
 const MAX_KEPT_STREAMS: usize = 2 * MAX_SPARE_LEASES;
 
 /// A lock lease, and a lower bound of its expiry: the time its last grant or renewal was
-/// sent, plus its TTL.
+/// sent, plus its TTL, on the locker's clock of deadlines (which counts a suspend, as the
+/// store's TTL does: see [`suspend_aware_now`]).
 #[derive(Debug, Clone, Copy)]
 struct Lease {
     id: i64,
     secs: i64,
-    alive_until: Instant,
+    alive_until: Duration,
 }
 
 /// A lock this connection acquired: its incarnation (the key's creation revision) and lease.
@@ -424,7 +426,7 @@ impl EtcdBackend {
 
     /// A spare lease of `secs` that should still be alive, if one is kept.
     fn take_spare(&self, secs: i64) -> Option<Lease> {
-        let soon = Instant::now() + Duration::from_secs(1);
+        let soon = suspend_aware_now() + Duration::from_secs(1);
         let mut leases = self.leases();
         // Spares that expire within a second are not worth a renewal: they go.
         leases.spares.retain(|l| l.alive_until > soon);
@@ -446,7 +448,7 @@ impl EtcdBackend {
     fn remember_held(&self, full: &str, held: HeldLease) {
         let mut leases = self.leases();
         if leases.held.len() >= PRUNE_HELD_AT {
-            let now = Instant::now();
+            let now = suspend_aware_now();
             leases.held.retain(|_, h| h.lease.alive_until > now);
         }
         leases.held.insert(full.to_owned(), held);
@@ -503,7 +505,7 @@ impl EtcdBackend {
         // renewed lately enough to outlive this lock's whole TTL from now (a lease with slack,
         // within its first second) is not renewed: the transaction alone.
         while let Some(spare) = self.take_spare(secs) {
-            let sent = Instant::now();
+            let sent = suspend_aware_now();
             let (renewed, answer) = if spare.alive_until >= sent + ttl {
                 (Ok(Some(spare)), self.txn(attempt(spare.id)).await)
             } else {
@@ -542,7 +544,7 @@ impl EtcdBackend {
                 }
             }
         }
-        let sent = Instant::now();
+        let sent = suspend_aware_now();
         let id = self.grant(secs).await?;
         let lease = Lease {
             id,
@@ -608,7 +610,7 @@ impl EtcdBackend {
                 Some(PutOptions::new().with_lease(held.lease.id)),
             )])
             .or_else([TxnOp::get(full, None)]);
-        let sent = Instant::now();
+        let sent = suspend_aware_now();
         let (renewed, answer) = tokio::join!(self.renew(held.lease.id), self.txn(txn));
         let resp = match answer {
             Ok(resp) => resp,
