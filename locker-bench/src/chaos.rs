@@ -129,6 +129,10 @@ pub(crate) async fn worker(url: &str, dir: &Path, keys: usize) {
             .wrapping_add(1442695040888963407);
         // The plain keys, the semaphore and the election, in turn at random.
         let pick = (n >> 33) as usize % (keys + 2);
+        // When the attempt began: a freeze between here and the start line below (during the
+        // call, or after it returned but before `acquired_us`) leaves the moment the lock was
+        // ours unknown to the checker, which then counts the section as frozen.
+        let tried_us = now_us();
         let attempt = if pick < keys {
             match locker.acquire(format!("chaos-{pick}")).await {
                 Ok(LockAttempt::Acquired(g)) => Some(g),
@@ -165,7 +169,10 @@ pub(crate) async fn worker(url: &str, dir: &Path, keys: usize) {
         let hb = guard.heartbeat();
         log(
             dir,
-            &format!("start {key} {token} {acquired_us} {}", guard.owner_hash()),
+            &format!(
+                "start {key} {token} {acquired_us} {} {tried_us}",
+                guard.owner_hash()
+            ),
         );
         // Register the token with the resource at once: from here on it refuses older holders.
         timed_write(dir, &pool, &key, token).await;
@@ -354,7 +361,8 @@ struct Event {
     /// write returned (µs since the epoch). All come before the line is written, maybe long
     /// before (a freeze in between).
     returned_us: Option<u128>,
-    /// `write-…`: when the write was sent (µs since the epoch).
+    /// `write-…`: when the write was sent; `start`: when the attempt began (µs since the
+    /// epoch).
     sent_us: Option<u128>,
 }
 
@@ -374,7 +382,13 @@ fn parse_events(text: &str) -> Vec<Event> {
             let a = p.next().unwrap_or_default().to_owned();
             let b = p.next().unwrap_or_default();
             let (sent_us, returned_us) = match kind.as_str() {
-                "start" | "beat" => (None, p.next().and_then(|c| c.parse().ok())),
+                "start" => {
+                    let returned = p.next().and_then(|c| c.parse().ok());
+                    // The owner hash, then when the attempt began.
+                    let _owner = p.next();
+                    (p.next().and_then(|c| c.parse().ok()), returned)
+                }
+                "beat" => (None, p.next().and_then(|c| c.parse().ok())),
                 k if k.starts_with("write-") => {
                     let sent = p.next().and_then(|c| c.parse().ok());
                     (sent, p.next().and_then(|c| c.parse().ok()))
@@ -404,6 +418,9 @@ struct Section {
     from: u128,
     /// When its acquire returned (µs); the lock was this section's from then at the latest.
     acquired_us: u128,
+    /// When its attempt began (ms): a freeze of its process from then on puts the moment it
+    /// held the lock in doubt (the line's `acquired_us` may have been taken after the freeze).
+    tried: u128,
     to: u128,
     active_to: u128,
     frozen: bool,
@@ -545,6 +562,7 @@ fn analyse(events: &[Event], loses_data: bool) -> Figures {
                     // Without the field, the line's own time: later than the acquire's return,
                     // so never a false violation below.
                     acquired_us: e.returned_us.unwrap_or(e.at * 1_000),
+                    tried: e.sent_us.map_or(e.at, |us| us / 1_000),
                     to: died_at(e.pid).unwrap_or(end_of_run),
                     active_to: e.at,
                     frozen: false,
@@ -568,7 +586,7 @@ fn analyse(events: &[Event], loses_data: bool) -> Figures {
     for s in &mut sections {
         s.frozen = freezes
             .get(&s.pid)
-            .is_some_and(|f| f.iter().any(|(a, b)| *a < s.to && *b > s.from));
+            .is_some_and(|f| f.iter().any(|(a, b)| *a < s.to && *b > s.tried));
     }
     // Restarts of a store that loses its data forget every lock: from the stop to a second after
     // the start, two holders can overlap (each thinks it holds the lock) until the old one's next
@@ -838,6 +856,39 @@ mod tests {
         assert!(f.notes[0].contains("frozen: true"), "{f:?}");
         assert_eq!((f.stale_accepted, f.fresh_refused, f.overlaps), (0, 0, 0));
         assert_eq!((f.taken_over_while_frozen, f.seppukus), (1, 1));
+        assert!(!f.ok());
+    }
+
+    #[test]
+    fn a_freeze_between_the_attempt_and_its_start_line_makes_the_section_frozen() {
+        // P's attempt begins at 1,000 ms and returns a lock; P is frozen before it writes its
+        // start line (or reads the clock for it), Q takes over at 3,500 ms, P wakes at
+        // 4,000 ms, writes its start line, and its first beat fails. When P held the lock is
+        // unknown (before the freeze): its section is frozen, not an overlap; its stale write
+        // is still checked (refused).
+        let log = "1001 1 freeze 100
+3501 200 start chaos-0 6 3500000 chaos-0@h/200.1.1 3499000
+3502 200 write-ok chaos-0 6
+3602 200 write-ok chaos-0 6
+3603 200 beat chaos-0 6 3602900
+4000 1 thaw 100
+4002 100 start chaos-0 5 4001900 chaos-0@h/100.1.1 1000000
+4003 100 write-refused chaos-0 5
+4103 100 seppuku chaos-0 5
+4203 200 write-ok chaos-0 6
+4204 200 beat chaos-0 6 4203900
+4310 200 end chaos-0 6
+";
+        let f = analyse_log(log);
+        assert_eq!(
+            (f.overlaps, f.stale_accepted, f.stale_refused),
+            (0, 0, 1),
+            "{f:?}"
+        );
+        assert!(f.ok(), "{f:?}");
+        // An attempt that began after the thaw proves ownership at its start line: an overlap.
+        let f = analyse_log(&log.replace("chaos-0@h/100.1.1 1000000", "chaos-0@h/100.1.1 4000500"));
+        assert_eq!(f.overlaps, 1, "{f:?}");
         assert!(!f.ok());
     }
 
