@@ -315,8 +315,15 @@ async fn a_failure_sends_every_kept_connection_back_to_be_tested() {
         .expect("config");
     let b = Arc::new(PostgresBackend::connect(&config).await.expect("connect"));
     let key = format!("round-trips/{}", locker_core::new_process_hash());
-    // Three connections at work at once, then kept.
-    for _ in 0..5 {
+    let options: sqlx::postgres::PgConnectOptions = server.url().parse().expect("url");
+    let mut admin = sqlx::ConnectOptions::connect(&options.application_name("admin"))
+        .await
+        .expect("admin connection");
+    let locker_connections = "SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = 'distributed-locker'";
+    // Three connections at work at once, then kept: concurrent reads until the server has
+    // seen three (on a busy machine, a round may be served by fewer).
+    for round in 0.. {
         let reads: Vec<_> = (0..6)
             .map(|_| {
                 let (b, key) = (b.clone(), key.clone());
@@ -326,12 +333,19 @@ async fn a_failure_sends_every_kept_connection_back_to_be_tested() {
         for read in reads {
             read.await.expect("join").expect("read");
         }
+        let open: i64 = sqlx::query_scalar(locker_connections)
+            .fetch_one(&mut admin)
+            .await
+            .expect("count");
+        if open >= 3 {
+            break;
+        }
+        assert!(
+            round < 200,
+            "{open} connections after {round} rounds of 6 reads"
+        );
     }
     // Every connection of the locker is dropped by the server.
-    let options: sqlx::postgres::PgConnectOptions = server.url().parse().expect("url");
-    let mut admin = sqlx::ConnectOptions::connect(&options.application_name("admin"))
-        .await
-        .expect("admin connection");
     let ended: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
          WHERE application_name = 'distributed-locker') AS t",
