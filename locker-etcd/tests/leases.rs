@@ -75,6 +75,15 @@ mod etcd {
         resp.kvs().first().expect("a lock").lease()
     }
 
+    /// The whole seconds the server says `lease` has left (rounded down).
+    async fn ttl_left(client: &mut Client, lease: i64) -> i64 {
+        client
+            .lease_time_to_live(lease, None)
+            .await
+            .expect("ttl")
+            .ttl()
+    }
+
     /// The server's raft log index: every write (a lease grant or revocation, a transaction with a
     /// write in it, even one whose comparison fails) adds an entry.
     async fn raft_index(client: &mut Client) -> u64 {
@@ -137,11 +146,7 @@ mod etcd {
         );
         // Renewed when reused: the whole TTL is left (etcd answers whole seconds, rounded down),
         // not the two seconds it had.
-        let left = client
-            .lease_time_to_live(lease, None)
-            .await
-            .expect("ttl")
-            .ttl();
+        let left = ttl_left(&mut client, lease).await;
         assert!(
             left >= 3,
             "the reused lease has {left} s left, not the lock's 4"
@@ -168,14 +173,7 @@ mod etcd {
         acquired(&b, "short", &second, Duration::from_secs(5)).await;
         let new = lease_of(&mut client, prefix, "short").await;
         assert_ne!(new, old, "an expired lease was used");
-        assert!(
-            client
-                .lease_time_to_live(new, None)
-                .await
-                .expect("ttl")
-                .ttl()
-                >= 4
-        );
+        assert!(ttl_left(&mut client, new).await >= 4);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,11 +326,7 @@ mod etcd {
             acquired(&b, "job", &fourth, ttl).await;
             let new = lease_of(&mut client, prefix, "job").await;
             assert_ne!(new, old, "{ttl:?}: a revoked lease was used");
-            let left = client
-                .lease_time_to_live(new, None)
-                .await
-                .expect("ttl")
-                .ttl();
+            let left = ttl_left(&mut client, new).await;
             let whole = i64::try_from(ttl.as_secs()).expect("secs");
             assert!(
                 left >= whole - 1,
@@ -373,11 +367,7 @@ mod etcd {
             acquired(&b, "often", &data, TTL).await;
             assert_eq!(lease_of(&mut client, prefix, "often").await, lease);
             // At least the lock's whole TTL left (etcd answers whole seconds, rounded down).
-            let left = client
-                .lease_time_to_live(lease, None)
-                .await
-                .expect("ttl")
-                .ttl();
+            let left = ttl_left(&mut client, lease).await;
             assert!(left >= 29, "the lock's lease has {left} s left, not 30");
             assert_eq!(
                 b.release("often", &data.owner_hash).await.expect("release"),
@@ -397,11 +387,7 @@ mod etcd {
         acquired(&b, "often", &last, TTL).await;
         assert_eq!(lease_of(&mut client, prefix, "often").await, lease);
         assert_eq!(renewals_received().await - before, 1);
-        let left = client
-            .lease_time_to_live(lease, None)
-            .await
-            .expect("ttl")
-            .ttl();
+        let left = ttl_left(&mut client, lease).await;
         assert!(left >= 30, "renewed, the lease has {left} s left, not 31");
     }
 
@@ -465,11 +451,7 @@ mod etcd {
         let data = record("job", 4);
         acquired(&b, "job", &data, SHORT).await;
         let mut lease = lease_of(&mut client, prefix, "job").await;
-        let left = client
-            .lease_time_to_live(lease, None)
-            .await
-            .expect("ttl")
-            .ttl();
+        let left = ttl_left(&mut client, lease).await;
         assert!(left >= 4, "the lock's lease has {left} s left, not 5");
         assert_eq!(
             b.release("job", &data.owner_hash).await.expect("release"),

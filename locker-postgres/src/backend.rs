@@ -399,15 +399,8 @@ fn fn_cas_text(row: &PgRow) -> Result<Option<CasRow>> {
         Some("f") => false,
         other => return Err(bad_answer(&format!("{other:?} is not a boolean"))),
     };
-    Ok(match (token, record, owner) {
-        (Some(token), Some(record), Some(owner_hash)) => Some(CasRow {
-            won,
-            fencing_token: number(&token)?,
-            record,
-            owner_hash,
-        }),
-        _ => None,
-    })
+    let token = token.map(|t| number(&t)).transpose()?;
+    Ok(cas_row(won, token, record, owner))
 }
 
 /// The answer of the `extend` and `release` functions: `None` when no live lock is stored.
@@ -417,7 +410,17 @@ fn fn_cas_row(row: &PgRow) -> Result<Option<CasRow>> {
     let token: Option<i64> = row.try_get("o_token").map_err(get)?;
     let record: Option<String> = row.try_get("o_record").map_err(get)?;
     let owner: Option<String> = row.try_get("o_owner").map_err(get)?;
-    Ok(match (token, record, owner) {
+    Ok(cas_row(won, token, record, owner))
+}
+
+/// The lock an `extend` or `release` function answered: `None` when no live lock is stored.
+fn cas_row(
+    won: bool,
+    token: Option<i64>,
+    record: Option<String>,
+    owner: Option<String>,
+) -> Option<CasRow> {
+    match (token, record, owner) {
         (Some(fencing_token), Some(record), Some(owner_hash)) => Some(CasRow {
             won,
             fencing_token,
@@ -425,7 +428,7 @@ fn fn_cas_row(row: &PgRow) -> Result<Option<CasRow>> {
             owner_hash,
         }),
         _ => None,
-    })
+    }
 }
 
 impl PostgresBackend {
