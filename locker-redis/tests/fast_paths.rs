@@ -274,3 +274,125 @@ async fn tokens_stay_above_those_an_earlier_version_granted_meanwhile() {
         next.fencing_token
     );
 }
+
+/// The fencing counter, as acquires read and store it (alone, and in batches when they come
+/// together): a counter ahead of the server's clock (a clock set back) is counted on, one above
+/// it; a counter that is not a number counts as missing (the token is the server's time); the
+/// counter is left at the last token drawn. A counter of another type fails the acquire, and
+/// nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fencing_counter_is_counted_on_and_kept() {
+    let prefix = "fast-counter:";
+    let b = std::sync::Arc::new(backend(prefix).await);
+    let server = servers::shared(ServerKind::Redis).unwrap_or_else(|e| panic!("{e}"));
+    let mut redis = redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    // One server: one counter for every key (see `keys`).
+    let counter = format!("{prefix}fence");
+    let server_time = |redis: &mut redis::aio::MultiplexedConnection| {
+        let mut redis = redis.clone();
+        async move {
+            let (secs, micros): (u64, u64) = redis::cmd("TIME")
+                .query_async(&mut redis)
+                .await
+                .expect("TIME");
+            secs * 1_000_000 + micros
+        }
+    };
+    let stored_counter = |redis: &mut redis::aio::MultiplexedConnection| {
+        let mut redis = redis.clone();
+        let counter = counter.clone();
+        async move {
+            let v: String = redis::cmd("GET")
+                .arg(&counter)
+                .query_async(&mut redis)
+                .await
+                .expect("GET");
+            v.parse::<u64>().expect("a number")
+        }
+    };
+    let acquire = |key: String| {
+        let b = b.clone();
+        async move {
+            match b.acquire_checked(&key, &heir(&key), TTL).await {
+                Ok(AcquireDecision::Acquired(stored)) => Ok(stored.fencing_token.expect("token")),
+                Ok(other) => panic!("{key}: {other:?}"),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    let set_counter = |redis: &mut redis::aio::MultiplexedConnection, value: String| {
+        let mut redis = redis.clone();
+        let counter = counter.clone();
+        async move {
+            let _: () = redis::cmd("SET")
+                .arg(&counter)
+                .arg(value)
+                .query_async(&mut redis)
+                .await
+                .expect("SET");
+        }
+    };
+
+    // Ahead of the clock: alone, then 20 at once.
+    let ahead = server_time(&mut redis).await + 1_000_000_000_000;
+    set_counter(&mut redis, ahead.to_string()).await;
+    assert_eq!(
+        acquire("ahead".to_owned()).await.expect("acquire"),
+        ahead + 1
+    );
+    assert_eq!(stored_counter(&mut redis).await, ahead + 1);
+    let tasks: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(acquire(format!("ahead-{i}"))))
+        .collect();
+    let mut tokens = Vec::new();
+    for task in tasks {
+        tokens.push(task.await.expect("task").expect("acquire"));
+    }
+    tokens.sort_unstable();
+    assert_eq!(
+        tokens,
+        (ahead + 2..ahead + 22).collect::<Vec<_>>(),
+        "one above the counter, each its own"
+    );
+    assert_eq!(stored_counter(&mut redis).await, ahead + 21);
+
+    // Not a number: the server's time.
+    set_counter(&mut redis, "not a number".to_owned()).await;
+    let before = server_time(&mut redis).await;
+    let token = acquire("garbled".to_owned()).await.expect("acquire");
+    let after = server_time(&mut redis).await;
+    assert!(
+        (before..=after).contains(&token),
+        "{token} not within the server's clock {before}..={after}"
+    );
+    assert_eq!(stored_counter(&mut redis).await, token);
+
+    // Another type: the acquire fails, and stores nothing.
+    let _: () = redis::cmd("DEL")
+        .arg(&counter)
+        .query_async(&mut redis)
+        .await
+        .expect("DEL");
+    let _: () = redis::cmd("HSET")
+        .arg(&counter)
+        .arg("f")
+        .arg("1")
+        .query_async(&mut redis)
+        .await
+        .expect("HSET");
+    let e = acquire("typed".to_owned())
+        .await
+        .expect_err("a counter of another type");
+    assert!(!e.message().is_empty(), "{e:?}");
+    assert_eq!(b.read("typed").await.expect("read"), None, "stored nothing");
+    let _: () = redis::cmd("DEL")
+        .arg(&counter)
+        .query_async(&mut redis)
+        .await
+        .expect("DEL");
+    acquire("typed".to_owned()).await.expect("acquire");
+}
