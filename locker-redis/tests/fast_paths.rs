@@ -4,6 +4,8 @@
 //! the answer the full decode would give.
 #![cfg(feature = "redis")]
 
+mod common;
+
 use std::time::Duration;
 
 use locker_conformance::servers::{self, ServerKind};
@@ -24,6 +26,12 @@ async fn backend(prefix: &str) -> RedisBackend {
         .build()
         .expect("config");
     RedisBackend::connect(&config).await.expect("connect")
+}
+
+/// The server's clock, in µs.
+async fn server_time(redis: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(redis).await.expect("TIME");
+    secs * 1_000_000 + micros
 }
 
 fn node_owner(key: &str) -> String {
@@ -224,12 +232,7 @@ async fn a_cluster_decides_in_one_call_when_the_prefix_has_a_hash_tag() {
 #[tokio::test]
 async fn tokens_stay_above_those_an_earlier_version_granted_meanwhile() {
     let b = backend("fast-upgrade:").await;
-    let server = servers::shared(ServerKind::Redis).unwrap_or_else(|e| panic!("{e}"));
-    let mut redis = redis::Client::open(server.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut redis = common::shared_connection().await;
     let key = "nightly";
     let first = heir(key);
     let stored = match b.acquire_checked(key, &first, TTL).await.expect("acquire") {
@@ -242,11 +245,7 @@ async fn tokens_stay_above_those_an_earlier_version_granted_meanwhile() {
     );
     tokio::time::sleep(Duration::from_millis(20)).await;
     // An earlier version's grant and release of the key: its token is the server's time.
-    let (secs, micros): (u64, u64) = redis::cmd("TIME")
-        .query_async(&mut redis)
-        .await
-        .expect("TIME");
-    let old_token = secs * 1_000_000 + micros;
+    let old_token = server_time(&mut redis).await;
     let old = LockData {
         fencing_token: Some(old_token),
         ..heir(key)
@@ -284,36 +283,10 @@ async fn tokens_stay_above_those_an_earlier_version_granted_meanwhile() {
 async fn the_fencing_counter_is_counted_on_and_kept() {
     let prefix = "fast-counter:";
     let b = std::sync::Arc::new(backend(prefix).await);
-    let server = servers::shared(ServerKind::Redis).unwrap_or_else(|e| panic!("{e}"));
-    let mut redis = redis::Client::open(server.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut redis = common::shared_connection().await;
     // One server: one counter for every key (see `keys`).
     let counter = format!("{prefix}fence");
-    let server_time = |redis: &mut redis::aio::MultiplexedConnection| {
-        let mut redis = redis.clone();
-        async move {
-            let (secs, micros): (u64, u64) = redis::cmd("TIME")
-                .query_async(&mut redis)
-                .await
-                .expect("TIME");
-            secs * 1_000_000 + micros
-        }
-    };
-    let stored_counter = |redis: &mut redis::aio::MultiplexedConnection| {
-        let mut redis = redis.clone();
-        let counter = counter.clone();
-        async move {
-            let v: String = redis::cmd("GET")
-                .arg(&counter)
-                .query_async(&mut redis)
-                .await
-                .expect("GET");
-            v.parse::<u64>().expect("a number")
-        }
-    };
+    let conn = redis.clone();
     let acquire = |key: String| {
         let b = b.clone();
         async move {
@@ -324,27 +297,34 @@ async fn the_fencing_counter_is_counted_on_and_kept() {
             }
         }
     };
-    let set_counter = |redis: &mut redis::aio::MultiplexedConnection, value: String| {
-        let mut redis = redis.clone();
-        let counter = counter.clone();
+    let run = |cmd: &mut redis::Cmd| {
+        let (cmd, mut redis) = (cmd.clone(), conn.clone());
         async move {
-            let _: () = redis::cmd("SET")
+            cmd.query_async::<redis::Value>(&mut redis)
+                .await
+                .expect("command")
+        }
+    };
+    let stored_counter = || {
+        let (counter, mut redis) = (counter.clone(), conn.clone());
+        async move {
+            let v: String = redis::cmd("GET")
                 .arg(&counter)
-                .arg(value)
                 .query_async(&mut redis)
                 .await
-                .expect("SET");
+                .expect("GET");
+            v.parse::<u64>().expect("a number")
         }
     };
 
     // Ahead of the clock: alone, then 20 at once.
     let ahead = server_time(&mut redis).await + 1_000_000_000_000;
-    set_counter(&mut redis, ahead.to_string()).await;
+    run(redis::cmd("SET").arg(&counter).arg(ahead)).await;
     assert_eq!(
         acquire("ahead".to_owned()).await.expect("acquire"),
         ahead + 1
     );
-    assert_eq!(stored_counter(&mut redis).await, ahead + 1);
+    assert_eq!(stored_counter().await, ahead + 1);
     let tasks: Vec<_> = (0..20)
         .map(|i| tokio::spawn(acquire(format!("ahead-{i}"))))
         .collect();
@@ -358,10 +338,10 @@ async fn the_fencing_counter_is_counted_on_and_kept() {
         (ahead + 2..ahead + 22).collect::<Vec<_>>(),
         "one above the counter, each its own"
     );
-    assert_eq!(stored_counter(&mut redis).await, ahead + 21);
+    assert_eq!(stored_counter().await, ahead + 21);
 
     // Not a number: the server's time.
-    set_counter(&mut redis, "not a number".to_owned()).await;
+    run(redis::cmd("SET").arg(&counter).arg("not a number")).await;
     let before = server_time(&mut redis).await;
     let token = acquire("garbled".to_owned()).await.expect("acquire");
     let after = server_time(&mut redis).await;
@@ -369,30 +349,16 @@ async fn the_fencing_counter_is_counted_on_and_kept() {
         (before..=after).contains(&token),
         "{token} not within the server's clock {before}..={after}"
     );
-    assert_eq!(stored_counter(&mut redis).await, token);
+    assert_eq!(stored_counter().await, token);
 
     // Another type: the acquire fails, and stores nothing.
-    let _: () = redis::cmd("DEL")
-        .arg(&counter)
-        .query_async(&mut redis)
-        .await
-        .expect("DEL");
-    let _: () = redis::cmd("HSET")
-        .arg(&counter)
-        .arg("f")
-        .arg("1")
-        .query_async(&mut redis)
-        .await
-        .expect("HSET");
+    run(redis::cmd("DEL").arg(&counter)).await;
+    run(redis::cmd("HSET").arg(&counter).arg("f").arg("1")).await;
     let e = acquire("typed".to_owned())
         .await
         .expect_err("a counter of another type");
     assert!(!e.message().is_empty(), "{e:?}");
     assert_eq!(b.read("typed").await.expect("read"), None, "stored nothing");
-    let _: () = redis::cmd("DEL")
-        .arg(&counter)
-        .query_async(&mut redis)
-        .await
-        .expect("DEL");
+    run(redis::cmd("DEL").arg(&counter)).await;
     acquire("typed".to_owned()).await.expect("acquire");
 }

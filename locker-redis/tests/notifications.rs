@@ -65,15 +65,6 @@ fn unique(name: &str) -> String {
     format!("{name}-{nanos}")
 }
 
-async fn redis_cli() -> redis::aio::MultiplexedConnection {
-    let server = servers::shared(ServerKind::Redis).unwrap_or_else(|e| panic!("{e}"));
-    redis::Client::open(server.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect")
-}
-
 /// Kills the server's pub/sub connections; the notifier opens a new one, subscribes again and
 /// wakes its waiters, so a release after that still wakes a waiter that never polls.
 async fn a_broken_subscription_is_made_again(client: ClientLibrary) {
@@ -97,7 +88,7 @@ async fn a_broken_subscription_is_made_again(client: ClientLibrary) {
         Wait::forever().backoff(|_| Duration::from_secs(3600)),
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut redis = redis_cli().await;
+    let mut redis = common::shared_connection().await;
     let killed: u64 = redis::cmd("CLIENT")
         .arg("KILL")
         .arg("TYPE")
@@ -132,7 +123,7 @@ async fn a_silent_release_is_found_by_the_poll(client: ClientLibrary) {
         .lock_key(&key);
     let waiter = start_waiter(&b, &key, Wait::forever());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut redis = redis_cli().await;
+    let mut redis = common::shared_connection().await;
     let deleted: u64 = redis::cmd("DEL")
         .arg(&lock_key)
         .query_async(&mut redis)
@@ -212,7 +203,7 @@ async fn fred_without_release_events_polls() {
 /// succeed (the script's `PUBLISH` is refused and ignored), and waiters poll.
 async fn a_user_without_channel_rights_releases_and_polls(client: ClientLibrary) {
     let user = format!("nochan-{}", unique("u").rsplit('-').next().unwrap_or("0"));
-    let mut redis = redis_cli().await;
+    let mut redis = common::shared_connection().await;
     let _: () = redis::cmd("ACL")
         .arg("SETUSER")
         .arg(&user)

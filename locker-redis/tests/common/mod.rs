@@ -1,5 +1,6 @@
 //! Helpers of the Redis tests: a test cluster's nodes' ports, a node reached directly, a
-//! server of a test's own, and a server's command counts.
+//! server of a test's own, a server's command counts, and a plain connection to the shared
+//! server.
 #![allow(dead_code, unreachable_pub)]
 
 use locker_conformance::servers::Server;
@@ -199,4 +200,16 @@ pub async fn private_redis(
         .await
         .expect("connect");
     (server, config, redis)
+}
+
+/// A plain connection to the shared Redis server, to look at and set keys directly.
+pub async fn shared_connection() -> redis::aio::MultiplexedConnection {
+    let server =
+        locker_conformance::servers::shared(locker_conformance::servers::ServerKind::Redis)
+            .unwrap_or_else(|e| panic!("{e}"));
+    redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
 }
